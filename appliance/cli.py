@@ -1,0 +1,251 @@
+"""`appliance`: the command line. One function per subcommand; its docstring is the help.
+
+Machine output (--json) goes to stdout, progress and diagnostics to stderr. Errors the
+appliance raises on purpose become a short message and exit code 2; a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance.home import Home, default_home
+from keys.errors import ApplianceError
+
+
+def _identity() -> str:
+    # The OS account running the command; the socket service will take it from the kernel.
+    return getpass.getuser()
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home(Path(args.home).expanduser().resolve() if args.home else default_home().resolve())
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if getattr(args, "json", False) else text)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create an appliance home: encrypted node key, ledger, store."""
+    from appliance.service import Service
+    from keys.keystore import read_passphrase
+
+    home = _home(args)
+    passphrase = read_passphrase(purpose=f"new node key in {home.root}", confirm=True)
+    with Service.initialise(home.root, passphrase, _identity()) as svc:
+        _emit(args, {"home": str(home.root), "key_id": svc.key.key_id}, f"initialised {home.root}\nnode key {svc.key.key_id}\npublic key {home.public_key_file}")
+    return 0
+
+
+def _open_service(home: Home, *, create: bool) -> Any:
+    from appliance.service import Service
+    from keys.keystore import read_passphrase
+
+    if create and not home.exists():
+        return Service.initialise(home.root, read_passphrase(purpose=f"new node key in {home.root}", confirm=True), _identity())
+    home.require()
+    return Service.open(home.root, read_passphrase(purpose=f"node key of {home.root}"), _identity())
+
+
+def _run(args: argparse.Namespace, loaded: Any, source: Path | None, context: dict[str, Any]) -> int:
+    from appliance.reporting import RichReporter
+    from appliance.summary import render_summary
+
+    home = _home(args)
+    reporter = RichReporter()
+    try:
+        with _open_service(home, create=args.command == "demo") as svc:
+            summary = svc.run_recipe(loaded, source=source, reporter=reporter, context=context)
+    finally:
+        reporter.close()
+    payload, text = render_summary(summary, home, context)
+    _emit(args, payload, text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a recipe (TOML) through every stage and record each artifact in the ledger."""
+    from appliance.recipe import load_recipe
+
+    loaded = load_recipe(Path(args.recipe))
+    return _run(args, loaded, Path(args.source).resolve() if args.source else None, {})
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the standard-library corpus and run the packaged demo recipe on it."""
+    from appliance.demo import build_stdlib_corpus
+    from appliance.recipe import load_recipe, packaged_recipe
+
+    home = _home(args)
+    loaded = load_recipe(Path(args.recipe) if args.recipe else packaged_recipe("demo"))
+    if not home.exists():
+        home.create_dirs()
+    print(f"building the corpus from Python {sys.version.split()[0]}'s standard-library docs…", file=sys.stderr)
+    corpus = build_stdlib_corpus(home.corpora_dir / f"python-{sys.version.split()[0]}-stdlib-docs")
+    context = {"corpus": {"name": "python-stdlib-docs", "python": corpus.python, "sha256": corpus.digest, "documents": corpus.documents, "bytes": corpus.bytes}}
+    return _run(args, loaded, corpus.path, context)
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    """Recompute the ledger's hash chain and signatures and check the signed head."""
+    from appliance.audit import verify_ledger
+
+    report = verify_ledger(_home(args), head=Path(args.head) if args.head else None, keys=[Path(k) for k in args.trusted_key])
+    payload = {"ok": True, "events": report.events, "last_seq": report.last_seq, "last_hash": report.last_hash, "head_checked": report.head_checked}
+    _emit(args, payload, f"ledger OK: {report.events} events, chain and signatures verified, head seq {report.last_seq} {report.last_hash[:16]}…" + ("" if report.head_checked else " (no signed head checked)"))
+    return 0
+
+
+def cmd_ledger_query(args: argparse.Namespace) -> int:
+    """Run one read-only SELECT over the ledger (views: events, artifacts, lineage, runs, …)."""
+    from appliance.audit import query
+
+    columns, rows = query(_home(args), args.sql)
+    if args.json:
+        print(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    Console().print(table)
+    return 0
+
+
+def cmd_ledger_head(args: argparse.Namespace) -> int:
+    """Print (or copy to --out) the signed ledger head, to keep outside the appliance."""
+    home = _home(args)
+    home.require()
+    text = home.head_file.read_text()
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"signed head written to {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_artifact_list(args: argparse.Namespace) -> int:
+    """List recorded artifacts (optionally of one kind)."""
+    from appliance.audit import query
+
+    where = ""
+    if args.kind:
+        if not args.kind.replace("-", "").isalnum():
+            raise ApplianceError(f"'{args.kind}' is not an artifact kind", "use e.g. model, dataset, checkpoint")
+        where = f"WHERE kind = '{args.kind}'"
+    columns, rows = query(_home(args), f"SELECT digest, kind, name, size_bytes, run_id FROM artifacts {where} ORDER BY seq")
+    if args.json:
+        print(json.dumps([dict(zip(columns, r)) for r in rows], indent=2))
+    else:
+        for digest, kind, name, size, _run in rows:
+            print(f"{digest}  {kind:<15} {size:>12}  {name}")
+    return 0
+
+
+def cmd_artifact_verify(args: argparse.Namespace) -> int:
+    """Check a stored artifact against its digest and signature."""
+    from appliance.audit import resolve_digest, verify_artifact
+
+    home = _home(args)
+    digest = resolve_digest(home, args.digest)
+    verify_artifact(home, digest, keys=[Path(k) for k in args.trusted_key])
+    print(f"artifact {digest} OK: content matches its digest and its signature verifies")
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    """List packaged, signed models."""
+    args.kind = "model"
+    return cmd_artifact_list(args)
+
+
+def cmd_model_export(args: argparse.Namespace) -> int:
+    """Export a signed model (with its public key) for another site."""
+    from appliance.audit import resolve_digest
+
+    home = _home(args)
+    digest = resolve_digest(home, args.model, kind="model")
+    with _open_service(home, create=False) as svc:
+        out = svc.export_model(digest, Path(args.out))
+    print(f"exported {digest} to {out}\nverify with:\n  model_signing verify key {out}/model --signature {out}/model/model.sig --public_key {out}/signer.pub.pem")
+    return 0
+
+
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    """Verify a model directory's model-signing signature; names the file that differs."""
+    from registry.modelsig import verify_model_dir
+
+    model_dir = Path(args.dir)
+    key = Path(args.public_key) if args.public_key else (model_dir.parent / "signer.pub.pem" if (model_dir.parent / "signer.pub.pem").is_file() else _home(args).public_key_file)
+    verify_model_dir(model_dir, key)
+    print(f"model {model_dir} OK: signature by {key} verifies every file")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Sovereign LLM training appliance: dataset to signed model, proven in a ledger.")
+    parser.add_argument("--home", help="appliance home (default: $APPLIANCE_HOME or ~/.local/share/appliance)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Any, parent: Any = sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        p.set_defaults(fn=fn)
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        return p
+
+    add("init", cmd_init)
+    p = add("demo", cmd_demo)
+    p.add_argument("--recipe", help="run this recipe on the stdlib corpus instead of the packaged demo")
+    p = add("run", cmd_run)
+    p.add_argument("recipe", help="recipe TOML file")
+    p.add_argument("--source", help="corpus folder (overrides [recipe] source)")
+
+    ledger = sub.add_parser("ledger", help="verify and query the provenance ledger").add_subparsers(dest="ledger_command", required=True, metavar="COMMAND")
+    p = add("verify", cmd_ledger_verify, ledger)
+    p.add_argument("--head", help="signed head file kept outside the appliance (default: the home's)")
+    p.add_argument("--trusted-key", action="append", default=[], help="public key PEM to trust (repeatable; default: the home's node key)")
+    p = add("query", cmd_ledger_query, ledger)
+    p.add_argument("sql", help="one SELECT statement")
+    p = add("head", cmd_ledger_head, ledger)
+    p.add_argument("--out", help="write the head to this file")
+
+    art = sub.add_parser("artifact", help="list and verify stored artifacts").add_subparsers(dest="artifact_command", required=True, metavar="COMMAND")
+    p = add("list", cmd_artifact_list, art)
+    p.add_argument("--kind", help="only this kind (source, dataset, tokenizer, token-shards, checkpoint, model, …)")
+    p = add("verify", cmd_artifact_verify, art)
+    p.add_argument("digest", help="digest or unique prefix")
+    p.add_argument("--trusted-key", action="append", default=[], help="public key PEM to trust")
+
+    model = sub.add_parser("model", help="list, export and verify signed models").add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+    add("list", cmd_model_list, model)
+    p = add("export", cmd_model_export, model)
+    p.add_argument("model", help="model digest or unique prefix")
+    p.add_argument("--out", required=True, help="new folder for the bundle")
+    p = add("verify", cmd_model_verify, model)
+    p.add_argument("dir", help="model directory holding model.sig")
+    p.add_argument("--public-key", help="signer's public key PEM (default: signer.pub.pem beside the dir, else the home's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ApplianceError as exc:
+        print(f"error: {exc.diagnostics()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

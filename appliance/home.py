@@ -1,0 +1,69 @@
+"""The appliance home: one directory (0700) holding the ledger, the store, keys and work."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from keys.errors import ApplianceError
+
+ENV_HOME = "APPLIANCE_HOME"
+
+
+def default_home() -> Path:
+    """``$APPLIANCE_HOME``, else ``~/.local/share/appliance``."""
+    env = os.environ.get(ENV_HOME)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".local" / "share" / "appliance"
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "keys" / "node.p12"
+
+    @property
+    def public_key_file(self) -> Path:
+        return self.root / "keys" / "node.pub.pem"
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.root / "ledger.duckdb"
+
+    @property
+    def head_file(self) -> Path:
+        return self.root / "ledger.head.json"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def corpora_dir(self) -> Path:
+        return self.root / "corpora"
+
+    def exists(self) -> bool:
+        return self.ledger_file.is_file() and self.key_file.is_file()
+
+    def require(self) -> None:
+        """Raise unless the home has been initialised."""
+        if not self.exists():
+            raise ApplianceError(
+                f"{self.root} is not an initialised appliance home (no ledger or node key)",
+                f"run `appliance init --home {self.root}` or set {ENV_HOME}",
+            )
+
+    def create_dirs(self) -> None:
+        """Create the home's folders, private to the service user."""
+        for d in (self.root, self.root / "keys", self.store_dir, self.work_dir, self.corpora_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)

@@ -1,0 +1,105 @@
+"""A recipe: one TOML file that configures every stage of a run.
+
+Typed from top to bottom; an unknown key anywhere is an error naming the dotted key. The
+digest of the file's bytes is recorded with the run, so the exact recipe can be proven.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keys.digest import sha256_bytes
+from keys.errors import ConfigError
+from pipeline.clean import CleanConfig
+from pipeline.config import check, from_mapping
+from pipeline.evaluate import EvalConfig
+from pipeline.ingest import IngestConfig
+from pipeline.model import ModelConfig
+from pipeline.package import PackageConfig
+from pipeline.shard import ShardConfig
+from pipeline.tokenizer import TokenizerConfig
+from pipeline.train import TrainConfig
+
+PACKAGED_RECIPES = Path(__file__).with_name("recipes")
+
+
+@dataclass(kw_only=True)
+class RecipeMeta:
+    # Shown in the ledger's runs view and the model card.
+    name: str
+    description: str = ""
+    # Corpus folder, relative to the recipe file; `appliance run --source` overrides it.
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        check(bool(self.name.strip()), "name must not be empty")
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    recipe: RecipeMeta
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A parsed recipe with where it came from and the digest of its exact bytes."""
+
+    recipe: Recipe
+    path: Path
+    digest: str
+    text: str
+
+    def source_dir(self, override: Path | None = None) -> Path:
+        """The corpus folder: the override, else ``[recipe] source`` relative to the file."""
+        if override is not None:
+            return Path(override)
+        if not self.recipe.recipe.source:
+            raise ConfigError(
+                f"{self.path}: no corpus given: [recipe] source is empty",
+                "set recipe.source = \"path/to/corpus\" or pass --source DIR",
+            )
+        return (self.path.parent / self.recipe.recipe.source).resolve()
+
+
+def parse_recipe(text: str, *, source: str) -> Recipe:
+    """Parse recipe TOML text; ``source`` names the file in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})", "fix the TOML syntax at the position shown") from None
+    if "recipe" not in data:
+        raise ConfigError(f"{source}: missing [recipe] section", 'add [recipe] with name = "..."')
+    return from_mapping(Recipe, data, source=source)
+
+
+def load_recipe(path: Path) -> LoadedRecipe:
+    """Read and validate a recipe file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror}", "check the path") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not UTF-8 text", "save it as UTF-8") from None
+    return LoadedRecipe(recipe=parse_recipe(text, source=str(path)), path=path.resolve(), digest=sha256_bytes(raw), text=text)
+
+
+def packaged_recipe(name: str) -> Path:
+    """Path of a recipe shipped with the appliance (e.g. ``demo``)."""
+    path = PACKAGED_RECIPES / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PACKAGED_RECIPES.glob("*.toml")))
+        raise ConfigError(f"no packaged recipe named '{name}'", f"use one of: {known}")
+    return path

@@ -1,0 +1,318 @@
+"""The service: the one authority over the appliance home.
+
+Every request goes identify → authorize → record the decision → act. Only the service
+writes the ledger and the store. For now it runs in-process with an explicit identity;
+the socket server (later) is a thin adapter over this same object.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airgap.attest import environment_attestation, force_offline
+from appliance.home import Home
+from appliance.recipe import LoadedRecipe
+from appliance.reporting import NullReporter, Reporter
+from keys.errors import ApplianceError, PolicyError, StoreError
+from keys.keystore import NodeKey, create_key, load_key
+from pipeline.result import ProgressFn, StageResult
+from policies.decision import OwnerPolicy
+from registry.ledger import Ledger
+from registry.modelsig import sign_model_dir, verify_model_dir
+from registry.store import Store, StoredArtifact
+
+Event = tuple[str, str, dict[str, Any]]
+
+
+@dataclass
+class RunState:
+    """What one run has produced so far: stage outputs by name, events to come."""
+
+    run_id: str
+    work: Path
+    recipe_digest: str
+    artifacts: dict[str, StoredArtifact] = field(default_factory=dict)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recorded: int = 0
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    recipe_name: str
+    recipe_digest: str
+    stats: dict[str, dict[str, Any]]
+    artifacts: dict[str, str]
+    artifacts_recorded: int
+    model_digest: str
+    model_path: Path
+    wall_s: float
+
+
+def new_run_id() -> str:
+    import secrets
+
+    return time.strftime("run-%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(3)
+
+
+class Service:
+    """Owns the ledger, the store and the unlocked node key of one home."""
+
+    def __init__(self, home: Home, key: NodeKey, identity: str) -> None:
+        self.home = home
+        self.key = key
+        self.identity = identity
+        self.store = Store(home.store_dir)
+        self.ledger = Ledger.open(home.ledger_file, key, head_path=home.head_file)
+        self.policy = OwnerPolicy(owner=self._owner())
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    @classmethod
+    def initialise(cls, root: Path, passphrase: bytes, identity: str) -> Service:
+        """Create a home: folders, the encrypted node key, the ledger and its first events."""
+        home = Home(Path(root))
+        if home.key_file.exists() or home.ledger_file.exists():
+            raise ApplianceError(
+                f"{home.root} is already an appliance home",
+                "use it as it is, or choose another --home for a new one",
+            )
+        home.create_dirs()
+        key = create_key(home.key_file, passphrase)
+        with Ledger.open(home.ledger_file, key, head_path=home.head_file) as ledger:
+            ledger.append_many(
+                [
+                    ("key.registered", identity, {"key_id": key.key_id, "public_key_pem": key.public_pem().decode(), "role": "node"}),
+                    ("home.initialised", identity, {"owner": identity, "home": str(home.root)}),
+                ]
+            )
+        return cls(home, key, identity)
+
+    @classmethod
+    def open(cls, root: Path, passphrase: bytes, identity: str) -> Service:
+        """Unlock the node key of an existing home and take the ledger."""
+        home = Home(Path(root))
+        home.require()
+        return cls(home, load_key(home.key_file, passphrase), identity)
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _owner(self) -> str:
+        events = self.ledger.events("home.initialised")
+        if not events:
+            raise ApplianceError(f"ledger {self.home.ledger_file} has no home.initialised event", "initialise the home with `appliance init`")
+        return events[0].data["owner"]
+
+    # -- authorization --------------------------------------------------------------------
+
+    def authorize(self, action: str, subject: str) -> None:
+        """Decide, record the decision (allowed or denied), and raise PolicyError if denied."""
+        decision = self.policy.decide(self.identity, action, subject)
+        self.ledger.append(
+            "authz.decision",
+            self.identity,
+            {"identity": self.identity, "action": action, "subject": subject, "allowed": decision.allowed, "reason": decision.reason},
+        )
+        if not decision.allowed:
+            raise PolicyError(f"'{self.identity}' may not {action} {subject}: {decision.reason}", "ask the appliance owner for a role that grants it")
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def run_recipe(
+        self,
+        loaded: LoadedRecipe,
+        *,
+        source: Path | None = None,
+        reporter: Reporter | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> RunSummary:
+        """Run every stage of a recipe, recording each stage's artifacts as it finishes."""
+        from appliance.stages import STAGES  # the stage table needs torch; import it only to run
+
+        reporter = reporter or NullReporter()
+        source_dir = loaded.source_dir(source)
+        self.authorize("run.start", f"recipe {loaded.path.name} ({loaded.digest[:12]})")
+        force_offline()
+        started = time.monotonic()
+        run = RunState(run_id=new_run_id(), work=self.home.work_dir, recipe_digest=loaded.digest)
+        run.work = self.home.work_dir / run.run_id
+        run.work.mkdir(parents=True)
+        recipe_art = self.store.import_path(loaded.path, kind="recipe", name=loaded.path.name, signer=self.key, move=False)
+        run.artifacts["recipe"] = recipe_art
+        self.ledger.append_many(
+            [
+                (
+                    "run.started",
+                    self.identity,
+                    {
+                        "run_id": run.run_id,
+                        "recipe_name": loaded.recipe.recipe.name,
+                        "recipe_digest": loaded.digest,
+                        "recipe": _plain(loaded.recipe),
+                        "source": str(source_dir),
+                        "environment": environment_attestation(),
+                        "context": context or {},
+                    },
+                ),
+                self._artifact_event(run, "recipe", recipe_art, kind="recipe", stage=None, parents=[]),
+            ]
+        )
+        try:
+            for stage in STAGES:
+                self._run_stage(run, stage, loaded, source_dir, reporter)
+        except BaseException as exc:
+            message = exc.diagnostics() if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+            self.ledger.append("run.finished", self.identity, {"run_id": run.run_id, "status": "failed", "error": message, "summary": {}})
+            raise
+        wall = time.monotonic() - started
+        model = run.artifacts["model"]
+        summary = RunSummary(
+            run_id=run.run_id,
+            recipe_name=loaded.recipe.recipe.name,
+            recipe_digest=loaded.digest,
+            stats=run.stats,
+            artifacts={k: a.digest for k, a in run.artifacts.items()},
+            artifacts_recorded=run.recorded,
+            model_digest=model.digest,
+            model_path=model.path,
+            wall_s=wall,
+        )
+        self.ledger.append(
+            "run.finished",
+            self.identity,
+            {"run_id": run.run_id, "status": "succeeded", "error": None, "summary": {"wall_s": round(wall, 3), "model": model.digest}},
+        )
+        return summary
+
+    def _run_stage(self, run: RunState, stage: Any, loaded: LoadedRecipe, source_dir: Path, reporter: Reporter) -> None:
+        work = run.work / stage.name
+        work.mkdir(parents=True, exist_ok=True)
+        reporter.stage_started(stage.name, stage.title)
+        progress: ProgressFn = reporter.progress
+        try:
+            result: StageResult = stage.run(loaded.recipe, {k: a.path for k, a in run.artifacts.items()}, source_dir, work, progress, self._provenance(run, loaded))
+            events = self._record_stage(run, stage, result)
+        except BaseException as exc:
+            message = exc.diagnostics() if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+            self.ledger.append("stage.failed", self.identity, {"run_id": run.run_id, "stage": stage.name, "error": message})
+            reporter.stage_failed(stage.name, message)
+            raise
+        self.ledger.append_many(events)
+        run.recorded += sum(1 for kind, _, _ in events if kind == "artifact.recorded")
+        run.stats[stage.name] = result.stats
+        reporter.stage_finished(stage.name, result.stats)
+
+    def _record_stage(self, run: RunState, stage: Any, result: StageResult) -> list[Event]:
+        """Import a stage's outputs into the store and build its events (appended together)."""
+        events: list[Event] = []
+        source_digests = []
+        for src in result.inputs:
+            digest = src["sha256"]
+            source_digests.append(digest)
+            events.append(
+                (
+                    "artifact.recorded",
+                    self.identity,
+                    {
+                        "digest": digest, "kind": "source", "name": src["path"], "size_bytes": src["bytes"], "files": 1,
+                        "store_path": None, "run_id": run.run_id, "stage": stage.name, "parents": [],
+                        "meta": {k: v for k, v in src.items() if k not in ("sha256", "path", "bytes")},
+                    },
+                )
+            )
+        parents = sorted(set(source_digests) | {run.artifacts[p].digest for p in stage.parents})
+        for out_name, path in result.outputs.items():
+            kind = stage.kind_of(out_name)
+            if kind == "model":
+                sign_model_dir(path, self.key)
+                verify_model_dir(path, self.home.public_key_file)
+            stored = self.store.import_path(path, kind=kind, name=f"{run.run_id}/{out_name}", signer=self.key, move=True)
+            run.artifacts[out_name] = stored
+            events.append(self._artifact_event(run, out_name, stored, kind=kind, stage=stage.name, parents=parents))
+            if kind == "model":
+                events.append(("model.signed", self.identity, {"digest": stored.digest, "key_id": self.key.key_id, "signature_file": "model.sig"}))
+        if result.metrics:
+            events.append(("metrics.recorded", self.identity, {"run_id": run.run_id, "stage": stage.name, "points": _jsonable(result.metrics)}))
+        events.append(("stage.finished", self.identity, {"run_id": run.run_id, "stage": stage.name, "stats": _jsonable(result.stats)}))
+        return events
+
+    def _artifact_event(self, run: RunState, name: str, art: StoredArtifact, *, kind: str, stage: str | None, parents: Iterable[str]) -> Event:
+        return (
+            "artifact.recorded",
+            self.identity,
+            {
+                "digest": art.digest, "kind": kind, "name": name if kind == "recipe" else f"{run.run_id}/{name}",
+                "size_bytes": art.size_bytes, "files": art.files,
+                "store_path": str(art.path.relative_to(self.home.store_dir)), "run_id": run.run_id, "stage": stage,
+                "parents": sorted(parents), "meta": {},
+            },
+        )
+
+    def _provenance(self, run: RunState, loaded: LoadedRecipe) -> dict[str, Any]:
+        prov: dict[str, Any] = {"run_id": run.run_id, "recipe": loaded.recipe.recipe.name, "recipe_sha256": loaded.digest}
+        for name, art in run.artifacts.items():
+            prov[f"{name}_sha256"] = art.digest
+        for stage, stats in run.stats.items():
+            for key in ("documents_out", "train_tokens", "val_tokens", "final_loss", "val_loss", "perplexity"):
+                if key in stats:
+                    prov[f"{stage}.{key}"] = stats[key]
+        return prov
+
+    # -- models ---------------------------------------------------------------------------
+
+    def export_model(self, digest: str, out: Path) -> Path:
+        """Copy a signed model out of the store as a bundle another site can verify."""
+        self.authorize("model.export", digest)
+        src = self.store.path_of(digest)
+        kinds = {e.data["digest"]: e.data["kind"] for e in self.ledger.events("artifact.recorded")}
+        if kinds.get(digest) != "model":
+            raise StoreError(f"artifact {digest[:16]}… is not a packaged model", "list models with `appliance model list`")
+        self.store.verify(digest, {self.key.key_id: self.key.public_key})
+        out = Path(out)
+        if out.exists():
+            raise ApplianceError(f"export target {out} already exists", "choose a new --out folder")
+        out.mkdir(parents=True)
+        shutil.copytree(src, out / "model")
+        for p in (out / "model").rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (out / "model").chmod(0o755)
+        shutil.copyfile(self.home.public_key_file, out / "signer.pub.pem")
+        verify_model_dir(out / "model", out / "signer.pub.pem")
+        self.ledger.append("model.exported", self.identity, {"digest": digest, "destination": str(out.resolve())})
+        return out
+
+
+def _plain(obj: Any) -> Any:
+    import dataclasses
+
+    return _jsonable(dataclasses.asdict(obj))
+
+
+def _jsonable(obj: Any) -> Any:
+    """Turn stats into JSON types the canonical encoder accepts (tuples → lists, floats rounded)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return round(obj, 6) if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+__all__ = ["RunSummary", "Service"]

@@ -1,0 +1,69 @@
+"""The stage table: which pipeline function each stage calls, on which earlier outputs.
+
+One skeleton (the service's ``_run_stage``) runs every stage; this table is the only
+place that knows how a stage's inputs are wired, so stages are not copy-pasted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.recipe import Recipe
+from pipeline.clean import run_clean
+from pipeline.evaluate import run_evaluate
+from pipeline.ingest import run_ingest
+from pipeline.package import run_package
+from pipeline.result import ProgressFn, StageResult
+from pipeline.shard import run_shard
+from pipeline.tokenizer import run_tokenizer
+from pipeline.train import run_train
+
+# run(recipe, artifact paths by output name, source dir, work dir, progress, provenance)
+StageFn = Callable[[Recipe, dict[str, Path], Path, Path, ProgressFn, dict[str, Any]], StageResult]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    # Earlier outputs (by name) this stage reads: they become its outputs' lineage parents.
+    parents: tuple[str, ...]
+    # Artifact kind of each output; names that start with a key take its kind
+    # (the trainer's "checkpoint_step_000100" is a "checkpoint").
+    kinds: dict[str, str]
+    run: StageFn
+
+    def kind_of(self, output: str) -> str:
+        for prefix, kind in self.kinds.items():
+            if output == prefix or output.startswith(prefix + "_"):
+                return kind
+        raise KeyError(f"stage {self.name} produced an undeclared output '{output}'")
+
+
+def _train(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    result = run_train(a["shards"], work, r.model, r.train, progress)
+    # Intermediate checkpoints are provenance too: record each one that was kept.
+    ckpts = sorted(p for p in (work / "checkpoints").glob("step_*") if p.is_dir()) if (work / "checkpoints").is_dir() else []
+    for path in ckpts:
+        result.outputs[f"checkpoint_{path.name}"] = path
+    return result
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "ingest sources", (), {"raw": "raw-documents"},
+          lambda r, a, src, work, p, prov: run_ingest(src, work, r.ingest, p)),
+    Stage("clean", "clean + dedup", ("raw",), {"dataset": "dataset"},
+          lambda r, a, src, work, p, prov: run_clean(a["raw"], work, r.clean, p)),
+    Stage("tokenizer", "train tokenizer", ("dataset",), {"tokenizer": "tokenizer"},
+          lambda r, a, src, work, p, prov: run_tokenizer(a["dataset"], work, r.tokenizer, p)),
+    Stage("shard", "tokenize + shard", ("dataset", "tokenizer"), {"shards": "token-shards"},
+          lambda r, a, src, work, p, prov: run_shard(a["dataset"], a["tokenizer"], work, r.shard, p)),
+    Stage("train", "train", ("shards", "recipe"), {"checkpoint": "checkpoint"}, _train),
+    Stage("evaluate", "evaluate", ("checkpoint", "shards", "tokenizer"), {"report": "eval-report"},
+          lambda r, a, src, work, p, prov: run_evaluate(a["checkpoint"], a["shards"], a["tokenizer"], work, r.evaluate, p)),
+    Stage("package", "package + sign", ("checkpoint", "tokenizer", "report", "recipe"), {"model": "model"},
+          lambda r, a, src, work, p, prov: run_package(a["checkpoint"], a["tokenizer"], work, r.package, prov)),
+)

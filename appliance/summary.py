@@ -1,0 +1,67 @@
+"""The end-of-run summary: figures a person checks, and the commands that prove them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.home import Home
+
+
+def _n(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return str(value)
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def render_summary(summary: Any, home: Home, context: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(JSON payload, text) for a finished run."""
+    s = summary.stats
+    clean, shard, train, ev = s.get("clean", {}), s.get("shard", {}), s.get("train", {}), s.get("evaluate", {})
+    tokens = shard.get("train_tokens", 0) + shard.get("val_tokens", 0)
+    payload = {
+        "run_id": summary.run_id,
+        "recipe": summary.recipe_name,
+        "recipe_sha256": summary.recipe_digest,
+        "wall_s": round(summary.wall_s, 2),
+        "documents_in": clean.get("documents_in"),
+        "documents": clean.get("documents_out"),
+        "tokens": tokens,
+        "train_steps": train.get("steps"),
+        "final_loss": train.get("final_loss"),
+        "tokens_per_s": train.get("tokens_per_s"),
+        "val_loss": ev.get("val_loss"),
+        "perplexity": ev.get("perplexity"),
+        "artifacts_recorded": summary.artifacts_recorded,
+        "model_id": f"sha256:{summary.model_digest}",
+        "model_path": str(summary.model_path),
+        "public_key": str(home.public_key_file),
+        "context": context,
+    }
+    mp = summary.model_path
+    h = f" --home {home.root}"
+    lines = [
+        f"run {summary.run_id} ({summary.recipe_name}) succeeded in {summary.wall_s:.0f} s",
+        f"  documents   {clean.get('documents_in')} in, {clean.get('documents_out')} kept",
+        f"  tokens      {_n(tokens)} (train {_n(shard.get('train_tokens', 0))}, val {_n(shard.get('val_tokens', 0))})",
+        f"  training    {train.get('steps')} steps, final loss {_n(train.get('final_loss'))}, {_n(train.get('tokens_per_s'))} tokens/s",
+        f"  evaluation  val loss {_n(ev.get('val_loss'))}, perplexity {_n(ev.get('perplexity'))}",
+        f"  provenance  {summary.artifacts_recorded} artifacts recorded in {home.ledger_file}",
+    ]
+    if "corpus" in context:
+        c = context["corpus"]
+        lines.append(f"  corpus      Python {c['python']} stdlib docs, sha256 {c['sha256'][:16]}…")
+    lines += [
+        "",
+        f"model id: sha256:{summary.model_digest}",
+        "",
+        "verify it:",
+        f"  appliance{h} ledger verify",
+        f"  appliance{h} artifact verify {summary.model_digest[:16]}",
+        f"  model_signing verify key {mp} --signature {mp}/model.sig --public_key {home.public_key_file}",
+        f"  appliance{h} ledger query \"SELECT kind, name, depth FROM ancestors('{summary.model_digest}') ORDER BY depth\"",
+        f"  appliance{h} model export {summary.model_digest[:16]} --out ./exported-model",
+    ]
+    return payload, "\n".join(lines)

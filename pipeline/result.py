@@ -1,0 +1,32 @@
+"""What every stage returns: the files it produced and its statistics.
+
+Stages are pure: paths and a typed config in, files out. They do not compute the digests
+that the provenance record relies on — the service hashes what it imports into the store,
+so a stage cannot misreport its own output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# progress(done, total, fields): a stage calls it as work advances; total may be 0 if unknown.
+ProgressFn = Callable[[int, int, dict[str, Any]], None]
+
+
+def no_progress(done: int, total: int, fields: dict[str, Any]) -> None:
+    """The default progress sink: ignore."""
+
+
+@dataclass(kw_only=True)
+class StageResult:
+    # name -> file or directory the stage wrote (inside its work directory).
+    outputs: dict[str, Path]
+    # JSON-able figures for the ledger and the run summary (counts, losses, timings).
+    stats: dict[str, Any] = field(default_factory=dict)
+    # Time series (e.g. the loss curve): dicts with at least "step", "name", "value".
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    # Source files read from outside the work tree, for the ledger: path, sha256, bytes.
+    inputs: list[dict[str, Any]] = field(default_factory=list)

@@ -1,0 +1,109 @@
+"""Bad input through the CLI: a clear error naming the culprit, exit 2, nothing half-recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from appliance.cli import main
+from tests.conftest import PASSPHRASE
+
+pytestmark = pytest.mark.slow
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    h = tmp_path / "home"
+    code, _, err = cli(capsys, "--home", str(h), "init")
+    assert code == 0, err
+    return h
+
+
+def rows(home: Path, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(home / "ledger.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def _run_fails(home: Path, recipe: Path, capsys: pytest.CaptureFixture[str], named: str) -> str:
+    code, _, err = cli(capsys, "--home", str(home), "run", str(recipe))
+    assert code == 2, err
+    assert named in err
+    assert "Traceback" not in err
+    return err
+
+
+def _only_failed_runs_recorded(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert rows(home, "SELECT status FROM runs") == [("failed",)]
+    # No stage output of the failed run was recorded; only the recipe it was started with.
+    assert rows(home, "SELECT DISTINCT kind FROM artifacts") in ([], [("recipe",)])
+    assert cli(capsys, "--home", str(home), "ledger", "verify")[0] == 0
+
+
+def test_non_utf8_file_is_named(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tiny_recipe.parent / "corpus" / "latin1.txt").write_bytes("caf\xe9 au lait, encore du caf\xe9\n".encode("latin-1") * 5)
+    _run_fails(home, tiny_recipe, capsys, "latin1.txt")
+    _only_failed_runs_recorded(home, capsys)
+
+
+def test_binary_file_is_named(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tiny_recipe.parent / "corpus" / "blob.txt").write_bytes(bytes(range(256)) * 8)
+    _run_fails(home, tiny_recipe, capsys, "blob.txt")
+    _only_failed_runs_recorded(home, capsys)
+
+
+def test_malformed_jsonl_line_is_named(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tiny_recipe.parent / "corpus" / "broken.jsonl").write_text('{"text": "fine line of text here"}\n{"text": "oops\n', encoding="utf-8")
+    err = _run_fails(home, tiny_recipe, capsys, "broken.jsonl")
+    assert "2" in err  # the line number
+    _only_failed_runs_recorded(home, capsys)
+
+
+def test_empty_folder(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nname = "empty"\nsource = "empty"\n')
+    _run_fails(home, recipe, capsys, "empty")
+
+
+def test_unknown_recipe_key_records_nothing(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = rows(home, "SELECT count(*) FROM events")
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("[train]\n", "[train]\nwarmpu_steps = 3\n"))
+    _run_fails(home, tiny_recipe, capsys, "train.warmpu_steps")
+    assert rows(home, "SELECT count(*) FROM events") == before
+
+
+def test_wrong_passphrase_records_nothing(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    before = rows(home, "SELECT count(*) FROM events")
+    monkeypatch.setenv("APPLIANCE_PASSPHRASE", PASSPHRASE + "!")
+    err = _run_fails(home, tiny_recipe, capsys, "passphrase")
+    assert "node.p12" in err
+    assert rows(home, "SELECT count(*) FROM events") == before
+
+
+def test_not_a_home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "--home", str(tmp_path / "nowhere"), "ledger", "verify")
+    assert code == 2 and "appliance init" in err
+
+
+def test_someone_else_is_refused_and_the_refusal_recorded(home: Path, tiny_recipe: Path) -> None:
+    from appliance.recipe import load_recipe
+    from appliance.service import Service
+    from keys.errors import PolicyError
+
+    with Service.open(home, PASSPHRASE.encode(), "mallory") as svc, pytest.raises(PolicyError, match="mallory"):
+        svc.run_recipe(load_recipe(tiny_recipe))
+    denied = rows(home, "SELECT identity, action, allowed FROM decisions")
+    assert ("mallory", "run.start", False) in denied
+    assert rows(home, "SELECT count(*) FROM runs") == [(0,)]

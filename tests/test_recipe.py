@@ -1,0 +1,64 @@
+"""Recipes: every shipped recipe loads; unknown keys and bad values are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.recipe import PACKAGED_RECIPES, load_recipe, packaged_recipe, parse_recipe
+from keys.errors import ConfigError
+
+ASSETS = Path(__file__).with_name("assets")
+SHIPPED = sorted(PACKAGED_RECIPES.glob("*.toml")) + sorted(ASSETS.glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path: Path) -> None:
+    loaded = load_recipe(path)
+    assert loaded.recipe.recipe.name
+    assert len(loaded.digest) == 64
+
+
+def test_digest_is_of_the_exact_bytes(tmp_path: Path) -> None:
+    a = tmp_path / "a.toml"
+    a.write_text('[recipe]\nname = "x"\n')
+    b = tmp_path / "b.toml"
+    b.write_text('[recipe]\nname = "x"  # same recipe, other bytes\n')
+    assert load_recipe(a).digest != load_recipe(b).digest
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[recipe]\nname = "x"\n[train]\nlr_warmup = 3\n', "train.lr_warmup"),
+        ('[recipe]\nname = "x"\ncolour = "red"\n', "recipe.colour"),
+        ('[recipe]\nname = "x"\n[trian]\nsteps = 3\n', "trian"),
+        ('[recipe]\nname = "x"\n[train]\nsteps = "many"\n', "train.steps"),
+        ('[recipe]\nname = "x"\n[model]\ndim = 1.5\n', "model.dim"),
+    ],
+)
+def test_bad_keys_are_named(text: str, named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_recipe(text, source="r.toml")
+    assert named in err.value.message and "r.toml" in err.value.message
+
+
+def test_missing_recipe_section_and_bad_toml() -> None:
+    with pytest.raises(ConfigError, match=r"\[recipe\]"):
+        parse_recipe("[train]\nsteps = 3\n", source="r.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_recipe("[recipe\nname=", source="r.toml")
+
+
+def test_source_required_somewhere(tmp_path: Path) -> None:
+    p = tmp_path / "r.toml"
+    p.write_text('[recipe]\nname = "x"\n')
+    with pytest.raises(ConfigError, match="--source"):
+        load_recipe(p).source_dir()
+    assert load_recipe(p).source_dir(tmp_path) == tmp_path
+
+
+def test_unknown_packaged_recipe() -> None:
+    with pytest.raises(ConfigError, match="demo"):
+        packaged_recipe("nope")
