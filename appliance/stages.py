@@ -57,7 +57,7 @@ STAGES: tuple[Stage, ...] = (
           lambda r, a, src, work, p, prov: run_ingest(src, work, r.ingest, p)),
     Stage("clean", "clean + dedup", ("raw",), {"dataset": "dataset"},
           lambda r, a, src, work, p, prov: run_clean(a["raw"], work, r.clean, p)),
-    Stage("tokenizer", "train tokenizer", ("dataset",), {"tokenizer": "tokenizer"},
+    Stage("tokenizer", "train tokenizer", ("dataset",), {"tokenizer": "tokenizer", "vocab": "tokenizer-vocab"},
           lambda r, a, src, work, p, prov: run_tokenizer(a["dataset"], work, r.tokenizer, p)),
     Stage("shard", "tokenize + shard", ("dataset", "tokenizer"), {"shards": "token-shards"},
           lambda r, a, src, work, p, prov: run_shard(a["dataset"], a["tokenizer"], work, r.shard, p)),
