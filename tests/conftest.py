@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, stdlib_corpus: Path) 
     base = tmp_path_factory.mktemp("finished")
     shutil.copytree(stdlib_corpus, base / "corpus")
     shutil.copyfile(ASSETS / "tiny.toml", base / "tiny.toml")
-    with Service.initialise(base / "home", PASSPHRASE.encode(), "tester") as svc:
+    # The CLI acts as the OS user, so the owner must be that user for CLI tests to act.
+    with Service.initialise(base / "home", PASSPHRASE.encode(), getpass.getuser()) as svc:
         summary = svc.run_recipe(load_recipe(base / "tiny.toml"))
     return base / "home", summary
 

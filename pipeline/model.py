@@ -1,0 +1,367 @@
+"""A Llama-style decoder whose parameter names are those of Hugging Face's LlamaForCausalLM.
+
+RMSNorm, rotary position embeddings (HF's ``rotate_half`` layout, so logits match
+``transformers``), SwiGLU feed-forward, optional grouped-query attention, attention through
+``scaled_dot_product_attention``. Because the module tree mirrors ``LlamaForCausalLM``
+(``model.embed_tokens``, ``model.layers.N.self_attn.q_proj``, …, ``lm_head``), our
+``state_dict`` *is* the HF state dict: packaging is a file copy plus ``config.json``.
+
+Checkpoint directories (training steps, ``final``) hold ``model.safetensors`` and
+``model_config.json``; ``save_weights`` / ``load_checkpoint`` are the one way to write and read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from keys.errors import TrainingError
+from pipeline.config import check, from_mapping
+
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+MODEL_CONFIG_FORMAT = "appliance-llama"
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    # 0 = take it from the shard set, so a recipe never disagrees with its tokenizer.
+    vocab_size: int = 0
+    # 256 wide / 6 deep (~6.6M parameters with an 8k vocabulary) trains at a few k tok/s on a CPU.
+    dim: int = 256
+    n_layers: int = 6
+    # head_dim 32: small models do better with more, narrower heads than with few wide ones.
+    n_heads: int = 8
+    # 0 = n_heads (plain multi-head attention); fewer shares K/V between heads (GQA), shrinking the KV cache.
+    n_kv_heads: int = 0
+    # 0 = the Llama rule 8/3·dim rounded up to multiple_of, which keeps SwiGLU at the FLOPs of a 4·dim MLP.
+    ffn_dim: int = 0
+    # Llama's rounding: matmul shapes that are multiples of 64 run on fast kernel paths.
+    multiple_of: int = 64
+    # Longest context; RoPE tables are built for it. Training seq_len may be shorter.
+    max_seq_len: int = 256
+    # 10000 is the RoPE base of Llama 1/2; larger bases only matter for long contexts.
+    rope_theta: float = 10000.0
+    # 1e-5 as in Llama 2; small enough to be harmless, large enough to be safe in bf16.
+    norm_eps: float = 1e-5
+    # Sharing input and output embeddings saves vocab·dim parameters, a large share in small models.
+    tie_embeddings: bool = True
+    # GPT-2 / Llama initialisation; the residual output projections are further scaled by 1/sqrt(2·n_layers).
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        check(self.vocab_size >= 0, f"vocab_size must be >= 0 (0 = from the shard set), got {self.vocab_size}")
+        check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim, n_layers and n_heads must be positive")
+        check(self.dim % self.n_heads == 0, f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        check((self.dim // self.n_heads) % 2 == 0, f"head size dim/n_heads = {self.dim // self.n_heads} must be even for RoPE")
+        check(self.n_kv_heads >= 0, f"n_kv_heads must be >= 0 (0 = n_heads), got {self.n_kv_heads}")
+        kv = self.n_kv_heads or self.n_heads
+        check(self.n_heads % kv == 0, f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
+        check(self.ffn_dim >= 0, f"ffn_dim must be >= 0 (0 = Llama rule), got {self.ffn_dim}")
+        check(self.multiple_of > 0, f"multiple_of must be positive, got {self.multiple_of}")
+        check(self.max_seq_len > 0, f"max_seq_len must be positive, got {self.max_seq_len}")
+        check(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        check(0 < self.norm_eps < 1, f"norm_eps must be in (0, 1), got {self.norm_eps}")
+        check(0 < self.init_std < 1, f"init_std must be in (0, 1), got {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def resolved(self, vocab_size: int | None = None) -> ModelConfig:
+        """A copy with every 0 = "derive it" field filled in (what a checkpoint records)."""
+        ffn = self.ffn_dim or self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
+        return dataclasses.replace(
+            self,
+            vocab_size=self.vocab_size or (vocab_size or 0),
+            n_kv_heads=self.n_kv_heads or self.n_heads,
+            ffn_dim=ffn,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 even under bf16 autocast, as HF does, so the two agree.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (max_seq_len, head_dim), computed exactly as HF's default rotary embedding."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+    freqs = torch.arange(cfg.max_seq_len, dtype=torch.float)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # HF's layout pairs dimension i with i + head_dim/2 (not interleaved pairs as in Meta's code).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.n_kv != self.n_heads:
+            # repeat_interleave rather than SDPA's enable_gqa: the latter needs torch >= 2.5 and
+            # not every backend takes it; the copy is cheap at the sizes this appliance trains.
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF's ``LlamaModel``: the part under the ``model.`` prefix."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        cos, sin = rope_tables(cfg)
+        # Not persistent: derived from the config, and HF's state dict has no such keys.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.embed_tokens(idx)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+class LlamaModel(nn.Module):
+    """The causal LM. ``forward(idx, targets)`` returns (logits, mean cross-entropy or None)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0 or cfg.ffn_dim <= 0 or cfg.n_kv_heads <= 0:
+            raise TrainingError(
+                "LlamaModel needs a resolved ModelConfig (vocab_size, ffn_dim and n_kv_heads filled in)",
+                "build it from cfg.resolved(vocab_size=shards.vocab_size)",
+            )
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm gains start as the identity
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                # GPT-2's trick: each residual branch adds variance, so scale its output layer down
+                # to keep the residual stream's scale independent of depth.
+                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                p.normal_(0.0, std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.lm_head(self.model(idx))
+        if targets is None:
+            return logits, None
+        # Loss in float32: cross-entropy over a large vocabulary loses precision in bf16.
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def generate(
+    model: LlamaModel,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    eos_id: int | None = None,
+) -> torch.Tensor:
+    """Sample ``max_new_tokens`` continuations of ``ids`` (B, T); temperature 0 means greedy.
+
+    No KV cache: the whole window is recomputed per token, which is simple and fast enough for
+    evaluation samples from the small models this appliance trains. Stops early once every row
+    has produced ``eos_id``.
+    """
+    was_training = model.training
+    model.eval()
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        window = ids[:, -model.cfg.max_seq_len :]
+        logits, _ = model(window)
+        logits = logits[:, -1, :].float()
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(ids.device)
+        if eos_id is not None:
+            nxt = nxt.masked_fill(done[:, None], eos_id)
+            done |= nxt[:, 0] == eos_id
+        ids = torch.cat([ids, nxt], dim=1)
+        if eos_id is not None and bool(done.all()):
+            break
+    model.train(was_training)
+    return ids
+
+
+def hf_config(model_cfg: ModelConfig, bos_id: int, eos_id: int, dtype: str = "float32") -> dict[str, Any]:
+    """The ``config.json`` that makes ``transformers`` load our weights as LlamaForCausalLM."""
+    cfg = model_cfg.resolved()
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 4.x reads rope_theta, 5.x reads rope_parameters: write both.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "use_cache": True,
+        # 4.x calls it torch_dtype, 5.x dtype.
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+def weights_state_dict(model: LlamaModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The HF-named tensors to save; a tied ``lm_head.weight`` is left out, as HF does."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save_weights(model: LlamaModel, path: Path, dtype: torch.dtype | None = None) -> None:
+    # "format": "pt" is what transformers looks for in the safetensors metadata.
+    save_file(weights_state_dict(model, dtype), str(path), metadata={"format": "pt"})
+
+
+def load_weights(model: LlamaModel, path: Path) -> None:
+    """Load ``model.safetensors`` into ``model``; a missing/extra tensor is a TrainingError naming the file."""
+    tensors = load_file(str(path))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if model.cfg.tie_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise TrainingError(
+            f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}",
+            f"check that {MODEL_CONFIG} beside it belongs to the same checkpoint",
+        )
+
+
+def save_model_config(directory: Path, cfg: ModelConfig, *, bos_id: int, eos_id: int) -> Path:
+    """Write ``model_config.json``: the resolved ModelConfig under "model", plus the special token ids."""
+    path = Path(directory) / MODEL_CONFIG
+    body = {"format": MODEL_CONFIG_FORMAT, "version": 1, "model": dataclasses.asdict(cfg), "bos_id": bos_id, "eos_id": eos_id}
+    path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_model_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, whole file) from a checkpoint directory's ``model_config.json``."""
+    path = Path(directory) / MODEL_CONFIG
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainingError(f"no {MODEL_CONFIG} in {directory}: not a model checkpoint", "point at the train stage's final/ or a checkpoints/step_* directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TrainingError(f"{path} is not valid JSON ({exc})", "restore the checkpoint from the store") from None
+    if body.get("format") != MODEL_CONFIG_FORMAT:
+        raise TrainingError(f"{path} is not an {MODEL_CONFIG_FORMAT} model config", "point at a checkpoint written by the train stage")
+    cfg = from_mapping(ModelConfig, body.get("model", {}), source=str(path), prefix="model")
+    return cfg.resolved(), body
+
+
+def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tuple[LlamaModel, dict[str, Any]]:
+    """Build the model a checkpoint directory describes and load its weights (eval mode)."""
+    cfg, body = read_model_config(directory)
+    model = LlamaModel(cfg)
+    load_weights(model, Path(directory) / WEIGHTS)
+    return model.to(device).eval(), body
