@@ -1,0 +1,464 @@
+"""The provenance ledger: an append-only, hash-chained, signed event log in a DuckDB file.
+
+Each event's ``body`` is the canonical JSON of ``{"seq", "ts", "kind", "actor", "data"}``;
+``hash = sha256(bytes.fromhex(prev_hash) + body)`` (seq 1 chains from 64 zeros) and
+``signature`` is the node key's ECDSA over the 32 raw hash bytes. A chain catches edits and
+deletions in the middle but not rows cut off the end, so after every commit the ledger
+rewrites a *signed head* (last seq + hash) beside it; export it elsewhere too.
+
+DuckDB allows one writer process and locks every other process out while it writes, and
+within one process a read-write and a read-only connection to the same file cannot coexist.
+So the service that owns the ledger answers auditor queries itself, via `Ledger.query`,
+and `registry.query.query(path, …)` serves processes that do not hold the ledger open.
+
+The ledger's own connection is opened with external access disabled and its configuration
+locked: nothing run through it, auditor SQL included, can read or write other files.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keys.errors import LedgerError, LedgerIntegrityError
+from keys.keystore import NodeKey, key_id_of
+from registry import ledger_schema as schema
+from registry.canonical import CanonicalJSONError, canonical_json
+from registry.ledger_verify import (
+    GENESIS_HASH,
+    SAFE_CONFIG,
+    VerifyReport,
+    catalog_differences,
+    chain_hash,
+    check_head_position,
+    head_message,
+    read_head_file,
+    verify_head_signature,
+    verify_rows,
+)
+from registry.sql_sandbox import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, run_select, single_select
+
+__all__ = ["GENESIS_HASH", "Event", "Ledger", "VerifyReport", "chain_hash", "head_message"]
+
+_COLUMNS = "seq, ts, kind, actor, body, prev_hash, hash, key_id, signature"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One ledger event as stored (``signature`` is base64 text)."""
+
+    seq: int
+    ts: str
+    kind: str
+    actor: str
+    data: dict
+    prev_hash: str
+    hash: str
+    key_id: str
+    signature: str
+
+    @property
+    def body(self) -> bytes:
+        """The canonical JSON the hash covers."""
+        return canonical_json(
+            {"seq": self.seq, "ts": self.ts, "kind": self.kind, "actor": self.actor,
+             "data": self.data}
+        )
+
+
+def _row_event(row: tuple) -> Event:
+    seq, ts, kind, actor, body, prev_hash, hash_hex, key_id, signature = row
+    return Event(seq, ts, kind, actor, json.loads(body)["data"], prev_hash, hash_hex, key_id,
+                 signature)
+
+
+class Ledger:
+    """A ledger file opened for reading, or for writing with the node key as signer."""
+
+    def __init__(
+        self,
+        path: Path,
+        con: duckdb.DuckDBPyConnection,
+        signer: NodeKey | None,
+        head_path: Path | None,
+        read_only: bool,
+    ) -> None:
+        self.path = path
+        self.head_path = head_path
+        self.read_only = read_only
+        self._con = con
+        self._signer = signer
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        signer: NodeKey | None,
+        *,
+        read_only: bool = False,
+        head_path: Path | None | Literal["auto"] = "auto",
+        adopt_head: bool = False,
+    ) -> Ledger:
+        """Open (creating if needed, unless ``read_only``) the ledger at ``path``.
+
+        ``head_path``: where the signed head is kept; ``"auto"`` means
+        ``path.with_suffix(".head.json")``, None keeps none. Writes need ``signer``.
+
+        Opening for writing checks the existing head file against the ledger first: were it
+        simply rewritten, rows cut off the end would be laundered. A ledger with events but
+        no head file is refused too, unless ``adopt_head=True`` (use it once, after checking
+        the ledger against an exported head).
+        """
+        path = Path(path)
+        if head_path == "auto":
+            head_path = path.with_suffix(".head.json")
+        elif head_path is not None:
+            head_path = Path(head_path)
+        if read_only and not path.exists():
+            raise LedgerError(
+                f"ledger {path} does not exist", "run `appliance init` to create the home"
+            )
+        creating = not path.exists()
+        try:
+            con = duckdb.connect(str(path), read_only=read_only, config=dict(SAFE_CONFIG))
+        except duckdb.IOException as exc:
+            raise LedgerError(
+                f"cannot open ledger {path}: {exc}",
+                "another process (the appliance service?) holds the ledger; DuckDB lets only "
+                "one process open a file that is being written — ask the service instead, "
+                "or stop it first",
+            ) from None
+        except duckdb.Error as exc:
+            raise LedgerError(
+                f"cannot open ledger {path}: {exc}",
+                "check that the file is a ledger written by this appliance version",
+            ) from None
+        ledger = cls(path, con, signer, head_path, read_only)
+        try:
+            if not read_only:
+                ledger._ensure_schema()
+                ledger._check_head_on_open(adopt_head=adopt_head or creating)
+            else:
+                ledger._require_schema()
+        except LedgerError:
+            con.close()
+            raise
+        return ledger
+
+    def _ensure_schema(self) -> None:
+        """Create the schema, or bring views and macros back to this version's definitions."""
+        con = self._con
+        try:
+            con.execute(schema.META_TABLE)
+            row = con.execute(
+                "SELECT value FROM ledger_meta WHERE name = 'schema_version'"
+            ).fetchone()
+            version = int(row[0]) if row is not None and str(row[0]).isdigit() else 0
+            if version > schema.SCHEMA_VERSION:
+                raise LedgerError(
+                    f"ledger {self.path} has schema version {version}, newer than this "
+                    f"appliance's {schema.SCHEMA_VERSION}",
+                    "upgrade the appliance software before opening this ledger",
+                )
+            if version == schema.SCHEMA_VERSION and not catalog_differences(con):
+                return
+            # Views and macros are derived, not evidence: rewriting them loses nothing.
+            con.begin()
+            for statement in schema.schema_statements():
+                con.execute(statement)
+            con.execute(
+                "INSERT OR REPLACE INTO ledger_meta VALUES ('schema_version', ?)",
+                [str(schema.SCHEMA_VERSION)],
+            )
+            con.commit()
+        except duckdb.Error as exc:
+            raise LedgerError(
+                f"cannot set up the schema of ledger {self.path}: {exc}",
+                "check that the file is a ledger written by this appliance version",
+            ) from None
+
+    def _require_schema(self) -> None:
+        tables = {r[0] for r in self._con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
+        ).fetchall()}
+        if "events" not in tables:
+            raise LedgerError(
+                f"{self.path} is not a ledger (it has no events table)",
+                "pass the ledger file of the appliance home (ledger.duckdb)",
+            )
+
+    def _check_head_on_open(self, *, adopt_head: bool) -> None:
+        if self.head_path is None or self._signer is None:
+            return
+        last_seq, _ = self._last()
+        if not self.head_path.exists():
+            if last_seq and not adopt_head:
+                raise LedgerIntegrityError(
+                    last_seq,
+                    f"ledger {self.path} has {last_seq} events but its signed head file "
+                    f"{self.head_path} is missing, so rows cut off the end would go unnoticed",
+                    "put the head file back, or verify the ledger against an exported head "
+                    "(`appliance ledger verify --head FILE`) and open it once with adopt_head",
+                )
+        else:
+            check_head_position(self._con, self.path, read_head_file(self.head_path),
+                                self._last()[0])
+        self._write_head()
+
+    # ---------------------------------------------------------------- writing
+
+    def _last(self, con: duckdb.DuckDBPyConnection | None = None) -> tuple[int, str]:
+        row = (con or self._con).execute(
+            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+    def _require_signer(self, what: str) -> NodeKey:
+        if self.read_only:
+            raise LedgerError(
+                f"cannot {what}: ledger {self.path} is open read-only",
+                "open it with read_only=False in the service that owns it",
+            )
+        if self._signer is None:
+            raise LedgerError(
+                f"cannot {what} on ledger {self.path} without the node key",
+                "open the ledger with the unlocked node key as signer",
+            )
+        return self._signer
+
+    def append(self, kind: str, actor: str, data: dict) -> Event:
+        """Append one signed event and return it."""
+        return self.append_many([(kind, actor, data)])[0]
+
+    def append_many(self, items: Iterable[tuple[str, str, dict]]) -> list[Event]:
+        """Append several events in ONE transaction: all are recorded, or none is."""
+        signer = self._require_signer("append events")
+        items = list(items)
+        events: list[Event] = []
+        with self._lock:
+            con = self._con
+            committed = False
+            try:
+                con.begin()
+                seq, prev = self._last(con)
+                for kind, actor, data in items:
+                    seq += 1
+                    event = _make_event(signer, seq, prev, kind, actor, data)
+                    con.execute(
+                        f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [event.seq, event.ts, event.kind, event.actor,
+                         event.body.decode("utf-8"), event.prev_hash, event.hash,
+                         event.key_id, event.signature],
+                    )
+                    events.append(event)
+                    prev = event.hash
+                con.commit()
+                committed = True
+            except duckdb.Error as exc:
+                raise LedgerError(
+                    f"could not append to ledger {self.path}: {exc}",
+                    "nothing of this batch was recorded; check the disk and retry",
+                ) from None
+            finally:
+                if not committed:
+                    try:
+                        con.rollback()
+                    except duckdb.TransactionException:
+                        pass  # no transaction was open: BEGIN itself failed
+            if events:
+                try:
+                    self._write_head()
+                except OSError as exc:
+                    raise LedgerError(
+                        f"events {events[0].seq}..{events[-1].seq} were recorded in ledger "
+                        f"{self.path}, but its signed head file {self.head_path} could not be "
+                        f"rewritten: {exc.strerror}",
+                        "free disk space or fix the directory's permissions; the next append "
+                        "rewrites the head",
+                    ) from None
+        return events
+
+    # ---------------------------------------------------------------- head
+
+    def head(self) -> dict:
+        """The signed head: {seq, hash, key_id, ts, signature (base64)}."""
+        signer = self._require_signer("sign the ledger head")
+        seq, hash_hex = self._last()
+        return {
+            "seq": seq,
+            "hash": hash_hex,
+            "key_id": signer.key_id,
+            "ts": _now(),
+            "signature": base64.b64encode(signer.sign(head_message(seq, hash_hex))).decode(),
+        }
+
+    def export_head(self, path: Path) -> dict:
+        """Write the signed head to ``path`` (atomically) and return it."""
+        head = self.head()
+        _atomic_write(Path(path), (json.dumps(head, sort_keys=True, indent=1) + "\n").encode())
+        return head
+
+    def _write_head(self) -> None:
+        if self.head_path is not None and self._signer is not None:
+            self.export_head(self.head_path)
+
+    # ---------------------------------------------------------------- reading
+
+    def events(self, kind: str | None = None) -> list[Event]:
+        """Every event (of ``kind``, if given), in seq order."""
+        cur = self._con.cursor()
+        try:
+            if kind is None:
+                rows = cur.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq").fetchall()
+            else:
+                rows = cur.execute(
+                    f"SELECT {_COLUMNS} FROM events WHERE kind = ? ORDER BY seq", [kind]
+                ).fetchall()
+        finally:
+            cur.close()
+        return [_row_event(r) for r in rows]
+
+    def query(
+        self, sql: str, *, max_rows: int = DEFAULT_MAX_ROWS, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> tuple[list[str], list[tuple]]:
+        """Run an auditor's single SELECT on this open ledger; return (columns, rows).
+
+        Same rules as `registry.query.query`: one SELECT only, no file access (this
+        connection's database has external access disabled and its configuration locked),
+        and it runs in a transaction that is rolled back, so not even a side effect of a
+        table function survives.
+        """
+        statement = single_select(sql)
+        cur = self._con.cursor()
+        try:
+            cur.begin()
+            return run_select(cur, statement, source=str(self.path), max_rows=max_rows,
+                              timeout_s=timeout_s)
+        finally:
+            try:
+                cur.rollback()
+            finally:
+                cur.close()
+
+    # ---------------------------------------------------------------- verifying
+
+    def verify(
+        self,
+        trusted: dict[str, ec.EllipticCurvePublicKey],
+        head: dict | Path | None = None,
+    ) -> VerifyReport:
+        """Recompute the chain from seq 1 and check every signature; check the head if given.
+
+        ``trusted`` maps key ids to the public keys allowed to sign. Raises
+        LedgerIntegrityError naming the FIRST broken seq: a missing seq, a column that
+        differs from the signed body, a broken prev_hash link, a wrong hash, a signature by
+        an unknown key or one that does not verify; with a head, a head whose signature
+        fails or that the ledger does not reach (rows cut off the end).
+        """
+        for key_id, public_key in trusted.items():
+            if key_id_of(public_key) != key_id:
+                raise LedgerError(
+                    f"trusted key listed as {key_id[:16]}… is really {key_id_of(public_key)[:16]}…",
+                    "build the trust map with key_id_of(public_key) as the key",
+                )
+        head_dict = read_head_file(head) if isinstance(head, Path) else head
+        cur = self._con.cursor()
+        try:
+            cur.begin()  # one snapshot, even while the service appends
+            differences = catalog_differences(cur)
+            if differences:
+                raise LedgerIntegrityError(
+                    0, f"ledger {self.path}: {'; '.join(differences)}, so audit queries "
+                       "could lie",
+                    "open the ledger once read-write in the service (it rewrites the views), "
+                    "and report the incident")
+            report = verify_rows(self.path, _iter_rows(cur), trusted)
+            if head_dict is not None:
+                verify_head_signature(self.path, head_dict, trusted)
+                check_head_position(cur, self.path, head_dict, report.last_seq)
+                report = VerifyReport(report.events, report.last_seq, report.last_hash, True)
+        finally:
+            try:
+                cur.rollback()
+            finally:
+                cur.close()
+        return report
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Close the connection (committed events are durable already)."""
+        self._con.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _make_event(signer: NodeKey, seq: int, prev: str, kind: str, actor: str, data: dict) -> Event:
+    if not isinstance(kind, str) or not kind:
+        raise LedgerError(f"event kind {kind!r} is not a non-empty string",
+                          "name the event kind, e.g. 'artifact.recorded'")
+    if not isinstance(actor, str):
+        raise LedgerError(f"actor {actor!r} of a {kind!r} event is not a string",
+                          "pass the identity (user name) that caused the event")
+    if not isinstance(data, dict):
+        raise LedgerError(f"data of a {kind!r} event is a {type(data).__name__}, not a dict",
+                          "pass the event's fields as a dict")
+    schema.check_event_data(kind, data)
+    event = Event(seq, _now(), kind, actor, data, prev, "", signer.key_id, "")
+    try:
+        body = event.body
+    except CanonicalJSONError as exc:
+        raise LedgerError(f"event {kind!r} cannot be recorded: {exc.message}", exc.hint) from None
+    hash_hex = chain_hash(prev, body)
+    signature = base64.b64encode(signer.sign(bytes.fromhex(hash_hex))).decode("ascii")
+    # A private copy of data: the caller's dict may change later, the event may not.
+    frozen = json.loads(body)["data"]
+    return Event(seq, event.ts, kind, actor, frozen, prev, hash_hex, signer.key_id, signature)
+
+
+def _iter_rows(cur: duckdb.DuckDBPyConnection) -> Iterator[tuple]:
+    result = cur.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq")
+    while batch := result.fetchmany(2048):
+        yield from batch
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same directory and rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    renamed = False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        renamed = True
+    finally:
+        if not renamed:
+            Path(tmp).unlink(missing_ok=True)
+

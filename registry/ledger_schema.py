@@ -1,0 +1,242 @@
+"""The ledger's SQL: the events table, the audit views and the lineage macros.
+
+Every view reads the signed ``body`` of an event (not the side columns), so a view cannot
+say anything the signed hash chain does not. Views and macros live in the database file, so
+they work for an auditor who attaches it read-only (after ``USE`` of that catalog: DuckDB
+binds a macro's body in the *current* catalog).
+
+Also the required fields of the event kinds the service writes (checked on append so that
+the views never meet a malformed event).
+"""
+
+from __future__ import annotations
+
+from keys.errors import LedgerError
+
+SCHEMA_VERSION = 1
+
+EVENTS_TABLE = """
+CREATE TABLE IF NOT EXISTS events (
+    seq        BIGINT PRIMARY KEY,
+    ts         VARCHAR NOT NULL,
+    kind       VARCHAR NOT NULL,
+    actor      VARCHAR NOT NULL,
+    body       VARCHAR NOT NULL,
+    prev_hash  VARCHAR NOT NULL,
+    hash       VARCHAR NOT NULL,
+    key_id     VARCHAR NOT NULL,
+    signature  VARCHAR NOT NULL
+)
+"""
+
+META_TABLE = """
+CREATE TABLE IF NOT EXISTS ledger_meta (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)
+"""
+
+# (name, SQL body). Order matters: later views read earlier ones.
+VIEWS: list[tuple[str, str]] = [
+    (
+        "signed_events",
+        """
+        SELECT CAST(body ->> '$.seq' AS BIGINT) AS seq,
+               body ->> '$.ts'    AS ts,
+               body ->> '$.kind'  AS kind,
+               body ->> '$.actor' AS actor,
+               body -> '$.data'   AS data
+        FROM events
+        """,
+    ),
+    (
+        # One row per digest: the first event that recorded it (a deterministic stage may
+        # record the same content again in a later run; lineage keeps every edge).
+        "artifacts",
+        """
+        SELECT data ->> '$.digest' AS digest,
+               data ->> '$.kind'   AS kind,
+               data ->> '$.name'   AS name,
+               CAST(data ->> '$.size_bytes' AS BIGINT) AS size_bytes,
+               CAST(data ->> '$.files' AS BIGINT)      AS files,
+               data ->> '$.store_path' AS store_path,
+               data ->> '$.run_id'     AS run_id,
+               data ->> '$.stage'      AS stage,
+               seq, ts
+        FROM signed_events
+        WHERE kind = 'artifact.recorded'
+        QUALIFY row_number() OVER (PARTITION BY data ->> '$.digest' ORDER BY seq) = 1
+        """,
+    ),
+    (
+        "lineage",
+        """
+        SELECT child, parent, run_id, seq FROM (
+            SELECT data ->> '$.digest' AS child,
+                   unnest(json_extract_string(data, '$.parents[*]')) AS parent,
+                   data ->> '$.run_id' AS run_id,
+                   seq
+            FROM signed_events
+            WHERE kind = 'artifact.recorded'
+        )
+        """,
+    ),
+    (
+        "runs",
+        """
+        WITH started AS (
+            SELECT data ->> '$.run_id' AS run_id,
+                   data ->> '$.recipe_name' AS recipe_name,
+                   data ->> '$.recipe_digest' AS recipe_digest,
+                   actor, seq AS started_seq, ts AS started_ts
+            FROM signed_events WHERE kind = 'run.started'
+        ), finished AS (
+            SELECT data ->> '$.run_id' AS run_id,
+                   data ->> '$.status' AS status,
+                   data ->> '$.error' AS error,
+                   ts AS finished_ts
+            FROM signed_events WHERE kind = 'run.finished'
+            QUALIFY row_number() OVER (PARTITION BY data ->> '$.run_id' ORDER BY seq DESC) = 1
+        )
+        SELECT s.run_id, s.recipe_name, s.recipe_digest, s.actor, s.started_seq, s.started_ts,
+               coalesce(f.status, 'running') AS status, f.error, f.finished_ts
+        FROM started s LEFT JOIN finished f USING (run_id)
+        """,
+    ),
+    (
+        "stages",
+        """
+        SELECT data ->> '$.run_id' AS run_id,
+               data ->> '$.stage' AS stage,
+               CASE kind WHEN 'stage.finished' THEN 'finished' ELSE 'failed' END AS status,
+               seq, ts
+        FROM signed_events
+        WHERE kind IN ('stage.finished', 'stage.failed')
+        """,
+    ),
+    (
+        "metrics",
+        """
+        SELECT run_id, stage, p.step AS step, p.name AS name, p.value AS value FROM (
+            SELECT data ->> '$.run_id' AS run_id,
+                   data ->> '$.stage' AS stage,
+                   unnest(from_json(data -> '$.points',
+                          '[{"step": "BIGINT", "name": "VARCHAR", "value": "DOUBLE"}]')) AS p
+            FROM signed_events
+            WHERE kind = 'metrics.recorded'
+        )
+        """,
+    ),
+    (
+        "decisions",
+        """
+        SELECT seq, ts,
+               data ->> '$.identity' AS identity,
+               data ->> '$.action' AS action,
+               data ->> '$.subject' AS subject,
+               CAST(data -> '$.allowed' AS BOOLEAN) AS allowed,
+               data ->> '$.reason' AS reason
+        FROM signed_events
+        WHERE kind = 'authz.decision'
+        """,
+    ),
+    (
+        "ledger_keys",
+        """
+        SELECT data ->> '$.key_id' AS key_id,
+               data ->> '$.public_key_pem' AS public_key_pem,
+               data ->> '$.role' AS role,
+               seq
+        FROM signed_events
+        WHERE kind = 'key.registered'
+        """,
+    ),
+]
+
+# Depth is capped so that a (corrupt) cycle cannot make a query run forever; UNION keeps
+# one row per (digest, depth), so a diamond-shaped DAG stays small.
+_WALK = """
+WITH RECURSIVE walk(digest, depth) AS (
+    SELECT {next}, 1 FROM lineage WHERE {this} = d
+    UNION
+    SELECT l.{next}, w.depth + 1 FROM lineage l JOIN walk w ON l.{this} = w.digest
+    WHERE w.depth < 10000
+)
+SELECT w.digest AS digest, min(w.depth) AS depth,
+       any_value(a.kind) AS kind, any_value(a.name) AS name
+FROM walk w LEFT JOIN artifacts a ON a.digest = w.digest
+GROUP BY w.digest
+ORDER BY depth, digest
+"""
+
+MACROS: list[tuple[str, str]] = [
+    ("ancestors", _WALK.format(this="child", next="parent")),
+    ("descendants", _WALK.format(this="parent", next="child")),
+]
+
+VIEW_NAMES = [name for name, _ in VIEWS]
+MACRO_NAMES = [name for name, _ in MACROS]
+
+
+def schema_statements() -> list[str]:
+    """DDL that creates (or brings up to date) every table, view and macro."""
+    statements = [EVENTS_TABLE, META_TABLE]
+    statements += [f"CREATE OR REPLACE VIEW {name} AS {sql}" for name, sql in VIEWS]
+    statements += [f"CREATE OR REPLACE MACRO {name}(d) AS TABLE {sql}" for name, sql in MACROS]
+    return statements
+
+
+# Fields each known event kind's data must hold (the views read them). Other kinds are free.
+EVENT_FIELDS: dict[str, frozenset[str]] = {
+    "key.registered": frozenset({"key_id", "public_key_pem", "role"}),
+    "authz.decision": frozenset({"identity", "action", "subject", "allowed", "reason"}),
+    "run.started": frozenset({"run_id", "recipe_name", "recipe_digest", "recipe", "environment"}),
+    "stage.finished": frozenset({"run_id", "stage", "stats"}),
+    "stage.failed": frozenset({"run_id", "stage", "error"}),
+    "artifact.recorded": frozenset(
+        {"digest", "kind", "name", "size_bytes", "files", "store_path", "run_id", "stage",
+         "parents", "meta"}
+    ),
+    "metrics.recorded": frozenset({"run_id", "stage", "points"}),
+    "run.finished": frozenset({"run_id", "status", "error", "summary"}),
+    "model.signed": frozenset({"digest", "key_id", "signature_file"}),
+}
+
+
+def _fail(kind: str, field: str, expected: str) -> LedgerError:
+    return LedgerError(
+        f"event {kind!r}: field {field!r} must be {expected}",
+        "fix the code that records this event; the ledger is append-only, so a malformed "
+        "event would stay in the audit views forever",
+    )
+
+
+def check_event_data(kind: str, data: dict) -> None:
+    """Raise LedgerError if a known event kind lacks a field or has one the views cannot read."""
+    required = EVENT_FIELDS.get(kind)
+    if required is None:
+        return
+    missing = sorted(required - data.keys())
+    if missing:
+        raise LedgerError(
+            f"event {kind!r} is missing field(s) {', '.join(missing)}",
+            f"record {kind!r} with all of: {', '.join(sorted(required))}",
+        )
+    if kind == "authz.decision" and type(data["allowed"]) is not bool:
+        raise _fail(kind, "allowed", "true or false")
+    if kind == "artifact.recorded":
+        for field in ("size_bytes", "files"):
+            if type(data[field]) is not int:
+                raise _fail(kind, field, "an integer")
+        parents = data["parents"]
+        if type(parents) is not list or any(type(p) is not str for p in parents):
+            raise _fail(kind, "parents", "a list of digests (strings)")
+    if kind == "metrics.recorded":
+        points = data["points"]
+        if type(points) is not list:
+            raise _fail(kind, "points", "a list of {step, name, value}")
+        for point in points:
+            if (
+                type(point) is not dict
+                or type(point.get("step")) is not int
+                or type(point.get("name")) is not str
+                or type(point.get("value")) not in (int, float)
+            ):
+                raise _fail(kind, "points", "a list of {step: int, name: str, value: number}")
