@@ -49,7 +49,7 @@ class RichReporter:
 
         self.console = Console(stderr=True)
         self._progress = Progress(
-            TextColumn("[bold]{task.description:<28}"),
+            TextColumn("[bold]{task.description:<16}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -71,7 +71,7 @@ class RichReporter:
     def stage_finished(self, stage: str, stats: dict[str, Any]) -> None:
         task = self._progress.tasks[-1]
         self._progress.update(self._task, completed=task.total or task.completed or 1, total=task.total or task.completed or 1)
-        shown = "  ".join(f"{k}={_fmt(stats[k])}" for k in self.SHOWN if k in stats)
+        shown = "  ".join(f"{k}={_fmt(stats[k])}" for k in self.SHOWN if isinstance(stats.get(k), (int, float)))
         self._progress.update(self._task, info=shown)
 
     def stage_failed(self, stage: str, message: str) -> None:

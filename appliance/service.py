@@ -18,6 +18,7 @@ from airgap.attest import environment_attestation, force_offline
 from appliance.home import Home
 from appliance.recipe import LoadedRecipe
 from appliance.reporting import NullReporter, Reporter
+from keys.digest import sha256_bytes
 from keys.errors import ApplianceError, PolicyError, StoreError
 from keys.keystore import NodeKey, create_key, load_key
 from pipeline.result import ProgressFn, StageResult
@@ -27,6 +28,7 @@ from registry.modelsig import sign_model_dir, verify_model_dir
 from registry.store import Store, StoredArtifact
 
 Event = tuple[str, str, dict[str, Any]]
+MAX_SOURCES_IN_CARD = 200
 
 
 @dataclass
@@ -39,6 +41,9 @@ class RunState:
     artifacts: dict[str, StoredArtifact] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     recorded: int = 0
+    # (relative path, sha256) of every source file read, for the model card.
+    sources: list[tuple[str, str]] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,7 +151,7 @@ class Service:
         self.authorize("run.start", f"recipe {loaded.path.name} ({loaded.digest[:12]})")
         force_offline()
         started = time.monotonic()
-        run = RunState(run_id=new_run_id(), work=self.home.work_dir, recipe_digest=loaded.digest)
+        run = RunState(run_id=new_run_id(), work=self.home.work_dir, recipe_digest=loaded.digest, context=context or {})
         run.work = self.home.work_dir / run.run_id
         run.work.mkdir(parents=True)
         recipe_art = self.store.import_path(loaded.path, kind="recipe", name=loaded.path.name, signer=self.key, move=False)
@@ -221,6 +226,7 @@ class Service:
         for src in result.inputs:
             digest = src["sha256"]
             source_digests.append(digest)
+            run.sources.append((src["path"], digest))
             events.append(
                 (
                     "artifact.recorded",
@@ -261,14 +267,28 @@ class Service:
         )
 
     def _provenance(self, run: RunState, loaded: LoadedRecipe) -> dict[str, Any]:
-        prov: dict[str, Any] = {"run_id": run.run_id, "recipe": loaded.recipe.recipe.name, "recipe_sha256": loaded.digest}
-        for name, art in run.artifacts.items():
-            prov[f"{name}_sha256"] = art.digest
-        for stage, stats in run.stats.items():
-            for key in ("documents_out", "train_tokens", "val_tokens", "final_loss", "val_loss", "perplexity"):
-                if key in stats:
-                    prov[f"{stage}.{key}"] = stats[key]
-        return prov
+        """What the model card states about where the model came from."""
+        sources = sorted(run.sources)
+        prov: dict[str, Any] = {
+            "run": {"id": run.run_id, "recipe": loaded.recipe.recipe.name, "recipe_sha256": loaded.digest, "signed_by_key": self.key.key_id},
+            "context": run.context,
+            # One digest over every input file, in sha256sum's format, so the list can be checked whole.
+            "sources": {
+                "files": len(sources),
+                "manifest_sha256": sha256_bytes("".join(f"{d}  {p}\n" for p, d in sources).encode()),
+            },
+            "artifacts": {name: art.digest for name, art in run.artifacts.items()},
+            "figures": {
+                f"{stage}.{key}": stats[key]
+                for stage, stats in run.stats.items()
+                for key in ("documents_out", "train_tokens", "val_tokens", "steps", "final_loss", "val_loss", "perplexity")
+                if key in stats
+            },
+        }
+        # Name every input while the list stays readable; the ledger always holds all of them.
+        if len(sources) <= MAX_SOURCES_IN_CARD:
+            prov["sources"]["sha256"] = dict(sources)
+        return _jsonable(prov)
 
     # -- models ---------------------------------------------------------------------------
 

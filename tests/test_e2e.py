@@ -148,3 +148,13 @@ def test_sandboxed_query_refuses_writes_and_files(finished_run: tuple[Path, obje
     for sql in ("DELETE FROM events", "SELECT * FROM read_csv('/etc/passwd')", "SELECT 1; SELECT 2"):
         code, _, err = cli(capsys, "--home", str(home), "ledger", "query", sql)
         assert code == 2 and "error:" in err
+
+
+def test_model_card_states_the_provenance(finished_run: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:
+    home, s = finished_run
+    card = (s.model_path / "README.md").read_text(encoding="utf-8")
+    assert s.recipe_digest in card and s.run_id in card
+    assert s.artifacts["shards"] in card and s.artifacts["checkpoint"] in card
+    code, out, _ = cli(capsys, "--home", str(home), "ledger", "query", "--json", "SELECT digest, name FROM artifacts WHERE kind = 'source'")
+    sources = json.loads(out)
+    assert sources and all(src["digest"] in card for src in sources)
