@@ -34,6 +34,7 @@ def render_summary(summary: Any, home: Home, context: dict[str, Any]) -> tuple[d
         "tokens_per_s": train.get("tokens_per_s"),
         "val_loss": ev.get("val_loss"),
         "perplexity": ev.get("perplexity"),
+        "samples": ev.get("samples", []),
         "artifacts_recorded": summary.artifacts_recorded,
         "model_id": f"sha256:{summary.model_digest}",
         "model_path": str(summary.model_path),
@@ -50,6 +51,9 @@ def render_summary(summary: Any, home: Home, context: dict[str, Any]) -> tuple[d
         f"  evaluation  val loss {_n(ev.get('val_loss'))}, perplexity {_n(ev.get('perplexity'))}",
         f"  provenance  {summary.artifacts_recorded} artifacts recorded in {home.ledger_file}",
     ]
+    for sample in ev.get("samples", [])[:2]:
+        text = " ".join((sample["prompt"] + sample["completion"]).split())
+        lines.append(f"  sample      {text[:100]!r}")
     if "corpus" in context:
         c = context["corpus"]
         lines.append(f"  corpus      Python {c['python']} stdlib docs, sha256 {c['sha256'][:16]}…")

@@ -158,3 +158,25 @@ def test_model_card_states_the_provenance(finished_run: tuple[Path, object], cap
     code, out, _ = cli(capsys, "--home", str(home), "ledger", "query", "--json", "SELECT digest, name FROM artifacts WHERE kind = 'source'")
     sources = json.loads(out)
     assert sources and all(src["digest"] in card for src in sources)
+
+
+def test_demo_command_on_the_whole_stdlib_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import platform
+
+    assets = Path(__file__).with_name("assets")
+    code, out, err = cli(capsys, "--home", str(tmp_path / "home"), "demo", "--recipe", str(assets / "tiny.toml"), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model_id"].startswith("sha256:")
+    assert result["context"]["corpus"]["python"] == platform.python_version()
+    assert result["documents"] > 100 and result["perplexity"] > 1
+    code, _, err = cli(capsys, "--home", str(tmp_path / "home"), "ledger", "verify")
+    assert code == 0, err
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).with_name("appliance")
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ledger" in proc.stdout
+    proc = subprocess.run([str(exe), "ledger", "verify", "--home-typo"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
