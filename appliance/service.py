@@ -151,8 +151,8 @@ class Service:
         self.authorize("run.start", f"recipe {loaded.path.name} ({loaded.digest[:12]})")
         force_offline()
         started = time.monotonic()
-        run = RunState(run_id=new_run_id(), work=self.home.work_dir, recipe_digest=loaded.digest, context=context or {})
-        run.work = self.home.work_dir / run.run_id
+        run_id = new_run_id()
+        run = RunState(run_id=run_id, work=self.home.work_dir / run_id, recipe_digest=loaded.digest, context=context or {})
         run.work.mkdir(parents=True)
         recipe_art = self.store.import_path(loaded.path, kind="recipe", name=loaded.path.name, signer=self.key, move=False)
         run.artifacts["recipe"] = recipe_art
@@ -174,6 +174,7 @@ class Service:
                 self._artifact_event(run, "recipe", recipe_art, kind="recipe", stage=None, parents=[]),
             ]
         )
+        run.recorded = 1
         try:
             for stage in STAGES:
                 self._run_stage(run, stage, loaded, source_dir, reporter)
