@@ -157,7 +157,7 @@ def cmd_artifact_verify(args: argparse.Namespace) -> int:
     home = _home(args)
     digest = resolve_digest(home, args.digest)
     verify_artifact(home, digest, keys=[Path(k) for k in args.trusted_key])
-    print(f"artifact {digest} OK: content matches its digest and its signature verifies")
+    _emit(args, {"ok": True, "digest": digest}, f"artifact {digest} OK: content matches its digest and its signature verifies")
     return 0
 
 
@@ -175,7 +175,8 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     digest = resolve_digest(home, args.model, kind="model")
     with _open_service(home, create=False) as svc:
         out = svc.export_model(digest, Path(args.out))
-    print(f"exported {digest} to {out}\nverify with:\n  model_signing verify key {out}/model --signature {out}/model/model.sig --public_key {out}/signer.pub.pem")
+    command = f"model_signing verify key {out}/model --signature {out}/model/model.sig --public_key {out}/signer.pub.pem"
+    _emit(args, {"digest": digest, "path": str(out), "verify": command}, f"exported {digest} to {out}\nverify with:\n  {command}")
     return 0
 
 
@@ -186,7 +187,7 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     model_dir = Path(args.dir)
     key = Path(args.public_key) if args.public_key else (model_dir.parent / "signer.pub.pem" if (model_dir.parent / "signer.pub.pem").is_file() else _home(args).public_key_file)
     verify_model_dir(model_dir, key)
-    print(f"model {model_dir} OK: signature by {key} verifies every file")
+    _emit(args, {"ok": True, "model": str(model_dir), "public_key": str(key)}, f"model {model_dir} OK: signature by {key} verifies every file")
     return 0
 
 
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=fn.__doc__, description=fn.__doc__)
         p.set_defaults(fn=fn)
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        # Accept --home after the subcommand too; SUPPRESS keeps a top-level --home intact.
+        p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return p
 
     add("init", cmd_init)

@@ -25,7 +25,7 @@ class Home:
 
     @property
     def key_file(self) -> Path:
-        return self.root / "keys" / "node.p12"
+        return self.root / "keys" / "node.key"  # Argon2id + AES-GCM envelope (keys/keystore.py)
 
     @property
     def public_key_file(self) -> Path:

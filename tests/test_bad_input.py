@@ -88,7 +88,7 @@ def test_wrong_passphrase_records_nothing(home: Path, tiny_recipe: Path, capsys:
     before = rows(home, "SELECT count(*) FROM events")
     monkeypatch.setenv("APPLIANCE_PASSPHRASE", PASSPHRASE + "!")
     err = _run_fails(home, tiny_recipe, capsys, "passphrase")
-    assert "node.p12" in err
+    assert "node.key" in err
     assert rows(home, "SELECT count(*) FROM events") == before
 
 

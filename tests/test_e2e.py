@@ -180,3 +180,12 @@ def test_console_script_is_installed() -> None:
     assert proc.returncode == 0 and "ledger" in proc.stdout
     proc = subprocess.run([str(exe), "ledger", "verify", "--home-typo"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_model_list_and_home_after_the_subcommand(finished_run: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:
+    home, s = finished_run
+    code, out, err = cli(capsys, "model", "list", "--home", str(home), "--json")
+    assert code == 0, err
+    assert [m["digest"] for m in json.loads(out)] == [s.model_digest]
+    code, out, _ = cli(capsys, "--home", str(home), "model", "list")
+    assert s.model_digest in out
