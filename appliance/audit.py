@@ -55,6 +55,18 @@ def resolve_digest(home: Home, prefix: str, *, kind: str | None = None) -> str:
     return rows[0][0]
 
 
-def verify_artifact(home: Home, digest: str, *, keys: Sequence[Path] = ()) -> None:
-    """Check a stored artifact against its digest and its signature file."""
-    Store(home.store_dir).verify(digest, trusted_keys(home, keys))
+def verify_artifact(home: Home, digest: str, *, keys: Sequence[Path] = ()) -> Any:
+    """Check a stored artifact on its own (digest, signature file) and through the ledger.
+
+    Returns the ledger event that recorded it.
+    """
+    trusted = trusted_keys(home, keys)
+    with Ledger.open(home.ledger_file, None, read_only=True) as ledger:
+        event = ledger.recorded(digest, trusted)
+    if event.data.get("store_path") is None:
+        raise StoreError(
+            f"artifact {digest[:16]}… is a recorded {event.data['kind']} ({event.data['name']}) that the store does not hold",
+            "source files are recorded, not copied: verify them where they are with sha256sum",
+        )
+    Store(home.store_dir).verify(digest, trusted)
+    return event

@@ -156,8 +156,13 @@ def cmd_artifact_verify(args: argparse.Namespace) -> int:
 
     home = _home(args)
     digest = resolve_digest(home, args.digest)
-    verify_artifact(home, digest, keys=[Path(k) for k in args.trusted_key])
-    _emit(args, {"ok": True, "digest": digest}, f"artifact {digest} OK: content matches its digest and its signature verifies")
+    event = verify_artifact(home, digest, keys=[Path(k) for k in args.trusted_key])
+    _emit(
+        args,
+        {"ok": True, "digest": digest, "kind": event.data["kind"], "name": event.data["name"], "seq": event.seq},
+        f"artifact {digest} OK: content matches its digest, its signature file verifies, "
+        f"and it is recorded at ledger seq {event.seq} ({event.data['kind']} {event.data['name']})",
+    )
     return 0
 
 

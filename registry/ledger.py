@@ -45,6 +45,7 @@ from registry.ledger_verify import (
     head_message,
     read_head_file,
     verify_head_signature,
+    verify_row,
     verify_rows,
 )
 from registry.sql_sandbox import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, run_select, single_select
@@ -335,6 +336,31 @@ class Ledger:
         finally:
             cur.close()
         return [_row_event(r) for r in rows]
+
+    def recorded(self, digest: str, trusted: dict[str, ec.EllipticCurvePublicKey]) -> Event:
+        """The event that first recorded artifact ``digest``, its hash and signature checked.
+
+        Raises LedgerError if the ledger never recorded it and LedgerIntegrityError if that
+        event was altered or is not signed by a trusted key. (The whole chain is
+        ``verify``'s job; this proves one artifact cheaply.)
+        """
+        cur = self._con.cursor()
+        try:
+            row = cur.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE kind = 'artifact.recorded' "
+                "AND json_extract_string(body, '$.data.digest') = ? ORDER BY seq LIMIT 1",
+                [digest],
+            ).fetchone()
+        finally:
+            cur.close()
+        if row is None:
+            raise LedgerError(
+                f"ledger {self.path} has no record of artifact {digest[:16]}…",
+                "it was not produced by this appliance; list recorded ones with "
+                "`appliance artifact list`",
+            )
+        verify_row(self.path, row, trusted)
+        return _row_event(row)
 
     def query(
         self, sql: str, *, max_rows: int = DEFAULT_MAX_ROWS, timeout_s: float = DEFAULT_TIMEOUT_S

@@ -67,12 +67,48 @@ def _broken(path: Path, seq: int, what: str) -> LedgerIntegrityError:
     return LedgerIntegrityError(seq, f"ledger {path}: event seq {seq} {what}", VERIFY_HINT)
 
 
+def verify_row(path: Path, row: tuple, trusted: dict[str, ec.EllipticCurvePublicKey]) -> None:
+    """Check one event on its own: canonical body, columns, hash and signature.
+
+    The link to the previous event is the caller's to check (``verify_rows`` walks it).
+    """
+    seq, ts, kind, actor, body, prev_hash, hash_hex, key_id, signature = row
+    try:
+        parsed = json.loads(body)
+    except json.JSONDecodeError:
+        raise _broken(path, seq, "has a body that is not JSON") from None
+    if not isinstance(parsed, dict) or set(parsed) != {"seq", "ts", "kind", "actor", "data"}:
+        raise _broken(path, seq, "has a body without exactly seq, ts, kind, actor, data")
+    try:
+        canonical = canonical_json(parsed)
+    except CanonicalJSONError:
+        raise _broken(path, seq, "has a body that is not canonical JSON") from None
+    if canonical != body.encode("utf-8"):
+        raise _broken(path, seq, "has a body that is not in canonical form")
+    for name, column in (("seq", seq), ("ts", ts), ("kind", kind), ("actor", actor)):
+        if parsed[name] != column:
+            raise _broken(path, seq, f"has column {name}={column!r} but its signed body "
+                                     f"says {parsed[name]!r}")
+    if chain_hash(prev_hash, canonical) != hash_hex:
+        raise _broken(path, seq, "does not match its hash: its body was changed")
+    public_key = trusted.get(key_id)
+    if public_key is None:
+        raise _broken(path, seq, f"is signed by key {key_id[:16]}…, which is not trusted")
+    try:
+        verify_signature(public_key, base64.b64decode(signature, validate=True),
+                         bytes.fromhex(hash_hex))
+    except (SigningError, ValueError):
+        raise _broken(path, seq, f"has a signature that does not verify with key "
+                                 f"{key_id[:16]}…") from None
+
+
 def verify_rows(
     path: Path, rows: Iterable[tuple], trusted: dict[str, ec.EllipticCurvePublicKey]
 ) -> VerifyReport:
     """Walk ``rows`` (all columns of ``events`` in seq order) from seq 1; raise at the first break."""
     expected, prev, count = 1, GENESIS_HASH, 0
-    for seq, ts, kind, actor, body, prev_hash, hash_hex, key_id, signature in rows:
+    for row in rows:
+        seq, prev_hash, hash_hex = row[0], row[5], row[6]
         if seq != expected:
             if seq > expected:
                 missing = (f"event seq {expected} is missing" if seq == expected + 1
@@ -81,35 +117,9 @@ def verify_rows(
                     expected, f"ledger {path}: {missing} (the next present is seq {seq})",
                     VERIFY_HINT)
             raise _broken(path, seq, "appears twice")
-        try:
-            parsed = json.loads(body)
-        except json.JSONDecodeError:
-            raise _broken(path, seq, "has a body that is not JSON") from None
-        if not isinstance(parsed, dict) or set(parsed) != {"seq", "ts", "kind", "actor", "data"}:
-            raise _broken(path, seq, "has a body without exactly seq, ts, kind, actor, data")
-        try:
-            canonical = canonical_json(parsed)
-        except CanonicalJSONError:
-            raise _broken(path, seq, "has a body that is not canonical JSON") from None
-        if canonical != body.encode("utf-8"):
-            raise _broken(path, seq, "has a body that is not in canonical form")
-        for name, column in (("seq", seq), ("ts", ts), ("kind", kind), ("actor", actor)):
-            if parsed[name] != column:
-                raise _broken(path, seq, f"has column {name}={column!r} but its signed body "
-                                         f"says {parsed[name]!r}")
         if prev_hash != prev:
             raise _broken(path, seq, "does not link to the hash of the event before it")
-        if chain_hash(prev_hash, canonical) != hash_hex:
-            raise _broken(path, seq, "does not match its hash: its body was changed")
-        public_key = trusted.get(key_id)
-        if public_key is None:
-            raise _broken(path, seq, f"is signed by key {key_id[:16]}…, which is not trusted")
-        try:
-            verify_signature(public_key, base64.b64decode(signature, validate=True),
-                             bytes.fromhex(hash_hex))
-        except (SigningError, ValueError):
-            raise _broken(path, seq, f"has a signature that does not verify with key "
-                                     f"{key_id[:16]}…") from None
+        verify_row(path, row, trusted)
         expected, prev, count = expected + 1, hash_hex, count + 1
     return VerifyReport(count, expected - 1, prev, False)
 

@@ -189,3 +189,16 @@ def test_model_list_and_home_after_the_subcommand(finished_run: tuple[Path, obje
     assert [m["digest"] for m in json.loads(out)] == [s.model_digest]
     code, out, _ = cli(capsys, "--home", str(home), "model", "list")
     assert s.model_digest in out
+
+
+def test_artifact_verify_checks_the_ledger_record_too(home_copy: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:
+    home, s = home_copy
+    digest = s.artifacts["tokenizer"]
+    code, out, err = cli(capsys, "--home", str(home), "artifact", "verify", digest, "--json")
+    assert code == 0, err
+    seq = json.loads(out)["seq"]
+    con = duckdb.connect(str(home / "ledger.duckdb"))
+    con.execute(f"UPDATE events SET body = replace(body, '\"kind\":\"tokenizer\"', '\"kind\":\"dataset\"') WHERE seq = {seq}")
+    con.close()
+    code, _, err = cli(capsys, "--home", str(home), "artifact", "verify", digest[:16])
+    assert code == 2 and f"seq {seq}" in err
