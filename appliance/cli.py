@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ def _open_service(home: Home, *, create: bool) -> Any:
     from appliance.service import Service
     from keys.keystore import read_passphrase
 
-    if create and not home.exists():
+    if create and home.is_empty():
         return Service.initialise(home.root, read_passphrase(purpose=f"new node key in {home.root}", confirm=True), _identity())
     home.require()
     return Service.open(home.root, read_passphrase(purpose=f"node key of {home.root}"), _identity())
@@ -83,7 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     home = _home(args)
     loaded = load_recipe(Path(args.recipe) if args.recipe else packaged_recipe("demo"))
-    if not home.exists():
+    if home.is_empty():
         home.create_dirs()
     print(f"building the corpus from Python {sys.version.split()[0]}'s standard-library docs…", file=sys.stderr)
     corpus = build_stdlib_corpus(home.corpora_dir / f"python-{sys.version.split()[0]}-stdlib-docs")
@@ -243,8 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cancel(signum: int, frame: Any) -> None:
+    # SIGTERM is how operators and job managers cancel; unwind like Ctrl-C so the service
+    # records the run as cancelled instead of leaving it "running" forever.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _cancel)
     try:
         return int(args.fn(args))
     except ApplianceError as exc:

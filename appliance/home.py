@@ -54,13 +54,24 @@ class Home:
     def exists(self) -> bool:
         return self.ledger_file.is_file() and self.key_file.is_file()
 
+    def is_empty(self) -> bool:
+        """Neither ledger nor key: safe to initialise here."""
+        return not self.ledger_file.exists() and not self.key_file.exists()
+
     def require(self) -> None:
-        """Raise unless the home has been initialised."""
-        if not self.exists():
+        """Raise unless the home has been initialised; a half-present home says what is missing."""
+        if self.exists():
+            return
+        if self.is_empty():
             raise ApplianceError(
                 f"{self.root} is not an initialised appliance home (no ledger or node key)",
                 f"run `appliance init --home {self.root}` or set {ENV_HOME}",
             )
+        missing, present = (self.key_file, self.ledger_file) if self.ledger_file.is_file() else (self.ledger_file, self.key_file)
+        raise ApplianceError(
+            f"{self.root} has {present.name} but {missing} is missing",
+            f"restore {missing.name} from your backup; do not initialise over this home, its ledger and key belong together",
+        )
 
     def create_dirs(self) -> None:
         """Create the home's folders, private to the service user."""

@@ -179,7 +179,7 @@ class Service:
             for stage in STAGES:
                 self._run_stage(run, stage, loaded, source_dir, reporter)
         except BaseException as exc:
-            message = exc.diagnostics() if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+            message = _failure(exc)
             self.ledger.append("run.finished", self.identity, {"run_id": run.run_id, "status": "failed", "error": message, "summary": {}})
             raise
         wall = time.monotonic() - started
@@ -211,7 +211,7 @@ class Service:
             result: StageResult = stage.run(loaded.recipe, {k: a.path for k, a in run.artifacts.items()}, source_dir, work, progress, self._provenance(run, loaded))
             events = self._record_stage(run, stage, result)
         except BaseException as exc:
-            message = exc.diagnostics() if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+            message = _failure(exc)
             self.ledger.append("stage.failed", self.identity, {"run_id": run.run_id, "stage": stage.name, "error": message})
             reporter.stage_failed(stage.name, message)
             raise
@@ -312,6 +312,15 @@ class Service:
         verify_model_dir(out / "model", out / "signer.pub.pem")
         self.ledger.append("model.exported", self.identity, {"digest": digest, "destination": str(out.resolve())})
         return out
+
+
+def _failure(exc: BaseException) -> str:
+    """How a failure is written into the ledger: the user-facing text, never a traceback."""
+    if isinstance(exc, ApplianceError):
+        return exc.diagnostics()
+    if isinstance(exc, KeyboardInterrupt):
+        return "cancelled (interrupt or SIGTERM)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _plain(obj: Any) -> Any:

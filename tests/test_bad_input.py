@@ -107,3 +107,33 @@ def test_someone_else_is_refused_and_the_refusal_recorded(home: Path, tiny_recip
     denied = rows(home, "SELECT identity, action, allowed FROM decisions")
     assert ("mallory", "run.start", False) in denied
     assert rows(home, "SELECT count(*) FROM runs") == [(0,)]
+
+
+def test_half_present_home_names_what_is_missing(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (home / "keys" / "node.key").unlink()
+    code, _, err = cli(capsys, "--home", str(home), "demo")
+    assert code == 2 and "node.key is missing" in err and "backup" in err
+
+
+def test_sigterm_cancels_and_the_run_is_recorded_as_cancelled(home: Path, tiny_recipe: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("steps = 12", "steps = 100000"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "--home", str(home), "run", str(tiny_recipe)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
+    )
+    # Wait until training has started (the train stage's work dir appears), then cancel.
+    deadline = time.monotonic() + 120
+    while not list((home / "work").glob("*/train/checkpoints")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert rows(home, "SELECT status, error FROM runs") == [("failed", "cancelled (interrupt or SIGTERM)")]
+    assert rows(home, "SELECT stage FROM stages WHERE status = 'failed'") == [("train",)]
