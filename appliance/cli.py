@@ -38,7 +38,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from keys.keystore import read_passphrase
 
     home = _home(args)
-    passphrase = read_passphrase(purpose=f"new node key in {home.root}", confirm=True)
+    passphrase = read_passphrase(purpose=f"protect the new node key in {home.root}", confirm=True)
     with Service.initialise(home.root, passphrase, _identity()) as svc:
         _emit(args, {"home": str(home.root), "key_id": svc.key.key_id}, f"initialised {home.root}\nnode key {svc.key.key_id}\npublic key {home.public_key_file}")
     return 0
@@ -49,9 +49,9 @@ def _open_service(home: Home, *, create: bool) -> Any:
     from keys.keystore import read_passphrase
 
     if create and home.is_empty():
-        return Service.initialise(home.root, read_passphrase(purpose=f"new node key in {home.root}", confirm=True), _identity())
+        return Service.initialise(home.root, read_passphrase(purpose=f"protect the new node key in {home.root}", confirm=True), _identity())
     home.require()
-    return Service.open(home.root, read_passphrase(purpose=f"node key of {home.root}"), _identity())
+    return Service.open(home.root, read_passphrase(purpose=f"unlock the node key of {home.root}"), _identity())
 
 
 def _run(args: argparse.Namespace, loaded: Any, source: Path | None, context: dict[str, Any]) -> int:
