@@ -62,13 +62,18 @@ class LoadedRecipe:
     def source_dir(self, override: Path | None = None) -> Path:
         """The corpus folder: the override, else ``[recipe] source`` relative to the file."""
         if override is not None:
-            return Path(override)
-        if not self.recipe.recipe.source:
+            path, given = Path(override), "--source"
+        elif self.recipe.recipe.source:
+            path, given = (self.path.parent / self.recipe.recipe.source).resolve(), f"recipe.source in {self.path}"
+        else:
             raise ConfigError(
                 f"{self.path}: no corpus given: [recipe] source is empty",
                 "set recipe.source = \"path/to/corpus\" or pass --source DIR",
             )
-        return (self.path.parent / self.recipe.recipe.source).resolve()
+        # Checked before the run starts, so a typo does not leave a failed run in the ledger.
+        if not path.is_dir():
+            raise ConfigError(f"corpus folder {path} (from {given}) does not exist or is not a folder", f"fix {given}")
+        return path
 
 
 def parse_recipe(text: str, *, source: str) -> Recipe:

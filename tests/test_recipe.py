@@ -64,3 +64,13 @@ def test_unknown_packaged_recipe() -> None:
     with pytest.raises(ConfigError) as err:
         packaged_recipe("nope")
     assert "demo" in err.value.diagnostics()
+
+
+def test_missing_corpus_folder_is_named_before_anything_runs(tmp_path: Path) -> None:
+    p = tmp_path / "r.toml"
+    p.write_text('[recipe]\nname = "x"\nsource = "nope"\n')
+    with pytest.raises(ConfigError) as err:
+        load_recipe(p).source_dir()
+    assert "nope" in err.value.message and "recipe.source" in err.value.message
+    with pytest.raises(ConfigError, match="--source"):
+        load_recipe(p).source_dir(tmp_path / "also-nope")
