@@ -192,7 +192,11 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     from registry.modelsig import verify_model_dir
 
     model_dir = Path(args.dir)
-    key = Path(args.public_key) if args.public_key else (model_dir.parent / "signer.pub.pem" if (model_dir.parent / "signer.pub.pem").is_file() else _home(args).public_key_file)
+    beside = model_dir.parent / "signer.pub.pem"  # where `model export` puts it
+    if args.public_key:
+        key = Path(args.public_key)
+    else:
+        key = beside if beside.is_file() else _home(args).public_key_file
     verify_model_dir(model_dir, key)
     _emit(args, {"ok": True, "model": str(model_dir), "public_key": str(key)}, f"model {model_dir} OK: signature by {key} verifies every file")
     return 0

@@ -11,6 +11,7 @@ import ast
 import inspect
 import json
 import os
+import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -73,8 +74,6 @@ def build_stdlib_corpus(dest: Path, *, max_bytes: int = 0) -> Corpus:
     if not dest.is_dir():
         tmp = dest.with_name(dest.name + ".partial")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         (tmp / "topics").mkdir(parents=True)
         total = 0

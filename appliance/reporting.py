@@ -69,8 +69,9 @@ class RichReporter:
         self._progress.update(self._task, completed=done, total=total or None, info=info)
 
     def stage_finished(self, stage: str, stats: dict[str, Any]) -> None:
-        task = self._progress.tasks[-1]
-        self._progress.update(self._task, completed=task.total or task.completed or 1, total=task.total or task.completed or 1)
+        # Fill the bar: stages that report no total still finish at 100 %.
+        done = self._progress.tasks[-1].total or self._progress.tasks[-1].completed or 1
+        self._progress.update(self._task, completed=done, total=done)
         shown = "  ".join(f"{k}={_fmt(stats[k])}" for k in self.SHOWN if isinstance(stats.get(k), (int, float)))
         self._progress.update(self._task, info=shown)
 

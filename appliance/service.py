@@ -7,6 +7,7 @@ the socket server (later) is a thin adapter over this same object.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import time
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from appliance.reporting import NullReporter, Reporter
 from keys.digest import sha256_bytes
 from keys.errors import ApplianceError, PolicyError, StoreError
 from keys.keystore import NodeKey, create_key, load_key
+from pipeline.config import to_mapping
 from pipeline.result import ProgressFn, StageResult
 from policies.decision import OwnerPolicy
 from registry.ledger import Ledger
@@ -37,7 +39,6 @@ class RunState:
 
     run_id: str
     work: Path
-    recipe_digest: str
     artifacts: dict[str, StoredArtifact] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     recorded: int = 0
@@ -60,8 +61,6 @@ class RunSummary:
 
 
 def new_run_id() -> str:
-    import secrets
-
     return time.strftime("run-%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(3)
 
 
@@ -152,7 +151,7 @@ class Service:
         force_offline()
         started = time.monotonic()
         run_id = new_run_id()
-        run = RunState(run_id=run_id, work=self.home.work_dir / run_id, recipe_digest=loaded.digest, context=context or {})
+        run = RunState(run_id=run_id, work=self.home.work_dir / run_id, context=context or {})
         run.work.mkdir(parents=True)
         recipe_art = self.store.import_path(loaded.path, kind="recipe", name=loaded.path.name, signer=self.key, move=False)
         run.artifacts["recipe"] = recipe_art
@@ -165,7 +164,7 @@ class Service:
                         "run_id": run.run_id,
                         "recipe_name": loaded.recipe.recipe.name,
                         "recipe_digest": loaded.digest,
-                        "recipe": _plain(loaded.recipe),
+                        "recipe": _jsonable(to_mapping(loaded.recipe)),
                         "source": str(source_dir),
                         "environment": environment_attestation(),
                         "context": context or {},
@@ -296,10 +295,10 @@ class Service:
         """Copy a signed model out of the store as a bundle another site can verify."""
         self.authorize("model.export", digest)
         src = self.store.path_of(digest)
-        kinds = {e.data["digest"]: e.data["kind"] for e in self.ledger.events("artifact.recorded")}
-        if kinds.get(digest) != "model":
+        trusted = {self.key.key_id: self.key.public_key}
+        if self.ledger.recorded(digest, trusted).data["kind"] != "model":
             raise StoreError(f"artifact {digest[:16]}… is not a packaged model", "list models with `appliance model list`")
-        self.store.verify(digest, {self.key.key_id: self.key.public_key})
+        self.store.verify(digest, trusted)
         out = Path(out)
         if out.exists():
             raise ApplianceError(f"export target {out} already exists", "choose a new --out folder")
@@ -321,12 +320,6 @@ def _failure(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "cancelled (interrupt or SIGTERM)"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _plain(obj: Any) -> Any:
-    import dataclasses
-
-    return _jsonable(dataclasses.asdict(obj))
 
 
 def _jsonable(obj: Any) -> Any:

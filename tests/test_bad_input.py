@@ -7,16 +7,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from appliance.cli import main
-from tests.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE, cli
 
 pytestmark = pytest.mark.slow
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -10,16 +10,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from appliance.cli import main
+from tests.conftest import cli
+
 
 pytestmark = pytest.mark.slow
 MODEL_SIGNING = str(Path(sys.executable).with_name("model_signing"))
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_run_summary_has_the_figures(finished_run: tuple[Path, object]) -> None:
