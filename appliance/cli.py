@@ -202,6 +202,56 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_card(args: argparse.Namespace) -> int:
+    """Show a run's dataset card: sources, drops per filter, PII counts, duplicates, tokens."""
+    from appliance.datasets import dataset_card
+
+    card, markdown = dataset_card(_home(args), args.run, keys=[Path(k) for k in args.trusted_key])
+    _emit(args, card, markdown)
+    return 0
+
+
+def cmd_data_dropped(args: argparse.Namespace) -> int:
+    """List sample documents a curation filter dropped in a run (e.g. --filter c4)."""
+    from appliance.datasets import dropped_documents
+
+    if args.limit < 1:
+        raise ApplianceError(f"--limit must be at least 1, got {args.limit}", "pass e.g. --limit 5")
+    run_id, rows, totals = dropped_documents(
+        _home(args), args.run, filter_name=args.filter, rule=args.rule, limit=args.limit, keys=[Path(k) for k in args.trusted_key]
+    )
+    if args.json:
+        print(json.dumps({"run_id": run_id, "dropped": totals, "samples": rows}, indent=2, ensure_ascii=False))
+        return 0
+    lines = [f"run {run_id}: documents dropped by " + (args.filter or "every filter")]
+    lines += [f"  {name:<36} {count:>8}" for name, count in totals.items()]
+    if not rows:
+        lines.append("no samples kept for that choice (clean.dropped_samples = 0, or the rule dropped nothing)")
+    for row in rows:
+        text = row["text"] if args.full else " ".join(row["text"].split())[:300]
+        detail = f" ({row['detail']})" if row["detail"] else ""
+        lines += ["", f"doc {row['doc_id']}  {row['source']}  {row['filter']}.{row['rule']}{detail}", f"  {text}"]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_data_skipped(args: argparse.Namespace) -> int:
+    """List the source files a run's ingest skipped (whole or in part), with the reasons."""
+    from appliance.datasets import skipped_files
+
+    run_id, rows = skipped_files(_home(args), args.run)
+    if args.json:
+        print(json.dumps({"run_id": run_id, "skipped": rows}, indent=2))
+        return 0
+    lines = [f"run {run_id}: {len(rows)} source files lost documents at ingest"]
+    for row in rows:
+        what = "whole file" if row["whole_file"] else f"{row['records_skipped']} records"
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(row["reasons"].items()))
+        lines.append(f"  {row['path']}: {what} ({reasons})")
+    print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Sovereign LLM training appliance: dataset to signed model, proven in a ledger.")
     parser.add_argument("--home", help="appliance home (default: $APPLIANCE_HOME or ~/.local/share/appliance)")
@@ -237,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_artifact_verify, art)
     p.add_argument("digest", help="digest or unique prefix")
     p.add_argument("--trusted-key", action="append", default=[], help="public key PEM to trust")
+
+    data = sub.add_parser("data", help="a run's dataset card, dropped documents and skipped files").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = add("card", cmd_data_card, data)
+    p.add_argument("run", help="run id, unique prefix, or 'latest'")
+    p.add_argument("--trusted-key", action="append", default=[], help="public key PEM to trust")
+    p = add("dropped", cmd_data_dropped, data)
+    p.add_argument("run", help="run id, unique prefix, or 'latest'")
+    p.add_argument("--filter", help="only this filter (gopher_repetition, gopher_quality, c4, fineweb, pii, dedup, clean)")
+    p.add_argument("--rule", help="only this rule of the filter (e.g. curly_bracket)")
+    p.add_argument("--limit", type=int, default=10, help="at most this many samples (default 10)")
+    p.add_argument("--full", action="store_true", help="print whole documents, not the first 300 characters")
+    p.add_argument("--trusted-key", action="append", default=[], help="public key PEM to trust")
+    p = add("skipped", cmd_data_skipped, data)
+    p.add_argument("run", help="run id, unique prefix, or 'latest'")
 
     model = sub.add_parser("model", help="list, export and verify signed models").add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     add("list", cmd_model_list, model)

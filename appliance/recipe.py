@@ -15,9 +15,12 @@ from keys.errors import ConfigError
 from pipeline.clean import CleanConfig
 from pipeline.config import check, from_mapping
 from pipeline.evaluate import EvalConfig
+from pipeline.filters import FiltersConfig
 from pipeline.ingest import IngestConfig
+from pipeline.minhash import DedupConfig
 from pipeline.model import ModelConfig
 from pipeline.package import PackageConfig
+from pipeline.pii import PiiConfig
 from pipeline.shard import ShardConfig
 from pipeline.tokenizer import TokenizerConfig
 from pipeline.train import TrainConfig
@@ -42,6 +45,9 @@ class Recipe:
     recipe: RecipeMeta
     ingest: IngestConfig = field(default_factory=IngestConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -225,8 +225,12 @@ class Service:
         source_digests = []
         for src in result.inputs:
             digest = src["sha256"]
-            source_digests.append(digest)
-            run.sources.append((src["path"], digest))
+            if digest is None:
+                continue  # unreadable, so it has no digest: its data.skipped event records it
+            # A file skipped whole contributed nothing: it is recorded, but is no parent.
+            if not src.get("skipped"):
+                source_digests.append(digest)
+                run.sources.append((src["path"], digest))
             events.append(
                 (
                     "artifact.recorded",
@@ -238,6 +242,9 @@ class Service:
                     },
                 )
             )
+        # Nothing is lost silently: every file that lost documents gets its own signed event.
+        for item in result.skipped:
+            events.append(("data.skipped", self.identity, {"run_id": run.run_id, "stage": stage.name, **_jsonable(item)}))
         parents = sorted(set(source_digests) | {run.artifacts[p].digest for p in stage.parents})
         for out_name, path in result.outputs.items():
             kind = stage.kind_of(out_name)

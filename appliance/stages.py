@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.recipe import Recipe
-from pipeline.clean import run_clean
+from pipeline.card import run_card, write_ingest_report
+from pipeline.curate import CurateSettings, run_curate
 from pipeline.evaluate import run_evaluate
 from pipeline.ingest import run_ingest
 from pipeline.package import run_package
@@ -52,15 +53,27 @@ def _train(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: Progr
     return result
 
 
+def _ingest(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    result = run_ingest(src, work, r.ingest, progress)
+    # The figures and every skipped file as an artifact too: the dataset card is built from it.
+    result.outputs["ingest_report"] = write_ingest_report(result, work)
+    return result
+
+
+def _curate(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    return run_curate(a["raw"], work, CurateSettings(clean=r.clean, filters=r.filters, pii=r.pii, dedup=r.dedup), progress)
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "ingest sources", (), {"raw": "raw-documents"},
-          lambda r, a, src, work, p, prov: run_ingest(src, work, r.ingest, p)),
-    Stage("clean", "clean + dedup", ("raw",), {"dataset": "dataset"},
-          lambda r, a, src, work, p, prov: run_clean(a["raw"], work, r.clean, p)),
+    Stage("ingest", "ingest sources", (), {"raw": "raw-documents", "rejects": "ingest-rejects", "ingest_report": "ingest-report"}, _ingest),
+    Stage("curate", "clean, filter, redact, dedup", ("raw",),
+          {"dataset": "dataset", "curation": "curation-report", "dropped": "dropped-samples"}, _curate),
     Stage("tokenizer", "train tokenizer", ("dataset",), {"tokenizer": "tokenizer", "vocab": "tokenizer-vocab"},
           lambda r, a, src, work, p, prov: run_tokenizer(a["dataset"], work, r.tokenizer, p)),
     Stage("shard", "tokenize + shard", ("dataset", "tokenizer"), {"shards": "token-shards"},
           lambda r, a, src, work, p, prov: run_shard(a["dataset"], a["tokenizer"], work, r.shard, p)),
+    Stage("card", "dataset card", ("ingest_report", "curation", "shards"), {"card": "dataset-card"},
+          lambda r, a, src, work, p, prov: run_card(a["ingest_report"], a["curation"], a["shards"], work)),
     Stage("train", "train", ("shards", "recipe"), {"checkpoint": "checkpoint"}, _train),
     Stage("evaluate", "evaluate", ("checkpoint", "shards", "tokenizer"), {"report": "eval-report"},
           lambda r, a, src, work, p, prov: run_evaluate(a["checkpoint"], a["shards"], a["tokenizer"], work, r.evaluate, p)),

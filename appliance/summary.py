@@ -19,7 +19,7 @@ def _n(value: Any) -> str:
 def render_summary(summary: Any, home: Home, context: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """(JSON payload, text) for a finished run."""
     s = summary.stats
-    clean, shard, train, ev = s.get("clean", {}), s.get("shard", {}), s.get("train", {}), s.get("evaluate", {})
+    clean, shard, train, ev = s.get("curate", {}), s.get("shard", {}), s.get("train", {}), s.get("evaluate", {})
     tokens = shard.get("train_tokens", 0) + shard.get("val_tokens", 0)
     payload = {
         "run_id": summary.run_id,
@@ -45,7 +45,7 @@ def render_summary(summary: Any, home: Home, context: dict[str, Any]) -> tuple[d
     h = f" --home {home.root}"
     lines = [
         f"run {summary.run_id} ({summary.recipe_name}) succeeded in {summary.wall_s:.0f} s",
-        f"  documents   {clean.get('documents_in')} in, {clean.get('documents_out')} kept",
+        f"  documents   {clean.get('documents_in')} in, {clean.get('documents_out')} kept ({_drops(clean)})",
         f"  tokens      {_n(tokens)} (train {_n(shard.get('train_tokens', 0))}, val {_n(shard.get('val_tokens', 0))})",
         f"  training    {train.get('steps')} steps, final loss {_n(train.get('final_loss'))}, {_n(train.get('tokens_per_s'))} tokens/s",
         f"  evaluation  val loss {_n(ev.get('val_loss'))}, perplexity {_n(ev.get('perplexity'))}",
@@ -66,6 +66,14 @@ def render_summary(summary: Any, home: Home, context: dict[str, Any]) -> tuple[d
         f"  appliance{h} artifact verify {summary.model_digest[:16]}",
         f"  model_signing verify key {mp} --signature {mp}/model.sig --public_key {home.public_key_file}",
         f"  appliance{h} ledger query \"SELECT kind, name, depth FROM ancestors('{summary.model_digest}') ORDER BY depth\"",
+        f"  appliance{h} data card {summary.run_id}",
         f"  appliance{h} model export {summary.model_digest[:16]} --out ./exported-model",
     ]
     return payload, "\n".join(lines)
+
+
+def _drops(curate: dict[str, Any]) -> str:
+    """The three rules that dropped most, e.g. "dedup.near 120, c4.curly_bracket 80, …"."""
+    dropped = sorted(curate.get("dropped", {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{name} {count}" for name, count in dropped[:3])
+    return ("dropped: " + text + (", …" if len(dropped) > 3 else "")) if text else "nothing dropped"

@@ -1,40 +1,52 @@
 """Ingest: a folder of source files -> ``raw.parquet``, one row per document.
 
-Formats, chosen by extension: ``.jsonl``/``.ndjson`` give one document per non-blank line
-(the string in ``jsonl_field``); ``.parquet`` one per row of ``parquet_column``; any other
-listed extension (``.txt``, ``.md``, …) is read as one UTF-8 document per file.
-``record`` says where in its file a document came from: the 1-based line for JSONL (what an
-editor shows), the 0-based row for parquet (what pyarrow, pandas and DuckDB index), 0 for
-whole-file documents.
+Formats are chosen by (case-insensitive) suffix; ``pipeline.readers`` reads each one:
+``.txt``/``.md`` (and any other suffix listed in ``extensions``) and ``.html``/``.htm``
+give one document per file; ``.jsonl``/``.ndjson``, also gzip- or zstd-compressed, one per
+line; ``.csv`` one per record; ``.parquet`` one per row. Record formats are streamed, so
+memory stays flat whatever the size of the corpus.
 
-Bad input stops the stage before anything appears in ``out_dir``: the message names the
-file (and line or row) and the hint says how to fix it. Ingest stays faithful to its
-sources; normalising and filtering are the clean stage's job.
+The folder is walked recursively (``recursive``), keeping files whose POSIX path relative
+to the source folder matches an ``include`` glob and no ``exclude`` glob (``*`` stays
+inside a folder, ``**`` spans any number of them); hidden files and folders are skipped
+unless ``include_hidden``. Files are read in the sorted order of their UTF-8 paths, so
+doc_ids (0.., in file then record order) never depend on the file system.
 
-The parquet helpers at the bottom (``ParquetSink``, ``open_parquet``) are shared by the
-later stages so every dataset file is written with the same deterministic options.
+Every problem names the file, the line (1-based; for CSV where the record starts) or row
+(0-based, parquet) and a stable reason kind (``pipeline.readers.REASONS``). With
+``on_error = "fail"`` (the default) the first one stops the stage with nothing left in
+``out_dir``. With ``"skip"`` a bad record is left out and the rest of its file kept; a
+file that cannot be read at all (unreadable, binary, not parquet, wrong schema, too large,
+a whole-file format that is not UTF-8) is left out whole; a compressed file that is cut
+short or damaged keeps the records read before the damage, and the damage is recorded
+as one ``truncated`` item. Nothing is dropped silently: each skipped item is a row of
+``rejects.parquet`` and is counted in the result's ``skipped`` and ``stats``.
+
+Ingest stays faithful to its sources; normalising and filtering are the clean stage's job.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import re
+from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Iterable, Iterator
+from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from keys.digest import sha256_file
 from keys.errors import DataError
 from pipeline.config import check
+from pipeline.parquet_io import PARQUET_OPTIONS, ROWS_PER_GROUP, ParquetSink, iter_rows, open_parquet
+from pipeline.readers import FORMATS, Problem, ReadOptions, SourceFile, format_of
 from pipeline.result import ProgressFn, StageResult, no_progress
 
-JSONL_EXTENSIONS = frozenset({".jsonl", ".ndjson"})
-PARQUET_EXTENSIONS = frozenset({".parquet"})
+__all__ = [
+    "PARQUET_OPTIONS", "RAW_SCHEMA", "REJECTS_SCHEMA", "ROWS_PER_GROUP", "IngestConfig", "ParquetSink",
+    "find_sources", "glob_regex", "iter_rows", "open_parquet", "run_ingest",
+]
 
 RAW_SCHEMA = pa.schema(
     [
@@ -45,309 +57,304 @@ RAW_SCHEMA = pa.schema(
         ("text", pa.string()),
     ]
 )
+# One row per skipped item; record -1 is a whole file.
+REJECTS_SCHEMA = pa.schema(
+    [("path", pa.string()), ("record", pa.int64()), ("reason", pa.string()), ("detail", pa.string())]
+)
+
+# Enough to see the pattern of a file's problems; the full list is in rejects.parquet.
+MAX_EXAMPLES = 20
+# Records between progress reports inside a file: often enough for a live bar, rare enough to cost nothing.
+PROGRESS_EVERY = 1000
+_COMPRESSED = (".gz", ".zst", ".bz2", ".xz", ".zip", ".7z")
 
 
 @dataclass(kw_only=True)
 class IngestConfig:
-    # The formats the appliance reads; anything not .jsonl/.parquet is read as plain UTF-8 text.
-    extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".jsonl", ".parquet"])
+    # Every format the appliance reads; another suffix here (".rst") is read as plain UTF-8 text.
+    extensions: list[str] = field(default_factory=lambda: list(FORMATS))
+    # Everything under the source folder; narrow it ("docs/**", "**/*.md") rather than moving files.
+    include: list[str] = field(default_factory=lambda: ["**"])
+    # Nothing by default: what is not wanted is better removed from the folder, where others see it.
+    exclude: list[str] = field(default_factory=list)
     # "text" is the field name most JSONL corpora (and HF dataset exports) use.
     jsonl_field: str = "text"
     # Same convention as jsonl_field, for parquet exports of the same datasets.
     parquet_column: str = "text"
+    # Same convention again, for spreadsheet and database exports.
+    csv_column: str = "text"
     # Corpora are usually trees (one folder per team or source); flat folders work either way.
     recursive: bool = True
     # Dotfiles are editor, VCS and OS artefacts (.git, macOS "._x.txt" forks), not corpus.
     include_hidden: bool = False
-    # Text files are read whole; 1 GiB bounds memory and catches a misplaced dump. 0 = no limit.
-    max_file_bytes: int = 1 << 30
+    # A document over 64 MiB is almost always a misplaced dump or log, and whole-file formats
+    # are held in memory while read. 0 = no limit.
+    max_document_bytes: int = 64 << 20
+    # Fail: a steward looks at bad data before training on the rest. Skip: big, messy corpora,
+    # where every skipped item is still listed in rejects.parquet and the ledger.
+    on_error: Literal["fail", "skip"] = "fail"
 
     def __post_init__(self) -> None:
         check(len(self.extensions) > 0, "extensions must list at least one extension, e.g. [\".txt\"]")
         for ext in self.extensions:
             check(ext.startswith(".") and len(ext) > 1, f"extension {ext!r} must start with a dot, e.g. \".txt\"")
+            check(
+                ext.lower() in FORMATS or not ext.lower().endswith(_COMPRESSED),
+                f"extension {ext!r}: compressed files are read only as .jsonl.gz, .ndjson.gz, .jsonl.zst or .ndjson.zst",
+            )
+        check(len(self.include) > 0, "include must list at least one glob, e.g. [\"**\"] for everything")
+        for key, globs in (("include", self.include), ("exclude", self.exclude)):
+            for glob in globs:
+                check(bool(glob) and not glob.startswith("/"), f"{key} glob {glob!r} must be a path relative to the source folder")
+                check(not glob.endswith("/"), f"{key} glob {glob!r} ends with '/': write {glob + '**'!r} for everything under a folder")
+                try:
+                    glob_regex(glob)
+                except re.error as exc:
+                    check(False, f"{key} glob {glob!r} is not a valid pattern ({exc})")
         check(bool(self.jsonl_field), "jsonl_field must not be empty")
         check(bool(self.parquet_column), "parquet_column must not be empty")
-        check(self.max_file_bytes >= 0, "max_file_bytes must be >= 0 (0 = no limit)")
+        check(bool(self.csv_column), "csv_column must not be empty")
+        check(self.max_document_bytes >= 0, "max_document_bytes must be >= 0 (0 = no limit)")
+        check(self.on_error in ("fail", "skip"), f"on_error is {self.on_error!r}: use \"fail\" or \"skip\"")
 
 
-def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: ProgressFn = no_progress) -> StageResult:
-    """Read every matching file under ``source_dir`` into ``out_dir/raw.parquet``."""
-    source_dir, out_dir = Path(source_dir), Path(out_dir)
-    files, ignored = _find_files(source_dir, cfg)
-    inputs: list[dict[str, Any]] = []
-    total_bytes = 0
-    doc_id = 0
-    with ParquetSink(out_dir / "raw.parquet", RAW_SCHEMA) as sink:
-        for i, path in enumerate(files):
-            rel = path.relative_to(source_dir).as_posix()
-            size = _checked_size(path, cfg)
-            digest, docs = _read_documents(path, cfg)
-            first = doc_id
-            for record, text in docs:
-                sink.add(doc_id=doc_id, source=rel, source_sha256=digest, record=record, text=text)
-                doc_id += 1
-            inputs.append({"path": rel, "sha256": digest, "bytes": size, "documents": doc_id - first})
-            total_bytes += size
-            progress(i + 1, len(files), {"file": rel, "documents": doc_id})
-    return StageResult(
-        outputs={"raw": out_dir / "raw.parquet"},
-        stats={"files": len(files), "documents": doc_id, "bytes": total_bytes, "files_ignored": ignored},
-        inputs=inputs,
-    )
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A compiled regex that fully matches the POSIX relative paths ``pattern`` selects.
+
+    ``*`` and ``?`` never match ``/``; a ``**`` segment matches any number of folders
+    (``**/x`` also matches a top-level ``x``; a final ``**`` matches everything below);
+    ``[abc]`` and ``[!abc]`` are character classes.
+    """
+    parts = pattern.split("/")
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:.*/)?")
+        else:
+            out.append(_segment_regex(part) + ("" if last else "/"))
+    return re.compile("".join(out), re.DOTALL)
 
 
-def _find_files(source_dir: Path, cfg: IngestConfig) -> tuple[list[Path], int]:
-    """Matching files in sorted order (by UTF-8 path, so the doc_ids never depend on the file system)."""
+def _segment_regex(part: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(part):
+        c = part[i]
+        if c == "*":
+            while i + 1 < len(part) and part[i + 1] == "*":
+                i += 1
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and (close := _class_end(part, i)) > 0:
+            negate = part[i + 1] in "!^"
+            body = part[i + 2 if negate else i + 1 : close]
+            escaped = "".join("\\" + ch if ch in "\\^[]" else ch for ch in body)
+            out.append(f"[^/{escaped}]" if negate else f"(?!/)[{escaped}]")
+            i = close
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def _class_end(part: str, start: int) -> int:
+    """Index of the ``]`` closing the class opened at ``start`` (-1: none, so ``[`` is literal).
+
+    As in POSIX globs, a ``]`` right after ``[`` or ``[!`` belongs to the class.
+    """
+    first = start + 1
+    if part[first : first + 1] in ("!", "^"):
+        first += 1
+    return part.find("]", first + 1)
+
+
+def find_sources(source_dir: Path, cfg: IngestConfig) -> tuple[list[tuple[str, Path, str]], int]:
+    """(relative path, path, format) of every matching file in sorted order, and how many were ignored.
+
+    Ignored: files seen in the walk but not taken (hidden, unknown suffix, not included or
+    excluded); folders that are hidden, excluded with ``dir/**`` or below a non-recursive
+    walk are not entered, so their files are not counted.
+    """
     if not source_dir.is_dir():
         raise DataError(f"source folder {source_dir} does not exist or is not a folder", "point ingest at the folder that holds the documents")
-    wanted = {e.lower() for e in cfg.extensions}
+    suffixes = sorted({e.lower() for e in cfg.extensions}, key=len, reverse=True)
+    include = [glob_regex(g) for g in cfg.include]
+    exclude = [glob_regex(g) for g in cfg.exclude]
+    # "dir/**" excludes everything below dir, so the walk need not go there.
+    pruned = [glob_regex(g[:-3]) for g in cfg.exclude if g.endswith("/**")]
 
     def walk_error(exc: OSError) -> None:
         raise DataError(f"cannot list {exc.filename}: {exc.strerror}", "make the folder readable by the appliance, or remove it from the source folder")
 
-    found: list[Path] = []
+    found: list[tuple[str, Path, str]] = []
     ignored = 0
     for root, dirs, names in os.walk(source_dir, onerror=walk_error):
-        if not cfg.include_hidden:
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if not cfg.recursive:
+        rel_root = Path(root).relative_to(source_dir).as_posix()
+        prefix = "" if rel_root == "." else rel_root + "/"
+        if cfg.recursive:
+            dirs[:] = [
+                d for d in dirs
+                if (cfg.include_hidden or not d.startswith(".")) and not any(p.fullmatch(prefix + d) for p in pruned)
+            ]
+        else:
             dirs.clear()
         for name in names:
-            if (name.startswith(".") and not cfg.include_hidden) or Path(name).suffix.lower() not in wanted:
+            rel = prefix + name
+            lower = name.lower()
+            suffix = next((s for s in suffixes if lower.endswith(s)), None)
+            if (
+                suffix is None
+                or (name.startswith(".") and not cfg.include_hidden)
+                or not any(p.fullmatch(rel) for p in include)
+                or any(p.fullmatch(rel) for p in exclude)
+            ):
                 ignored += 1
                 continue
-            found.append(Path(root) / name)
+            found.append((rel, Path(root) / name, format_of(suffix)))
     if not found:
-        looked = ", ".join(cfg.extensions)
+        filters = "" if cfg.include == ["**"] and not cfg.exclude else f", include {cfg.include}, exclude {cfg.exclude}"
         raise DataError(
-            f"no files with extensions {looked} in {source_dir}" + ("" if cfg.recursive else " (not searching subfolders)"),
-            "put the documents there, or set ingest.extensions (and ingest.recursive) to match them",
+            f"no files with extensions {', '.join(cfg.extensions)} in {source_dir}{filters}"
+            + ("" if cfg.recursive else " (not searching subfolders)"),
+            "put the documents there, or set ingest.extensions (and ingest.include / exclude / recursive) to match them",
         )
-    found.sort(key=lambda p: p.relative_to(source_dir).as_posix().encode("utf-8"))
+    found.sort(key=lambda f: os.fsencode(f[0]))
     return found, ignored
 
 
-def _checked_size(path: Path, cfg: IngestConfig) -> int:
+@dataclass
+class _FileTally:
+    """What became of one source file."""
+
+    documents: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    whole_file: str | None = None
+
+    def add(self, problem: Problem, name: str) -> None:
+        self.reasons[problem.reason] += 1
+        if problem.record < 0:
+            self.whole_file = problem.reason
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append({"record": problem.record, "reason": problem.reason, "detail": f"{name} {problem.detail}"})
+
+    @property
+    def records_skipped(self) -> int:
+        return sum(self.reasons.values()) - (1 if self.whole_file else 0)
+
+
+def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: ProgressFn = no_progress) -> StageResult:
+    """Read every matching file under ``source_dir`` into ``out_dir/raw.parquet``.
+
+    Skipped items (``on_error = "skip"``) go to ``out_dir/rejects.parquet``, which exists
+    only when something was skipped. Raises DataError on the first problem under
+    ``on_error = "fail"``, and when no document at all could be read.
+    """
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    files, ignored = find_sources(source_dir, cfg)
+    sizes = [_size(path) for _, path, _ in files]
+    total = sum(sizes)
+    opts = ReadOptions(
+        jsonl_field=cfg.jsonl_field, parquet_column=cfg.parquet_column,
+        csv_column=cfg.csv_column, max_document_bytes=cfg.max_document_bytes,
+    )
+    raw_path, rejects_path = out_dir / "raw.parquet", out_dir / "rejects.parquet"
+    inputs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    by_format: dict[str, dict[str, int]] = {}
+    doc_id = done = 0
+    with ExitStack() as stack:
+        sink = stack.enter_context(ParquetSink(raw_path, RAW_SCHEMA))
+        rejects: ParquetSink | None = None
+        for (rel, path, fmt), size in zip(files, sizes):
+            name = _printable(rel)
+            source = SourceFile(path, fmt, opts)
+            tally = _FileTally()
+            for item in source.items():
+                if isinstance(item, tuple):
+                    sink.add(doc_id=doc_id, source=name, source_sha256=source.sha256, record=item[0], text=item[1])
+                    doc_id += 1
+                    tally.documents += 1
+                    if tally.documents % PROGRESS_EVERY == 0:
+                        progress(done + min(source.position, size), total, {"file": name, "documents": doc_id})
+                    continue
+                if cfg.on_error == "fail":
+                    raise DataError(
+                        f"{path} {item.detail} [{item.reason}]",
+                        f"{item.hint}; or set ingest.on_error = \"skip\" to leave it out and list it in rejects.parquet",
+                    )
+                if rejects is None:
+                    rejects = stack.enter_context(ParquetSink(rejects_path, REJECTS_SCHEMA))
+                rejects.add(path=name, record=item.record, reason=item.reason, detail=f"{name} {item.detail}")
+                tally.add(item, name)
+            done += size
+            progress(done, total, {"file": name, "documents": doc_id})
+            nbytes = source.size or size
+            inputs.append({
+                "path": name, "sha256": source.sha256, "bytes": nbytes, "format": fmt, "documents": tally.documents,
+                "records_skipped": tally.records_skipped, "skipped": tally.whole_file,
+            })
+            if tally.reasons:
+                skipped.append({
+                    "path": name, "sha256": source.sha256, "whole_file": tally.whole_file is not None,
+                    "reasons": dict(sorted(tally.reasons.items())), "records_skipped": tally.records_skipped,
+                    "examples": tally.examples,
+                })
+            counts = by_format.setdefault(fmt, {"files": 0, "documents": 0, "bytes": 0})
+            counts["files"] += 1
+            counts["documents"] += tally.documents
+            counts["bytes"] += nbytes
+        stats = _stats(inputs, skipped, by_format, ignored)
+        if doc_id == 0:
+            raise _nothing_read(source_dir, stats, skipped)
+    if rejects is None:
+        rejects_path.unlink(missing_ok=True)  # a previous run's list would describe other data
+    outputs = {"raw": raw_path} | ({"rejects": rejects_path} if rejects is not None else {})
+    return StageResult(outputs=outputs, stats=stats, inputs=inputs, skipped=skipped)
+
+
+def _stats(inputs: list[dict[str, Any]], skipped: list[dict[str, Any]], by_format: dict[str, dict[str, int]], ignored: int) -> dict[str, Any]:
+    by_reason: Counter[str] = Counter()
+    for entry in skipped:
+        by_reason.update(entry["reasons"])
+    whole = sum(1 for x in inputs if x["skipped"])
+    return {
+        "files": len(inputs),
+        "files_read": len(inputs) - whole,
+        "files_skipped": whole,
+        "files_ignored": ignored,
+        "documents": sum(x["documents"] for x in inputs),
+        "records_skipped": sum(x["records_skipped"] for x in inputs),
+        "bytes": sum(x["bytes"] for x in inputs),
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+        "by_format": dict(sorted(by_format.items())),
+    }
+
+
+def _nothing_read(source_dir: Path, stats: dict[str, Any], skipped: list[dict[str, Any]]) -> DataError:
+    # An empty corpus would only fail later, in clean or the tokenizer, further from the cause.
+    reasons = ", ".join(f"{kind}: {n}" for kind, n in stats["skipped_by_reason"].items()) or "none"
+    first = f"; first: {skipped[0]['examples'][0]['detail']}" if skipped else ""
+    return DataError(
+        f"no documents read from {source_dir}: {stats['files']} files, {stats['files_skipped']} skipped whole, "
+        f"{stats['records_skipped']} records skipped (reasons: {reasons}){first}",
+        "fix or replace the files named above, or point ingest at the folder that holds the documents",
+    )
+
+
+def _size(path: Path) -> int:
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}", _UNREADABLE_HINT) from None
-    if cfg.max_file_bytes and size > cfg.max_file_bytes:
-        raise DataError(
-            f"{path} is {size} bytes, more than ingest.max_file_bytes = {cfg.max_file_bytes}",
-            "raise ingest.max_file_bytes (0 = no limit), or move the file out of the source folder",
-        )
-    return size
+        return path.stat().st_size
+    except OSError:
+        return 0  # reported as unreadable when it is read
 
 
-_UNREADABLE_HINT = "check that it exists and is readable by the appliance, or remove it from the source folder"
-
-
-def _read_bytes(path: Path) -> bytes:
+def _printable(rel: str) -> str:
+    """``rel`` as valid text: a file name that is not UTF-8 keeps its odd bytes as \\x escapes."""
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}", _UNREADABLE_HINT) from None
-
-
-def _read_documents(path: Path, cfg: IngestConfig) -> tuple[str, Iterable[tuple[int, str]]]:
-    """(sha256 of the file, its (record, text) pairs); parquet rows are streamed, not listed."""
-    ext = path.suffix.lower()
-    if ext in PARQUET_EXTENSIONS:
-        return _parquet_documents(path, cfg.parquet_column)
-    data = _read_bytes(path)
-    digest = hashlib.sha256(data).hexdigest()
-    text = _decode(data, path)
-    if ext in JSONL_EXTENSIONS:
-        return digest, _jsonl_documents(text, path, cfg.jsonl_field)
-    return digest, [(0, text)]
-
-
-def _decode(data: bytes, path: Path) -> str:
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise DataError(
-            f"{path} is a binary file, not text (NUL byte at offset {nul})",
-            "remove it from the source folder; if it is UTF-16 text, convert it to UTF-8 (iconv -f utf-16 -t utf-8)",
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"{path} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) cannot be decoded",
-            "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove it from the source folder",
-        ) from None
-    # A byte-order mark is an encoding artefact (Windows editors), not part of the document.
-    return text.removeprefix("\ufeff")
-
-
-def _jsonl_documents(text: str, path: Path, key: str) -> list[tuple[int, str]]:
-    docs = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue  # blank lines (a trailing newline, spacing) are not records
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path} line {number}: malformed JSON: {exc.msg} (column {exc.colno})",
-                "fix or delete that line; each line of a .jsonl file must be one JSON object",
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataError(
-                f"{path} line {number}: expected a JSON object with a '{key}' field, got a JSON {_json_type(obj)}",
-                "each line of a .jsonl file must be one JSON object",
-            )
-        if key not in obj:
-            fields = ", ".join(sorted(obj)[:10]) or "none"
-            raise DataError(
-                f"{path} line {number}: no '{key}' field (fields: {fields})",
-                "set ingest.jsonl_field to the field that holds the text, or fix the line",
-            )
-        value = obj[key]
-        if not isinstance(value, str):
-            raise DataError(
-                f"{path} line {number}: field '{key}' is a JSON {_json_type(value)}, not a string",
-                "the text field must be a string; fix the line or set ingest.jsonl_field",
-            )
-        if "\\u" in line and not _encodable(value):
-            raise DataError(
-                f"{path} line {number}: field '{key}' contains an unpaired surrogate escape (\\ud800–\\udfff), which is not text",
-                "fix the line: JSON escapes for characters outside the BMP must come in high+low pairs",
-            )
-        docs.append((number, value))
-    return docs
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
+        rel.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a decoded value's type, as the user sees it in the file."""
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _parquet_documents(path: Path, column: str) -> tuple[str, Iterator[tuple[int, str]]]:
-    # Hashed in chunks: parquet is read in batches, so its bytes are never all in memory.
-    try:
-        digest = sha256_file(path)
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}", _UNREADABLE_HINT) from None
-    pf = open_parquet(path, [], "re-export it as parquet, or remove it from the source folder")
-    schema = pf.schema_arrow
-    if column not in schema.names:
-        raise DataError(
-            f"{path} has no column '{column}' (columns: {', '.join(schema.names[:20])})",
-            "set ingest.parquet_column to the column that holds the text",
-        )
-    kind = schema.field(column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-        raise DataError(f"{path} column '{column}' holds {kind}, not strings", "set ingest.parquet_column to a text column")
-    return digest, _parquet_rows(pf, path, column)
-
-
-def _parquet_rows(pf: pq.ParquetFile, path: Path, column: str) -> Iterator[tuple[int, str]]:
-    row = 0
-    for batch in pf.iter_batches(columns=[column], batch_size=8192):
-        for value in batch.column(0).to_pylist():
-            if value is None:
-                raise DataError(
-                    f"{path} row {row} (0-based): column '{column}' is null",
-                    "drop rows without text before ingesting (e.g. in DuckDB: WHERE text IS NOT NULL)",
-                )
-            yield row, value
-            row += 1
-
-
-# ---------------------------------------------------------------------------------------
-# Shared parquet I/O: fixed writer options (no timestamps exist in parquet-cpp output, so
-# equal rows give byte-identical files), and readers that name the missing column.
-
-PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    "compression_level": 3,
-    "version": "2.6",
-    "use_dictionary": True,
-    "write_statistics": True,
-}
-# Rows per row group: small enough to stream, large enough that zstd has context.
-ROWS_PER_GROUP = 4096
-
-
-class ParquetSink:
-    """Buffered parquet writer whose file appears at ``path`` only when the block succeeds.
-
-    On an exception the partial file (and ``path``'s folder, if this created it and it is
-    empty) is removed, so a failed stage leaves nothing behind.
-    """
-
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        self.path = Path(path)
-        self.schema = schema
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        self.rows: dict[str, list[Any]] = {name: [] for name in schema.names}
-        self.writer: pq.ParquetWriter | None = None
-        self.created_dir = False
-
-    def __enter__(self) -> ParquetSink:
-        self.created_dir = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, **PARQUET_OPTIONS)
-        return self
-
-    def add(self, **row: Any) -> None:
-        for name, column in self.rows.items():
-            column.append(row[name])
-        if len(self.rows[self.schema.names[0]]) >= ROWS_PER_GROUP:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.writer is not None and self.rows[self.schema.names[0]]:
-            self.writer.write_table(pa.table(self.rows, schema=self.schema))
-            self.rows = {name: [] for name in self.schema.names}
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        try:
-            if kind is None:
-                self._flush()
-        finally:
-            if self.writer is not None:
-                self.writer.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-            return
-        self.tmp.unlink(missing_ok=True)
-        if self.created_dir and not any(self.path.parent.iterdir()):
-            self.path.parent.rmdir()
-
-
-def open_parquet(path: Path, columns: list[str], hint: str) -> pq.ParquetFile:
-    """Open ``path`` as parquet holding ``columns``; DataError naming the file otherwise.
-
-    ``hint`` tells the user what to do (e.g. "run the clean stage first").
-    """
-    path = Path(path)
-    try:
-        pf = pq.ParquetFile(path)
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist", hint) from None
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path} is not a readable parquet file ({exc})", hint) from None
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
-    if missing:
-        raise DataError(f"{path} has no column '{missing[0]}' (columns: {', '.join(pf.schema_arrow.names)})", hint)
-    return pf
-
-
-def iter_rows(pf: pq.ParquetFile, columns: list[str], batch_size: int = 2048) -> Iterator[dict[str, list[Any]]]:
-    """Column-major batches of ``columns`` as Python lists."""
-    for batch in pf.iter_batches(columns=columns, batch_size=batch_size):
-        yield {name: batch.column(name).to_pylist() for name in columns}
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+    return rel

@@ -30,3 +30,6 @@ class StageResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     # Source files read from outside the work tree, for the ledger: path, sha256, bytes.
     inputs: list[dict[str, Any]] = field(default_factory=list)
+    # What the stage could not use and why, one dict per affected source file (see
+    # ``pipeline.ingest``): the service records each one in the ledger, so nothing is lost silently.
+    skipped: list[dict[str, Any]] = field(default_factory=list)

@@ -5,6 +5,10 @@ in doc_id order and cut into files of ``shard_tokens`` ids (a document may strad
 files: the trainer reads a split as one stream). A document's split depends only on
 (seed, sha256 of its text): adding, removing or reordering other documents never moves it
 between train and val, and a duplicate can never sit on both sides.
+
+Encoding runs in worker processes (``pipeline.parallel``) on fixed-size batches whose
+results are consumed in order, so the shards are byte-identical for any worker count.
+The dataset is read memory-mapped, and so are the shards when the trainer opens them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import pyarrow.parquet as pq
 from keys.digest import sha256_file
 from keys.errors import DataError
 from pipeline.config import check
-from pipeline.ingest import iter_rows, open_parquet
+from pipeline.parallel import ordered_map, resolve_workers
+from pipeline.parquet_io import iter_rows, open_parquet
 from pipeline.result import ProgressFn, StageResult, no_progress
 from pipeline.shard_format import dtype_for_vocab, write_manifest, write_shard
 from pipeline.tokenizer import load_tokenizer
@@ -38,8 +43,11 @@ class ShardConfig:
     shard_tokens: int = 1 << 24
     # Changes which documents are held out, e.g. for a second, independent validation split.
     seed: int = 0
+    # Encoding processes; 0 = one per core. The shards are the same for any value.
+    workers: int = 0
 
     def __post_init__(self) -> None:
+        check(self.workers >= 0, "workers must be >= 0 (0 = one per core)")
         check(0.0 < self.val_fraction < 1.0, "val_fraction must be between 0 and 1 (exclusive)")
         check(self.shard_tokens >= 1, "shard_tokens must be >= 1")
 
@@ -112,7 +120,6 @@ def run_shard(
     vocab, bos, eos = sp.get_piece_size(), sp.bos_id(), sp.eos_id()
     if bos < 0 or eos < 0:
         raise DataError(f"tokenizer {tokenizer_model} has no <s>/</s> pieces (bos {bos}, eos {eos})", "train it with the tokenizer stage")
-    dtype = dtype_for_vocab(vocab)
     pf = open_parquet(dataset_parquet, ["text"], _HINT)
     total = pf.metadata.num_rows
     splits = assign_splits(_doc_digests(pf, dataset_parquet), cfg.seed, cfg.val_fraction)
@@ -120,17 +127,16 @@ def run_shard(
     final, tmp = out_dir / "shards", out_dir / "shards.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    workers = resolve_workers(cfg.workers)
     try:
         writers = {s: _SplitWriter(tmp, s, cfg.shard_tokens, vocab) for s in SPLITS}
         done = 0
-        for rows in iter_rows(pf, ["text"]):
-            if None in rows["text"]:
-                raise DataError(f"{dataset_parquet} row {done + rows['text'].index(None)}: text is null", _HINT)
-            # One batched call: SentencePiece encodes a list much faster than text by text.
-            for ids in sp.encode(rows["text"], out_type=int):
-                doc = np.empty(len(ids) + 2, dtype=dtype)
-                doc[0], doc[1:-1], doc[-1] = bos, ids, eos
-                writers[splits[done]].add(doc)
+        batches = _text_batches(pf, dataset_parquet)
+        for lengths, flat in ordered_map(_encode_batch, batches, workers=workers, initializer=_init_encoder, initargs=(str(tokenizer_model),)):
+            start = 0
+            for n in lengths.tolist():
+                writers[splits[done]].add(flat[start : start + n])
+                start += n
                 done += 1
             progress(done, total, {"train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens})
         for w in writers.values():
@@ -155,7 +161,7 @@ def run_shard(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    stats: dict[str, Any] = {"documents": done}
+    stats: dict[str, Any] = {"documents": done, "workers": workers}
     for s in SPLITS:
         stats[f"{s}_documents"] = writers[s].documents
         stats[f"{s}_tokens"] = writers[s].tokens
@@ -178,3 +184,41 @@ def _doc_digests(pf: pq.ParquetFile, path: Path) -> list[str]:
     if not digests:
         raise DataError(f"{path} holds no documents", _HINT)
     return digests
+
+
+# Documents per encode batch: fixed, so batch boundaries never depend on the worker count.
+ENCODE_BATCH = 512
+_ENCODER: Any = None
+
+
+def _text_batches(pf: pq.ParquetFile, path: Path) -> Any:
+    done = 0
+    for rows in iter_rows(pf, ["text"], batch_size=ENCODE_BATCH):
+        if None in rows["text"]:
+            raise DataError(f"{path} row {done + rows['text'].index(None)}: text is null", _HINT)
+        done += len(rows["text"])
+        yield rows["text"]
+
+
+def _init_encoder(tokenizer_model: str) -> None:
+    global _ENCODER
+    _ENCODER = load_tokenizer(Path(tokenizer_model))
+
+
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens per document, all documents' ``[bos] + ids + [eos]`` concatenated)."""
+    sp = _ENCODER
+    dtype = dtype_for_vocab(sp.get_piece_size())
+    # One batched call: SentencePiece encodes a list much faster than text by text. One
+    # thread per worker: parallelism comes from the worker processes, one per core.
+    encoded = sp.encode(texts, out_type=int, num_threads=1)
+    lengths = np.fromiter((len(ids) + 2 for ids in encoded), dtype=np.int64, count=len(encoded))
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    pos = 0
+    bos, eos = sp.bos_id(), sp.eos_id()
+    for ids in encoded:
+        flat[pos] = bos
+        flat[pos + 1 : pos + 1 + len(ids)] = ids
+        flat[pos + 1 + len(ids)] = eos
+        pos += len(ids) + 2
+    return lengths, flat

@@ -138,6 +138,49 @@ VIEWS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # Every source file that lost documents at ingest, and why (one event per file).
+        "skipped",
+        """
+        SELECT data ->> '$.run_id' AS run_id,
+               data ->> '$.stage' AS stage,
+               data ->> '$.path' AS path,
+               data ->> '$.sha256' AS sha256,
+               CAST(data -> '$.whole_file' AS BOOLEAN) AS whole_file,
+               CAST(data -> '$.records_skipped' AS BIGINT) AS records_skipped,
+               data -> '$.reasons' AS reasons,
+               seq
+        FROM signed_events
+        WHERE kind = 'data.skipped'
+        """,
+    ),
+    (
+        # Documents each curation rule dropped, per run: one row per (filter, rule).
+        "data_drops",
+        """
+        SELECT run_id, split_part(k, '.', 1) AS filter, split_part(k, '.', 2) AS rule,
+               CAST(json_extract(dropped, '$."' || k || '"') AS BIGINT) AS documents
+        FROM (
+            SELECT data ->> '$.run_id' AS run_id, data -> '$.stats.dropped' AS dropped,
+                   unnest(json_keys(data -> '$.stats.dropped')) AS k
+            FROM signed_events
+            WHERE kind = 'stage.finished' AND data ->> '$.stage' = 'curate'
+        )
+        """,
+    ),
+    (
+        # Personal data and secrets found per run and type (redacted or dropped per the recipe).
+        "pii_matches",
+        """
+        SELECT run_id, k AS type, CAST(json_extract(pii, '$."' || k || '"') AS BIGINT) AS matches
+        FROM (
+            SELECT data ->> '$.run_id' AS run_id, data -> '$.stats.pii' AS pii,
+                   unnest(json_keys(data -> '$.stats.pii')) AS k
+            FROM signed_events
+            WHERE kind = 'stage.finished' AND data ->> '$.stage' = 'curate'
+        )
+        """,
+    ),
+    (
         "ledger_keys",
         """
         SELECT data ->> '$.key_id' AS key_id,
@@ -197,6 +240,7 @@ EVENT_FIELDS: dict[str, frozenset[str]] = {
     "metrics.recorded": frozenset({"run_id", "stage", "points"}),
     "run.finished": frozenset({"run_id", "status", "error", "summary"}),
     "model.signed": frozenset({"digest", "key_id", "signature_file"}),
+    "data.skipped": frozenset({"run_id", "stage", "path", "sha256", "whole_file", "records_skipped", "reasons", "examples"}),
 }
 
 

@@ -1,4 +1,4 @@
-"""Clean: the normalisation rules, filters, exact dedup, determinism and idempotence."""
+"""Clean: the normalisation rules and size limits, run through curation with every other step off."""
 
 from __future__ import annotations
 
@@ -12,11 +12,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keys.errors import ConfigError, DataError
-from pipeline.clean import CleanConfig, clean_text, run_clean
+from pipeline.clean import CleanConfig, clean_text
 from pipeline.config import from_mapping
+from pipeline.curate import CurateSettings, run_curate
+from pipeline.filters import FiltersConfig
 from pipeline.ingest import RAW_SCHEMA
+from pipeline.minhash import DedupConfig
+from pipeline.pii import PiiConfig
+from pipeline.result import ProgressFn, StageResult, no_progress
 
-DEFAULT = CleanConfig(min_chars=0)
+DEFAULT = CleanConfig(min_chars=0, workers=1)
+
+
+def run_clean(raw: Path, out: Path, cfg: CleanConfig, progress: ProgressFn = no_progress, *, exact: bool = True) -> StageResult:
+    """Curation reduced to the clean step (and exact dedup): quality filters, PII and MinHash off."""
+    filters = FiltersConfig()
+    for name in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
+        getattr(filters, name).enabled = False
+    settings = CurateSettings(clean=cfg, filters=filters, pii=PiiConfig(enabled=False), dedup=DedupConfig(exact=exact, near=False))
+    return run_curate(raw, out, settings, progress)
 
 
 def write_raw(path: Path, texts: list[str], doc_ids: list[int] | None = None) -> Path:
@@ -94,7 +108,7 @@ def test_run_clean_filters_and_dedups(tmp_path: Path) -> None:
     ]
     raw = write_raw(tmp_path / "raw.parquet", texts, doc_ids=[10, 11, 12, 13, 14, 15])
     seen: list[int] = []
-    result = run_clean(raw, tmp_path / "out", CleanConfig(min_chars=10, max_chars=100), progress=lambda d, t, f: seen.append(d))
+    result = run_clean(raw, tmp_path / "out", CleanConfig(min_chars=10, max_chars=100, workers=1), progress=lambda d, t, f: seen.append(d))
     rows = pq.read_table(tmp_path / "out" / "dataset.parquet").to_pylist()
     assert [r["doc_id"] for r in rows] == [11, 13]
     assert rows[0] == {
@@ -103,19 +117,13 @@ def test_run_clean_filters_and_dedups(tmp_path: Path) -> None:
         "text": "the first copy of a document",
         "sha256": hashlib.sha256(b"the first copy of a document").hexdigest(),
     }
-    assert result.stats == {
-        "documents_in": 6,
-        "documents_out": 2,
-        "dropped_short": 1,
-        "dropped_long": 1,
-        "dropped_duplicate": 2,
-        "chars_out": len(texts[1]) + len(texts[3]),
-        "bytes_out": len(texts[1]) + len(texts[3]),
-    }
-    assert result.outputs == {"dataset": tmp_path / "out" / "dataset.parquet"}
+    assert result.stats["documents_in"] == 6 and result.stats["documents_out"] == 2
+    assert result.stats["dropped"] == {"clean.too_short": 1, "clean.too_long": 1, "dedup.exact": 2}
+    assert result.stats["chars_out"] == result.stats["bytes_out"] == len(texts[1]) + len(texts[3])
+    assert set(result.outputs) == {"dataset", "curation", "dropped"}
     assert seen[-1] == 6
-    kept = run_clean(raw, tmp_path / "nodedup", CleanConfig(min_chars=10, dedup_exact=False))
-    assert kept.stats["documents_out"] == 5 and kept.stats["dropped_duplicate"] == 0
+    kept = run_clean(raw, tmp_path / "nodedup", CleanConfig(min_chars=10, workers=1), exact=False)
+    assert kept.stats["documents_out"] == 5 and "dedup.exact" not in kept.stats["dropped"]
 
 
 def test_run_clean_is_byte_identical(tmp_path: Path) -> None:
@@ -128,7 +136,7 @@ def test_run_clean_is_byte_identical(tmp_path: Path) -> None:
 def test_nothing_left_is_an_error_and_writes_nothing(tmp_path: Path) -> None:
     raw = write_raw(tmp_path / "raw.parquet", ["tiny", "also tiny"])
     with pytest.raises(DataError) as info:
-        run_clean(raw, tmp_path / "out", CleanConfig(min_chars=100))
+        run_clean(raw, tmp_path / "out", CleanConfig(min_chars=100, workers=1))
     assert "raw.parquet" in info.value.message and "clean.min_chars" in info.value.hint
     assert not (tmp_path / "out").exists()
 

@@ -19,7 +19,7 @@ MODEL_SIGNING = str(Path(sys.executable).with_name("model_signing"))
 
 def test_run_summary_has_the_figures(finished_run: tuple[Path, object]) -> None:
     _, s = finished_run
-    assert s.stats["clean"]["documents_out"] > 10
+    assert s.stats["curate"]["documents_out"] > 10
     assert s.stats["shard"]["train_tokens"] > 1000
     assert s.stats["train"]["steps"] == 12
     assert s.stats["evaluate"]["perplexity"] > 1

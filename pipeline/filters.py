@@ -1,0 +1,556 @@
+"""Document quality filters: Gopher repetition, Gopher quality, C4 and FineWeb, in FineWeb's order.
+
+The rules, their order, ratios, denominators and strict/non-strict comparisons follow the
+published FineWeb pipeline (datatrove 0.10.1: ``GopherRepetitionFilter``,
+``GopherQualityFilter``, ``C4QualityFilter(filter_no_terminal_punct=False)``,
+``FineWebQualityFilter``), with three deliberate differences:
+
+* Words come from one compiled regex instead of spaCy's English tokenizer: runs of word
+  characters (joined across ``'``, ``’``, ``.`` and ``,`` so that "don't", "3.5" and
+  "example.com" stay whole), ``..``/``--`` runs, and every other non-space character on its
+  own. The text is split once and shared by the filters that need words.
+* C4 counts sentences with a regex: a sentence ends at a run of ``.``, ``!`` or ``?`` (closing
+  quotes or brackets may follow) that is followed by whitespace and more text.
+* Everything English-specific (stop words, policy phrases) is a recipe setting, and every
+  filter can be switched off.
+
+Rule names (``RULES``) are datatrove's without its ``gopher_`` prefixes, except where its name
+misleads in a report: ``too_few_stop_words`` (its ``gopher_enough_stop_words``),
+``below/above_avg_word_length``, ``below_alpha_words_ratio`` and ``dup_{n}_gram`` (its
+``duplicated_{n}_n_grams``).
+
+A threshold of 0 turns a Gopher or C4 rule off (datatrove treats 0/None the same way; for
+C4 it uses -1). FineWeb's thresholds are compared literally, as datatrove does.
+
+Degenerate input never divides by zero: an empty text is dropped by Gopher repetition as
+``empty`` (as datatrove does); Gopher quality drops a text without any word as ``empty``
+(datatrove would divide by zero when ``min_doc_words`` is 0); FineWeb drops a text without a
+non-blank line as ``empty`` (as datatrove does). C4 keeps nothing of a text without lines, so
+with ``min_num_sentences`` > 0 it is dropped as ``too_few_sentences``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import accumulate, compress
+from operator import itemgetter, ne
+
+from pipeline.config import check
+
+FILTER_NAMES: tuple[str, ...] = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
+
+# n of the top-n-gram rules (list position 0, 1, 2) and of the duplicated-n-gram rules (0..5).
+_TOP_N = (2, 3, 4)
+_DUP_N = (5, 6, 7, 8, 9, 10)
+
+# Stable names: each one becomes a dataset-card column and a ledger field.
+RULES: dict[str, tuple[str, ...]] = {
+    "gopher_repetition": (
+        "empty",
+        "dup_para_frac",
+        "dup_para_char_frac",
+        "dup_line_frac",
+        "dup_line_char_frac",
+        *(f"top_{n}_gram" for n in _TOP_N),
+        *(f"dup_{n}_gram" for n in _DUP_N),
+    ),
+    "gopher_quality": (
+        "short_doc",
+        "long_doc",
+        "empty",
+        "below_avg_word_length",
+        "above_avg_word_length",
+        "too_many_hashes",
+        "too_many_ellipsis",
+        "too_many_bullets",
+        "too_many_end_ellipsis",
+        "below_alpha_words_ratio",
+        "too_few_stop_words",
+    ),
+    "c4": ("lorem_ipsum", "curly_bracket", "too_few_sentences"),
+    "fineweb": ("empty", "line_punct_ratio", "short_line_ratio", "char_dup_ratio", "list_ratio"),
+}
+
+# datatrove's PUNCTUATION (utils/text.py) plus the C0/C1 controls it appends.
+_PUNCTUATION = '!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„\';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_."}►»' + "".join(
+    map(chr, (*range(0, 9), 11, 12, *range(13, 32), *range(127, 160)))
+)
+# datatrove's TERMINAL_PUNCTUATION: sentence-final marks of many scripts, one character each.
+TERMINAL_PUNCTUATION: frozenset[str] = frozenset(
+    "!.?։؝؞؟۔܀܁܂߹࠷࠹࠽࠾।॥၊။።፧፨᙮᜵᜶។៕៖៙៚᠃᠉᥄᥅᪨᪩᪪᪫᭚᭛᭞᭟᭽᭾᰻᰼᱾᱿‼‽⁇⁈⁉⸮⸼⹓⹔。꓿꘎꘏꛳꛷꡶꡷꣎꣏꤯꧈꧉꩝꩞꩟꫰꫱꯫﹒﹖﹗！．？｡"
+    "𐩖𐩗𐽕𐽖𐽗𐽘𐽙𐾆𐾇𐾈𐾉𑁇𑁈𑂾𑂿𑃀𑃁𑅁𑅂𑅃𑇅𑇆𑇍𑇞𑇟𑈸𑈹𑈻𑈼𑊩𑑋𑑌𑗂𑗃𑗉𑗊𑗋𑗌𑗍𑗎𑗏𑗐𑗑𑗒𑗓𑗔𑗕𑗖𑗗𑙁𑙂𑜼𑜽𑜾𑥄𑥆𑩂𑩃𑪛𑪜𑱁𑱂𑻷𑻸\U00011f43\U00011f44"
+    "𖩮𖩯𖫵𖬷𖬸𖭄𖺘𛲟𝪈"
+)
+PUNCTUATION: frozenset[str] = frozenset(_PUNCTUATION) | TERMINAL_PUNCTUATION
+
+_WORD = re.compile(r"\w+(?:['\u2019.,]\w+)*|\.{2,}|-{2,}|[^\w\s]")
+_SENTENCE_BREAK = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+(?=\S)")
+_PARAGRAPH_BREAK = re.compile(r"\n{2,}")
+_LINE_BREAK = re.compile(r"\n+")
+_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+_C4_END_PUNCTUATION = (".", "?", "!", '"', "'")
+_BULLETS = ("•", "-")
+_ELLIPSES = ("...", "…")
+
+_ALPHA, _NON_SYMBOL = 1, 2
+# Per-token classification, shared across documents: most tokens are common words.
+_FLAGS: dict[str, int] = {}
+_FLAGS_MAX = 1 << 20
+
+
+@dataclass(kw_only=True)
+class GopherRepetitionConfig:
+    # Machine-made pages (link farms, templated lists) repeat themselves; real prose rarely does.
+    enabled: bool = True
+    # Gopher table A1: at most 30 % of the lines may be copies of an earlier line.
+    dup_line_frac: float = 0.3
+    # Gopher table A1: at most 30 % of the paragraphs may be copies of an earlier one.
+    dup_para_frac: float = 0.3
+    # Gopher table A1: duplicated lines may hold at most 20 % of the characters.
+    dup_line_char_frac: float = 0.2
+    # Gopher table A1: duplicated paragraphs may hold at most 20 % of the characters.
+    dup_para_char_frac: float = 0.2
+    # Gopher table A1, n = 2, 3, 4: the most frequent n-gram may cover at most this share of
+    # the characters (0 or a shorter list turns an n off).
+    top_ngram_max_fractions: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])
+    # Gopher table A1, n = 5..10: n-grams seen before may cover at most this share of the
+    # characters (0 or a shorter list turns an n off).
+    dup_ngram_max_fractions: list[float] = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])
+
+    def __post_init__(self) -> None:
+        for name in ("dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac"):
+            value = getattr(self, name)
+            check(0.0 <= value <= 1.0, f"{name} must be between 0 and 1 (0 = off), got {value}")
+        _check_fractions("top_ngram_max_fractions", self.top_ngram_max_fractions, _TOP_N)
+        _check_fractions("dup_ngram_max_fractions", self.dup_ngram_max_fractions, _DUP_N)
+
+
+@dataclass(kw_only=True)
+class GopherQualityConfig:
+    # Gopher's heuristics reject boilerplate, tables of numbers and non-prose pages.
+    enabled: bool = True
+    # Gopher: fewer than 50 words is a fragment, not a document (0 = off).
+    min_doc_words: int = 50
+    # Gopher: more than 100 000 words is almost always a dump or a log (0 = off).
+    max_doc_words: int = 100_000
+    # Gopher: a mean word length under 3 characters means symbols, codes or broken text (0 = off).
+    min_avg_word_length: float = 3.0
+    # Gopher: over 10 characters means URLs, hashes or text without spaces (0 = off).
+    max_avg_word_length: float = 10.0
+    # Gopher: more '#' or ellipses than 1 per 10 words is hashtag spam or teasers (0 = off).
+    max_symbol_word_ratio: float = 0.1
+    # Gopher: a page of which over 90 % of the lines are bullets is a menu or a list (0 = off).
+    max_bullet_lines_ratio: float = 0.9
+    # Gopher: over 30 % of lines cut short with an ellipsis means truncated snippets (0 = off).
+    max_ellipsis_lines_ratio: float = 0.3
+    # Gopher: at least 80 % of the words must contain a letter (0 = off).
+    min_alpha_words_ratio: float = 0.8
+    # Gopher: real English prose uses at least 2 of the stop words below; set 0 for other languages.
+    min_stop_words: int = 2
+    # Gopher's English stop words, matched case-sensitively as whole words, as datatrove does.
+    stop_words: list[str] = field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
+
+    def __post_init__(self) -> None:
+        check(self.min_doc_words >= 0, f"min_doc_words must be >= 0 (0 = off), got {self.min_doc_words}")
+        check(self.max_doc_words >= 0, f"max_doc_words must be >= 0 (0 = off), got {self.max_doc_words}")
+        check(
+            self.max_doc_words == 0 or self.max_doc_words >= self.min_doc_words,
+            f"max_doc_words ({self.max_doc_words}) must be 0 or at least min_doc_words ({self.min_doc_words})",
+        )
+        check(self.min_avg_word_length >= 0, f"min_avg_word_length must be >= 0, got {self.min_avg_word_length}")
+        check(self.max_avg_word_length >= 0, f"max_avg_word_length must be >= 0, got {self.max_avg_word_length}")
+        check(
+            self.max_avg_word_length == 0 or self.max_avg_word_length >= self.min_avg_word_length,
+            f"max_avg_word_length ({self.max_avg_word_length}) must be 0 or at least "
+            f"min_avg_word_length ({self.min_avg_word_length})",
+        )
+        for name in (
+            "max_symbol_word_ratio",
+            "max_bullet_lines_ratio",
+            "max_ellipsis_lines_ratio",
+            "min_alpha_words_ratio",
+        ):
+            value = getattr(self, name)
+            check(0.0 <= value <= 1.0, f"{name} must be between 0 and 1 (0 = off), got {value}")
+        check(all(w and not w.isspace() for w in self.stop_words), "stop_words must not contain empty words")
+        distinct = len(set(self.stop_words))
+        check(
+            0 <= self.min_stop_words <= distinct,
+            f"min_stop_words must be between 0 and the {distinct} distinct stop_words, got {self.min_stop_words}",
+        )
+
+
+@dataclass(kw_only=True)
+class C4Config:
+    # C4's clean-up: drops boilerplate lines and pages that are code or placeholders.
+    enabled: bool = True
+    # C4: "lorem ipsum" marks a template that was never filled in; the whole page goes.
+    filter_lorem_ipsum: bool = True
+    # C4: a '{' means code or CSS/JSON on the page; the whole page goes.
+    filter_curly_bracket: bool = True
+    # C4: lines mentioning "javascript" are "please enable JavaScript" notices.
+    filter_javascript_lines: bool = True
+    # C4: cookie and terms-of-use banners repeat on every page of a site.
+    filter_policy_lines: bool = True
+    # datatrove's six C4 phrases, matched in the lower-cased line.
+    policy_phrases: list[str] = field(
+        default_factory=lambda: [
+            "terms of use",
+            "privacy policy",
+            "cookie policy",
+            "uses cookies",
+            "use of cookies",
+            "use cookies",
+        ]
+    )
+    # C4: a "word" over 1000 characters is an encoded blob; its line goes (0 = off).
+    max_word_length: int = 1000
+    # C4: "[1]", "[edit]", "[citation needed]" are Wikipedia markup, not text.
+    remove_citations: bool = True
+    # Off as in FineWeb, whose ablations found it removed the most tokens of all C4 rules for little gain.
+    filter_no_terminal_punct: bool = False
+    # C4: lines of fewer than 3 whitespace-separated words are menus and buttons (0 = off).
+    min_words_per_line: int = 3
+    # C4: a page with fewer than 5 sentences left is not a document (0 = off).
+    min_num_sentences: int = 5
+
+    def __post_init__(self) -> None:
+        check(self.max_word_length >= 0, f"max_word_length must be >= 0 (0 = off), got {self.max_word_length}")
+        check(self.min_words_per_line >= 0, f"min_words_per_line must be >= 0 (0 = off), got {self.min_words_per_line}")
+        check(self.min_num_sentences >= 0, f"min_num_sentences must be >= 0 (0 = off), got {self.min_num_sentences}")
+        check(all(p.strip() for p in self.policy_phrases), "policy_phrases must not contain empty phrases")
+
+
+@dataclass(kw_only=True)
+class FineWebConfig:
+    # FineWeb's own rules, tuned on ablations to catch list-like and repeated-line pages.
+    enabled: bool = True
+    # FineWeb: fewer than 12 % of lines ending in terminal punctuation means no prose.
+    line_punct_thr: float = 0.12
+    # FineWeb's default keeps this off: a page with no such line at all is still dropped.
+    line_punct_exclude_zero: bool = False
+    # FineWeb: more than 67 % short lines means a menu, a table or a list.
+    short_line_thr: float = 0.67
+    # FineWeb: a line of at most 30 characters counts as short.
+    short_line_length: int = 30
+    # FineWeb: repeated lines may hold at most 1 % of the (non-newline) characters.
+    char_duplicates_ratio: float = 0.01
+    # FineWeb: more than 0.3 newlines per word means one-item-per-line lists.
+    new_line_ratio: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("line_punct_thr", "short_line_thr", "char_duplicates_ratio"):
+            value = getattr(self, name)
+            check(0.0 <= value <= 1.0, f"{name} must be between 0 and 1, got {value}")
+        check(self.short_line_length >= 0, f"short_line_length must be >= 0, got {self.short_line_length}")
+        check(self.new_line_ratio >= 0, f"new_line_ratio must be >= 0, got {self.new_line_ratio}")
+
+
+@dataclass(kw_only=True)
+class FiltersConfig:
+    # Gopher's repetition rules first: cheap, and they remove the most machine-made text.
+    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
+    # Gopher's quality heuristics (length, symbols, bullets, letters, stop words).
+    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
+    # C4's line clean-up; it rewrites the kept text, so it runs before FineWeb's line rules.
+    c4: C4Config = field(default_factory=C4Config)
+    # FineWeb's rules, on the text C4 kept.
+    fineweb: FineWebConfig = field(default_factory=FineWebConfig)
+
+
+def _check_fractions(name: str, values: list[float], ns: tuple[int, ...]) -> None:
+    check(len(values) <= len(ns), f"{name} has {len(values)} values; it covers n = {ns[0]}..{ns[-1]} at most")
+    for n, value in zip(ns, values):
+        check(0.0 <= value <= 1.0, f"{name} for n = {n} must be between 0 and 1 (0 = off), got {value}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    # The (possibly C4-rewritten) text when kept; None when dropped.
+    text: str | None
+    # The filter that dropped the document (one of FILTER_NAMES); None when kept.
+    filter: str | None
+    # The rule that dropped it (one of RULES[filter]); None when kept.
+    rule: str | None
+    # Lines C4 removed from a kept document.
+    lines_removed: int = 0
+
+
+def split_words(text: str) -> list[str]:
+    """The words of ``text`` as the filters count them (see the module docstring)."""
+    return _WORD.findall(text)
+
+
+def count_sentences(line: str) -> int:
+    """Sentences in one stripped line; never less than 1, as spaCy's span count in datatrove."""
+    return len(_SENTENCE_BREAK.findall(line)) + 1
+
+
+def _duplicates(items: list[str]) -> tuple[int, int]:
+    """(elements, characters) that repeat an earlier element, as datatrove's find_duplicates."""
+    counts = Counter(items)
+    if len(counts) == len(items):
+        return 0, 0
+    return len(items) - len(counts), sum(len(k) * (c - 1) for k, c in counts.items() if c > 1)
+
+
+def _word_flags(word: str) -> int:
+    flags = _FLAGS.get(word)
+    if flags is None:
+        flags = (_ALPHA if any(map(str.isalpha, word)) else 0) | (
+            0 if all(map(PUNCTUATION.__contains__, word)) else _NON_SYMBOL
+        )
+        if len(_FLAGS) >= _FLAGS_MAX:
+            _FLAGS.clear()
+        _FLAGS[word] = flags
+    return flags
+
+
+def _repeated_ngram_chars(cat: str, cum: list[int], n: int, size: int, frac: float) -> int:
+    """datatrove's find_all_duplicate on the words concatenated (no separator) in ``cat``.
+
+    datatrove walks the n-grams left to right: one seen before (at a walked position) adds its
+    length and the walk jumps n words ahead; otherwise it is remembered and the walk moves one
+    word on. Here only the positions whose n-gram occurred earlier at all ("candidates") are
+    visited in Python; every other position is new by construction, remembered unless a jump
+    skipped it. ``cum`` holds the word offsets in ``cat``. Returns as soon as the total alone
+    exceeds ``frac`` of ``size`` (the caller's test, so the verdict is the same).
+    """
+    keys = list(map(cat.__getitem__, map(slice, cum, cum[n:])))
+    m = len(keys)
+    first = dict(zip(reversed(keys), range(m - 1, -1, -1)))
+    if len(first) == m:
+        return 0
+    firsts = list(map(first.__getitem__, keys))
+    candidates = compress(range(m), map(ne, firsts, range(m)))
+    # Keys whose first occurrence a jump skipped, and keys remembered at a candidate position.
+    skipped_first: set[str] = set()
+    remembered: set[str] = set()
+    repeated = 0
+    walk_from = 0
+    for pos in candidates:
+        if pos < walk_from:
+            continue
+        key = keys[pos]
+        if key in remembered or key not in skipped_first:
+            repeated += len(key)
+            if repeated / size > frac:
+                return repeated
+            walk_from = pos + n
+            for skipped in range(pos + 1, min(walk_from, m)):
+                if firsts[skipped] == skipped:
+                    skipped_first.add(keys[skipped])
+        else:
+            remembered.add(key)
+    return repeated
+
+
+class _Words:
+    """The words of one text, split on first use and shared by the filters that read it."""
+
+    __slots__ = ("text", "_words")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._words: list[str] | None = None
+
+    def get(self) -> list[str]:
+        if self._words is None:
+            self._words = _WORD.findall(self.text)
+        return self._words
+
+
+def _gopher_repetition(
+    text: str,
+    words: _Words,
+    cfg: GopherRepetitionConfig,
+    top: tuple[tuple[int, float], ...],
+    dup: tuple[tuple[int, float], ...],
+) -> str | None:
+    if not text:
+        return "empty"
+    size = len(text)
+    paragraphs = _PARAGRAPH_BREAK.split(text.strip())
+    n_dup, dup_chars = _duplicates(paragraphs)
+    if cfg.dup_para_frac and n_dup / len(paragraphs) > cfg.dup_para_frac:
+        return "dup_para_frac"
+    if cfg.dup_para_char_frac and dup_chars / size > cfg.dup_para_char_frac:
+        return "dup_para_char_frac"
+    lines = _LINE_BREAK.split(text)
+    n_dup, dup_chars = _duplicates(lines)
+    if cfg.dup_line_frac and n_dup / len(lines) > cfg.dup_line_frac:
+        return "dup_line_frac"
+    if cfg.dup_line_char_frac and dup_chars / size > cfg.dup_line_char_frac:
+        return "dup_line_char_frac"
+    if not (top or dup):
+        return None
+    w = words.get()
+    if top:
+        for n, frac in top:
+            if len(w) < n:
+                continue
+            # Words hold no whitespace, so equal word tuples are exactly equal " ".join n-grams;
+            # most_common keeps the first-seen n-gram among ties, as datatrove's does.
+            ngram, count = Counter(zip(*(w[i:] for i in range(n)))).most_common(1)[0]
+            if (sum(map(len, ngram)) + n - 1) * count / size > frac:
+                return f"top_{n}_gram"
+    if dup:
+        # Word i spans cum[i]:cum[i+1] of the concatenation, so each n-gram is one slice.
+        cum = list(accumulate(map(len, w), initial=0))
+        cat = "".join(w)
+        for n, frac in dup:
+            if _repeated_ngram_chars(cat, cum, n, size, frac) / size > frac:
+                return f"dup_{n}_gram"
+    return None
+
+
+def _gopher_quality(text: str, words: _Words, cfg: GopherQualityConfig, stop_words: frozenset[str]) -> str | None:
+    w = words.get()
+    n_words = len(w)
+    # Symbol-only words are a subset of all words: too few words settles it without counting.
+    if cfg.min_doc_words and n_words < cfg.min_doc_words:
+        return "short_doc"
+    counts = Counter(w)
+    n_non_symbol = non_symbol_chars = n_alpha = 0
+    for word, count in counts.items():
+        flags = _word_flags(word)
+        if flags & _NON_SYMBOL:
+            n_non_symbol += count
+            non_symbol_chars += count * len(word)
+        if flags & _ALPHA:
+            n_alpha += count
+    if cfg.min_doc_words and n_non_symbol < cfg.min_doc_words:
+        return "short_doc"
+    if cfg.max_doc_words and n_non_symbol > cfg.max_doc_words:
+        return "long_doc"
+    if n_words == 0:
+        return "empty"
+    # Without any non-symbol word datatrove's mean is NaN and both comparisons are false.
+    if n_non_symbol:
+        avg = non_symbol_chars / n_non_symbol
+        if cfg.min_avg_word_length and avg < cfg.min_avg_word_length:
+            return "below_avg_word_length"
+        if cfg.max_avg_word_length and avg > cfg.max_avg_word_length:
+            return "above_avg_word_length"
+    ratio = cfg.max_symbol_word_ratio
+    if ratio and text.count("#") / n_words > ratio:
+        return "too_many_hashes"
+    if ratio and (text.count("...") + text.count("…")) / n_words > ratio:
+        return "too_many_ellipsis"
+    if cfg.max_bullet_lines_ratio or cfg.max_ellipsis_lines_ratio:
+        lines = text.splitlines()
+        bullets = cfg.max_bullet_lines_ratio
+        if bullets and sum(1 for line in lines if line.lstrip().startswith(_BULLETS)) / len(lines) > bullets:
+            return "too_many_bullets"
+        ellipses = cfg.max_ellipsis_lines_ratio
+        if ellipses and sum(1 for line in lines if line.rstrip().endswith(_ELLIPSES)) / len(lines) > ellipses:
+            return "too_many_end_ellipsis"
+    if cfg.min_alpha_words_ratio and n_alpha / n_words < cfg.min_alpha_words_ratio:
+        return "below_alpha_words_ratio"
+    if cfg.min_stop_words and len(stop_words.intersection(counts)) < cfg.min_stop_words:
+        return "too_few_stop_words"
+    return None
+
+
+def _c4(text: str, cfg: C4Config, policy: re.Pattern[str] | None) -> tuple[str | None, str, int]:
+    """(rule that dropped the page or None, kept text, lines removed)."""
+    lines = text.splitlines()
+    kept: list[str] = []
+    sentences = 0
+    max_len = cfg.max_word_length
+    for line in lines:
+        line = line.strip()
+        words = line.split()
+        # A line no longer than the limit cannot hold a longer word.
+        if max_len and len(line) > max_len and any(len(word) > max_len for word in words):
+            continue
+        if cfg.remove_citations and "[" in line:
+            line = _CITATION.sub("", line)
+        if cfg.filter_no_terminal_punct and (not line.endswith(_C4_END_PUNCTUATION) or line.endswith("...")):
+            continue
+        if len(words) < cfg.min_words_per_line:
+            continue
+        lower = line.lower()
+        if cfg.filter_lorem_ipsum and "lorem ipsum" in lower:
+            return "lorem_ipsum", "", 0
+        if cfg.filter_javascript_lines and "javascript" in lower:
+            continue
+        if cfg.filter_curly_bracket and "{" in line:
+            return "curly_bracket", "", 0
+        if policy is not None and policy.search(lower):
+            continue
+        # Only "at least min_num_sentences" matters, so counting stops once it is reached.
+        if sentences < cfg.min_num_sentences:
+            sentences += count_sentences(line)
+        kept.append(line)
+    if sentences < cfg.min_num_sentences:
+        return "too_few_sentences", "", 0
+    return None, "\n".join(kept).strip(), len(lines) - len(kept)
+
+
+def _fineweb(text: str, words: _Words, cfg: FineWebConfig) -> str | None:
+    lines = [line for line in text.split("\n") if line.strip()]
+    if not lines:
+        return "empty"
+    n = len(lines)
+    # Every terminal mark is one character, so endswith(marks) is a set lookup of the last one.
+    ratio = sum(map(TERMINAL_PUNCTUATION.__contains__, map(itemgetter(-1), lines))) / n
+    if ratio < cfg.line_punct_thr and not (ratio == 0 and cfg.line_punct_exclude_zero):
+        return "line_punct_ratio"
+    if sum(map(cfg.short_line_length.__ge__, map(len, lines))) / n > cfg.short_line_thr:
+        return "short_line_ratio"
+    newlines = text.count("\n")
+    if _duplicates(lines)[1] / (len(text) - newlines) > cfg.char_duplicates_ratio:
+        return "char_dup_ratio"
+    # A non-blank line always yields a word, so the count is never 0 here.
+    if newlines / len(words.get()) > cfg.new_line_ratio:
+        return "list_ratio"
+    return None
+
+
+class FilterChain:
+    """The enabled filters of a ``FiltersConfig``, run in FineWeb's order; the first drop wins."""
+
+    def __init__(self, cfg: FiltersConfig) -> None:
+        self.cfg = cfg
+        rep = cfg.gopher_repetition
+        self._top = tuple((n, f) for n, f in zip(_TOP_N, rep.top_ngram_max_fractions) if f > 0)
+        self._dup = tuple((n, f) for n, f in zip(_DUP_N, rep.dup_ngram_max_fractions) if f > 0)
+        self._stop_words = frozenset(cfg.gopher_quality.stop_words)
+        # The phrases are looked for in the lower-cased line, so they must be lower case too;
+        # one alternation finds any of them in a single scan.
+        phrases = [re.escape(p.lower()) for p in cfg.c4.policy_phrases]
+        self._policy = re.compile("|".join(phrases)) if cfg.c4.filter_policy_lines and phrases else None
+        self._names = tuple(name for name in FILTER_NAMES if getattr(cfg, name).enabled)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The enabled filters, in the order they run."""
+        return self._names
+
+    def apply(self, text: str) -> Verdict:
+        """Run the enabled filters on one document; the first rule that fires drops it."""
+        cfg = self.cfg
+        words = _Words(text)
+        if cfg.gopher_repetition.enabled:
+            rule = _gopher_repetition(text, words, cfg.gopher_repetition, self._top, self._dup)
+            if rule:
+                return Verdict(text=None, filter="gopher_repetition", rule=rule)
+        if cfg.gopher_quality.enabled:
+            rule = _gopher_quality(text, words, cfg.gopher_quality, self._stop_words)
+            if rule:
+                return Verdict(text=None, filter="gopher_quality", rule=rule)
+        removed = 0
+        if cfg.c4.enabled:
+            rule, kept, removed = _c4(text, cfg.c4, self._policy)
+            if rule:
+                return Verdict(text=None, filter="c4", rule=rule)
+            if kept != text:
+                text, words = kept, _Words(kept)
+        if cfg.fineweb.enabled:
+            rule = _fineweb(text, words, cfg.fineweb)
+            if rule:
+                return Verdict(text=None, filter="fineweb", rule=rule)
+        return Verdict(text=text, filter=None, rule=None, lines_removed=removed)
