@@ -130,3 +130,51 @@ def test_sigterm_cancels_and_the_run_is_recorded_as_cancelled(home: Path, tiny_r
     assert "Traceback" not in err
     assert rows(home, "SELECT status, error FROM runs") == [("failed", "cancelled (interrupt or SIGTERM)")]
     assert rows(home, "SELECT stage FROM stages WHERE status = 'failed'") == [("train",)]
+
+
+def test_skip_mode_records_every_skipped_file_and_line(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tiny_recipe.parent / "corpus"
+    (corpus / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 5)
+    (corpus / "blob.txt").write_bytes(bytes(range(256)) * 8)
+    (corpus / "broken.jsonl").write_text(
+        '{"text": "a good line of documentation text, long enough to keep around"}\n{"text": "oops\n{"body": "x"}\n', encoding="utf-8"
+    )
+    good = gzip.compress(b'{"text": "compressed documentation that is cut off"}\n' * 200)
+    (corpus / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])
+    pq.write_table(pa.table({"body": ["no text column"]}), corpus / "schema.parquet")
+    tiny_recipe.write_text(tiny_recipe.read_text() + '\n[ingest]\non_error = "skip"\n', encoding="utf-8")
+
+    code, out, err = cli(capsys, "--home", str(home), "run", str(tiny_recipe))
+    assert code == 0, err
+    skipped = dict(
+        (path, (whole, n))
+        for path, whole, n in rows(home, "SELECT path, whole_file, records_skipped FROM skipped ORDER BY path")
+    )
+    assert skipped["latin1.txt"][0] and skipped["blob.txt"][0] and skipped["schema.parquet"][0]
+    assert skipped["broken.jsonl"] == (False, 2)
+    assert skipped["cut.jsonl.gz"][0] is False
+    reasons = {r[0] for r in rows(home, "SELECT unnest(json_keys(reasons)) FROM skipped")}
+    assert {"not_utf8", "binary", "malformed_json", "missing_field", "truncated", "wrong_schema"} <= reasons
+    # The rejects list (every skipped line) is a stored, signed artifact.
+    assert rows(home, "SELECT count(*) FROM artifacts WHERE kind = 'ingest-rejects'") == [(1,)]
+
+    code, out, err = cli(capsys, "--home", str(home), "data", "skipped", "latest")
+    assert code == 0 and "broken.jsonl: 2 records" in out and "blob.txt: whole file (binary 1)" in out
+    code, out, err = cli(capsys, "--home", str(home), "data", "card", "latest")
+    assert code == 0 and "Skipped at ingest" in out and "malformed_json" in out
+    code, out, err = cli(capsys, "--home", str(home), "data", "card", "latest", "--json")
+    card = __import__("json").loads(out)
+    assert card["sources"]["files_skipped"] == 3 and card["tokens"]["total"] > 0
+    assert cli(capsys, "--home", str(home), "ledger", "verify")[0] == 0
+
+
+def test_data_commands_name_what_is_missing(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "--home", str(home), "data", "card", "latest")
+    assert code == 2 and "no runs" in err and "Traceback" not in err
+    code, _, err = cli(capsys, "--home", str(home), "data", "dropped", "run-nope'; DROP")
+    assert code == 2 and "not a run id" in err
