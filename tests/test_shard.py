@@ -139,3 +139,13 @@ def test_config_validation() -> None:
         from_mapping(ShardConfig, {"val_frac": 0.2}, source="recipe.toml", prefix="shard")
     with pytest.raises(ConfigError, match="val_fraction"):
         from_mapping(ShardConfig, {"val_fraction": 1.0}, source="recipe.toml", prefix="shard")
+
+
+def test_worker_count_does_not_change_the_shards(work: Path, tmp_path: Path) -> None:
+    # Several encode batches (512 documents each), so two workers really split the work.
+    data = write_dataset(tmp_path / "many.parquet", documents(1500, seed=9))
+    one = run_shard(data, work / "tokenizer.model", tmp_path / "one", ShardConfig(val_fraction=0.1, shard_tokens=5000, workers=1))
+    two = run_shard(data, work / "tokenizer.model", tmp_path / "two", ShardConfig(val_fraction=0.1, shard_tokens=5000, workers=2))
+    assert dir_manifest(tmp_path / "one" / "shards") == dir_manifest(tmp_path / "two" / "shards")
+    assert one.stats["workers"] == 1 and two.stats["workers"] == 2
+    assert {k: v for k, v in one.stats.items() if k != "workers"} == {k: v for k, v in two.stats.items() if k != "workers"}
