@@ -17,7 +17,8 @@ Outputs: ``dataset.parquet`` (doc_id, source, text, sha256 of the text), ``curat
 (every count the dataset card reports: documents and bytes in/out by source, drops per
 filter and rule, PII per type, duplicate clusters) and ``dropped.parquet`` (the first
 ``clean.dropped_samples`` documents each rule dropped, so a data steward can see what a
-rule removes before trusting it).
+rule removes before trusting it; with PII redaction on, samples are redacted too, since
+they are stored like the dataset).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pipeline.filters import FilterChain, FiltersConfig
 from pipeline.minhash import DedupConfig, MinHasher, exact_key, find_clusters
 from pipeline.parallel import ordered_map, resolve_workers
 from pipeline.parquet_io import ParquetSink, iter_rows, open_parquet
-from pipeline.pii import KEPT_SUFFIX, PiiConfig, Redactor
+from pipeline.pii import KEPT_SUFFIX, PII_TYPES, PiiConfig, Redactor
 from pipeline.result import ProgressFn, StageResult, no_progress
 
 DATASET_SCHEMA = pa.schema(
@@ -104,6 +105,9 @@ class _Worker:
         self.settings = settings
         self.chain = FilterChain(settings.filters)
         self.redactor = Redactor(settings.pii) if settings.pii.enabled else None
+        # Dropped samples are stored too: they must not keep what the dataset may not.
+        redact_all = PiiConfig(**{name: "redact" for name in PII_TYPES})
+        self.sample_redactor = Redactor(redact_all) if settings.pii.enabled else None
         self.hasher = MinHasher(settings.dedup) if settings.dedup.near else None
 
     def run(self, batch: tuple[list[int], list[str], list[str | None]]) -> _BatchResult:
@@ -143,7 +147,8 @@ class _Worker:
             if drop is not None:
                 out.drops[drop[:2]] += 1
                 if out.drops[drop[:2]] <= k:
-                    out.samples.append((doc_id, source, drop[0], drop[1], drop[2], raw[:SAMPLE_CHARS]))
+                    sample = raw if self.sample_redactor is None else (self.sample_redactor.apply(raw).text or "")
+                    out.samples.append((doc_id, source, drop[0], drop[1], drop[2], sample[:SAMPLE_CHARS]))
                 continue
             out.ids.append(doc_id)
             out.sources.append(source)

@@ -155,3 +155,12 @@ def test_nothing_left_names_the_rules(tmp_path: Path) -> None:
 def test_source_group() -> None:
     assert source_group("team/a/b.txt") == "team"
     assert source_group("top.jsonl") == "top.jsonl"
+
+
+def test_dropped_samples_are_redacted_too(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    docs = [("a.txt", prose(rng)) for _ in range(5)] + [("b.txt", "lorem ipsum. Mail jane.doe@example.org today. " + prose(rng))]
+    res = run_curate(write_raw(tmp_path / "raw.parquet", docs), tmp_path / "out", settings(1))
+    rows = pq.read_table(res.outputs["dropped"]).to_pylist()
+    sample = next(r for r in rows if r["rule"] == "lorem_ipsum")
+    assert "jane.doe@example.org" not in sample["text"] and "<EMAIL>" in sample["text"]
