@@ -599,3 +599,15 @@ def test_apply_never_raises(text: str, cfg: FiltersConfig) -> None:
         assert verdict.text is not None and verdict.rule is None
     else:
         assert verdict.text is None and verdict.rule in RULES[verdict.filter]
+
+
+def test_words_split_like_spacy() -> None:
+    # spaCy 3.8's blank English tokenizer gives exactly these tokens for this line (checked
+    # once against spaCy, which the product does not depend on).
+    line = 'sizeof(struct sockaddr_un)+1 a=b foo.bar(x) x/y --flag 3.5 e-mail (see utf-8). "Hello," /usr/share/doc end.'
+    from pipeline.filters import split_words
+
+    assert split_words(line) == [
+        "sizeof(struct", "sockaddr_un)+1", "a", "=", "b", "foo.bar(x", ")", "x", "/", "y", "--flag", "3.5",
+        "e", "-", "mail", "(", "see", "utf-8", ")", ".", '"', "Hello", ",", '"', "/usr", "/", "share", "/", "doc", "end", ".",
+    ]
