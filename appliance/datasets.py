@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from appliance.audit import query, trusted_keys, verify_artifact
+from appliance.audit import query, verify_artifact
 from appliance.home import Home
 from keys.errors import ApplianceError, StoreError
 from registry.store import Store
@@ -94,6 +94,3 @@ def skipped_files(home: Home, run: str) -> tuple[str, list[dict[str, Any]]]:
         item["reasons"] = json.loads(item["reasons"]) if isinstance(item["reasons"], str) else item["reasons"]
         out.append(item)
     return run_id, out
-
-
-__all__ = ["dataset_card", "dropped_documents", "resolve_run", "run_artifact", "skipped_files", "trusted_keys"]
