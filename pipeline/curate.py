@@ -24,6 +24,7 @@ they are stored like the dataset).
 from __future__ import annotations
 
 import json
+from array import array
 from hashlib import sha256
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -212,7 +213,7 @@ def run_curate(
     exact_parts: list[bytes] = []
     band_parts: list[np.ndarray] = []
     has_parts: list[np.ndarray] = []
-    pii_documents = lines_removed = done = 0
+    pii_documents = lines_removed = done = survivors = 0
 
     # Pass 1 (parallel): per-document work; survivors go to a temporary file with their keys.
     stage1 = out_dir / "curate-stage1.parquet"
@@ -237,16 +238,17 @@ def run_curate(
                     band_parts.append(res.bands)
                     has_parts.append(res.has_bands)
                 done += res.documents
-                progress(done, total, {"kept": sum(len(p) for p in exact_parts) // 16})
+                survivors += len(res.ids)
+                progress(done, total, {"kept": survivors})
 
         # Pass 2: which survivors are duplicates, and of which kept document.
-        n = sum(len(p) for p in exact_parts) // 16
-        duplicate_of, kind, clusters = _dedup(exact_parts, band_parts, has_parts, n, settings.dedup)
+        duplicate_of, kind, clusters = _dedup(exact_parts, band_parts, has_parts, survivors, settings.dedup)
 
         # Pass 3: write the dataset (and the dedup samples) from the temporary file.
         out = out_dir / "dataset.parquet"
         stage_pf = open_parquet(stage1, ["doc_id", "source", "text"], _HINT)
-        ids_all: list[int] = []
+        # Every survivor's doc_id, compactly: millions of rows must not cost a Python int each.
+        ids_all = array("q")
         dedup_samples: list[tuple[int, str, str, int, str]] = []
         dedup_counts: Counter[str] = Counter()
         chars_out = bytes_out = kept = 0
