@@ -13,16 +13,10 @@ from typing import Any
 
 from keys.digest import sha256_file
 from keys.errors import DataError
-from pipeline.result import StageResult
-from pipeline.shard_format import open_shards
+from pipeline.result import StageResult, write_json
+from pipeline.shard_format import MANIFEST
 
 CARD_VERSION = "appliance-dataset-card/v1"
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    """Stable JSON (sorted keys, fixed indent): equal content gives equal bytes, so equal digests."""
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
 
 
 def write_ingest_report(result: StageResult, out_dir: Path) -> Path:
@@ -41,9 +35,10 @@ def build_card(ingest_report: Path, curation_report: Path, shards_dir: Path) -> 
     """The card as a dict (see ``run_card`` for the files)."""
     ingest = _load(ingest_report, "ingest report")
     curation = _load(curation_report, "curation report")
-    shards = open_shards(shards_dir)
-    manifest = json.loads((Path(shards_dir) / "manifest.json").read_text(encoding="utf-8"))
-    tokens = {split: int(shards.tokens(split).size) for split in ("train", "val")}
+    # Counts from the manifest alone: the service verified every shard when it stored them,
+    # and re-hashing gigabytes of shards for a few numbers would double the stage's I/O.
+    manifest = _load(Path(shards_dir) / MANIFEST, "shard manifest")
+    tokens = {split: sum(int(e["tokens"]) for e in manifest.get("shards", []) if e.get("split") == split) for split in ("train", "val")}
     stats = ingest.get("stats", {})
     return {
         "card": CARD_VERSION,
@@ -75,7 +70,7 @@ def build_card(ingest_report: Path, curation_report: Path, shards_dir: Path) -> 
             "val": tokens["val"],
             "total": tokens["train"] + tokens["val"],
             "documents": manifest.get("documents", {}),
-            "vocab_size": shards.vocab_size,
+            "vocab_size": manifest.get("vocab_size"),
             "tokenizer_sha256": manifest.get("tokenizer_sha256"),
             "dataset_sha256": manifest.get("dataset_sha256"),
         },

@@ -23,7 +23,6 @@ they are stored like the dataset).
 
 from __future__ import annotations
 
-import json
 from array import array
 from hashlib import sha256
 from collections import Counter, defaultdict
@@ -43,7 +42,7 @@ from pipeline.minhash import DedupConfig, MinHasher, exact_key, find_clusters
 from pipeline.parallel import ordered_map, resolve_workers
 from pipeline.parquet_io import ParquetSink, iter_rows, open_parquet
 from pipeline.pii import KEPT_SUFFIX, PII_TYPES, PiiConfig, Redactor
-from pipeline.result import ProgressFn, StageResult, no_progress
+from pipeline.result import ProgressFn, StageResult, no_progress, write_json
 
 DATASET_SCHEMA = pa.schema(
     [("doc_id", pa.int64()), ("source", pa.string()), ("text", pa.string()), ("sha256", pa.string())]
@@ -324,8 +323,7 @@ def run_curate(
         # The worker count is left out: it cannot change the output, and the report must not either.
         "config": {name: _without_workers(to_mapping(getattr(settings, name))) for name in ("clean", "filters", "pii", "dedup")},
     }
-    report_path = out_dir / "curation.json"
-    report_path.write_text(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    report_path = write_json(out_dir / "curation.json", report)
     stats = {
         "documents_in": total,
         "documents_out": kept,

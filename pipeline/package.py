@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from keys.errors import ConfigError, TrainingError
 from pipeline.config import check
 from pipeline.model import WEIGHTS, ModelConfig, hf_config, read_model_config
-from pipeline.result import StageResult
+from pipeline.result import StageResult, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -152,7 +152,8 @@ def _tokenizer_files(sp: spm.SentencePieceProcessor, max_len: int) -> tuple[dict
 
 
 def _write_json(path: Path, body: dict[str, Any]) -> None:
-    path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # ASCII escapes, as transformers itself writes these files.
+    write_json(path, body, ensure_ascii=True)
 
 
 def run_package(checkpoint_dir: Path, tokenizer_model: Path, out_dir: Path, cfg: PackageConfig, provenance: dict[str, Any]) -> StageResult:

@@ -7,6 +7,7 @@ so a stage cannot misreport its own output.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,3 +34,9 @@ class StageResult:
     # What the stage could not use and why, one dict per affected source file (see
     # ``pipeline.ingest``): the service records each one in the ledger, so nothing is lost silently.
     skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+def write_json(path: Path, obj: Any, *, ensure_ascii: bool = False) -> Path:
+    """A stage's JSON file, stable (sorted keys, fixed indent): equal content, equal bytes, equal digest."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=ensure_ascii) + "\n", encoding="utf-8")
+    return path
