@@ -54,7 +54,7 @@ def _open_service(home: Home, *, create: bool) -> Any:
     return Service.open(home.root, read_passphrase(purpose=f"unlock the node key of {home.root}"), _identity())
 
 
-def _run(args: argparse.Namespace, loaded: Any, source: Path | None, context: dict[str, Any]) -> int:
+def _run(args: argparse.Namespace, loaded: Any, source: Path | None, context: dict[str, Any], **options: Any) -> int:
     from appliance.reporting import RichReporter
     from appliance.summary import render_summary
 
@@ -62,12 +62,70 @@ def _run(args: argparse.Namespace, loaded: Any, source: Path | None, context: di
     reporter = RichReporter()
     try:
         with _open_service(home, create=args.command == "demo") as svc:
-            summary = svc.run_recipe(loaded, source=source, reporter=reporter, context=context)
+            if options.get("resume"):
+                summary = svc.resume_run(options["resume"], reporter=reporter, launch=options.get("launch"), job_file=options.get("job_file"))
+            else:
+                summary = svc.run_recipe(loaded, source=source, reporter=reporter, context=context, **options)
     finally:
         reporter.close()
     payload, text = render_summary(summary, home, context)
     _emit(args, payload, text)
     return 0
+
+
+def _launch(args: argparse.Namespace, dist: Any) -> Any:
+    """Launch options from the flags, falling back to the recipe's [distributed] table."""
+    from appliance.launcher import LaunchOptions
+
+    return LaunchOptions(
+        nproc_per_node=args.nproc_per_node or (dist.nproc_per_node if dist else 1),
+        nnodes=args.nnodes or (dist.nnodes if dist else 1),
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint or "",
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train on the shards of an earlier run (--data) or from scratch, on this node or several.
+
+    Node 0 runs the service and rank 0; every other node joins with `--join JOBFILE`, where
+    JOBFILE is the --job-file node 0 writes on storage all nodes share.
+    """
+    if args.join:
+        from appliance.launcher import join_job
+
+        return join_job(Path(args.join), _launch(args, None), timeout_s=args.join_timeout)
+    if not args.recipe:
+        raise ApplianceError("appliance train needs a RECIPE (or --join JOBFILE on nodes other than node 0)", "give the recipe file, e.g. `appliance train recipe.toml --data RUN`")
+    if args.node_rank:
+        raise ApplianceError(f"--node-rank {args.node_rank} runs only with --join", "node 0 runs `appliance train RECIPE …`; the others `appliance train --join JOBFILE --node-rank N …`")
+    from appliance.recipe import load_recipe
+
+    loaded = load_recipe(Path(args.recipe))
+    launch = _launch(args, loaded.recipe.distributed)
+    job_file = Path(args.job_file).resolve() if args.job_file else None
+    if launch.nnodes > 1 and job_file is None:
+        raise ApplianceError("a multi-node run needs --job-file on storage every node can read", "add --job-file /shared/path/job.json and give the same path to --join on the other nodes")
+    if args.data and args.source:
+        raise ApplianceError("--data and --source both name where the data comes from", "give one: --data RUN reuses that run's shards, --source DIR ingests a corpus")
+    data_from = None
+    if args.data:
+        from appliance.datasets import resolve_run
+
+        data_from = resolve_run(_home(args), args.data)
+    source = Path(args.source).resolve() if args.source else None
+    return _run(args, loaded, source, {}, data_from=data_from, launch=launch, job_file=job_file)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a stopped or failed run: finished stages are reused, training resumes from its
+    newest checkpoint that verifies against the ledger (a corrupt one is set aside and recorded)."""
+    from appliance.datasets import resolve_run
+
+    run_id = resolve_run(_home(args), args.run)
+    launch = _launch(args, None) if (args.nproc_per_node or args.nnodes) else None
+    job_file = Path(args.job_file).resolve() if args.job_file else None
+    return _run(args, None, None, {}, resume=run_id, launch=launch, job_file=job_file)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -272,6 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe TOML file")
     p.add_argument("--source", help="corpus folder (overrides [recipe] source)")
 
+    def launch_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nproc-per-node", type=int, default=0, help="processes per node, one per GPU (default: the recipe's distributed.nproc_per_node)")
+        p.add_argument("--nnodes", type=int, default=0, help="nodes in the job (default: the recipe's distributed.nnodes)")
+        p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 to nnodes-1 (node 0 runs the service)")
+        p.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0 for a multi-node rendezvous")
+        p.add_argument("--job-file", help="where node 0 writes the job spec (shared storage, for --join)")
+
+    p = add("train", cmd_train)
+    p.add_argument("recipe", nargs="?", help="recipe TOML file (not with --join)")
+    p.add_argument("--data", help="reuse the data stages (ingest … shards) of this run: id, prefix or 'latest'")
+    p.add_argument("--source", help="corpus folder (overrides [recipe] source; not with --data)")
+    p.add_argument("--join", help="on nodes other than 0: join the job described by this job file")
+    p.add_argument("--join-timeout", type=float, default=600.0, help="seconds to wait for the job file (default 600)")
+    launch_flags(p)
+    p = add("resume", cmd_resume)
+    p.add_argument("run", help="run id, unique prefix, or 'latest'")
+    launch_flags(p)
+
     ledger = sub.add_parser("ledger", help="verify and query the provenance ledger").add_subparsers(dest="ledger_command", required=True, metavar="COMMAND")
     p = add("verify", cmd_ledger_verify, ledger)
     p.add_argument("--head", help="signed head file kept outside the appliance (default: the home's)")
@@ -310,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_model_verify, model)
     p.add_argument("dir", help="model directory holding model.sig")
     p.add_argument("--public-key", help="signer's public key PEM (default: signer.pub.pem beside the dir, else the home's)")
+
+    from appliance.cli_extra import register
+
+    register(sub)
     return parser
 
 

@@ -23,7 +23,7 @@ from pipeline.package import PackageConfig
 from pipeline.pii import PiiConfig
 from pipeline.shard import ShardConfig
 from pipeline.tokenizer import TokenizerConfig
-from pipeline.train import TrainConfig
+from pipeline.train import DistConfig, TrainConfig
 
 PACKAGED_RECIPES = Path(__file__).with_name("recipes")
 
@@ -52,6 +52,7 @@ class Recipe:
     shard: ShardConfig = field(default_factory=ShardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistConfig = field(default_factory=DistConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
 

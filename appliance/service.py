@@ -17,8 +17,10 @@ from typing import Any
 
 from airgap.attest import environment_attestation, force_offline
 from appliance.home import Home
-from appliance.recipe import LoadedRecipe
+from appliance.launcher import LaunchOptions
+from appliance.recipe import LoadedRecipe, parse_recipe
 from appliance.reporting import NullReporter, Reporter
+from appliance.training import StageContext, TrainingStopped
 from keys.digest import sha256_bytes
 from keys.errors import ApplianceError, PolicyError, StoreError
 from keys.keystore import NodeKey, create_key, load_key
@@ -45,6 +47,15 @@ class RunState:
     # (relative path, sha256) of every source file read, for the model card.
     sources: list[tuple[str, str]] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)
+    # Stage name -> the run whose recorded outputs this run reuses instead of running it.
+    reuse: dict[str, str] = field(default_factory=dict)
+    launch: LaunchOptions = field(default_factory=LaunchOptions)
+    job_file: Path | None = None
+    recipe_dir: Path = Path(".")
+
+
+# Stages `appliance train --data RUN` takes from an earlier run: everything before training.
+DATA_STAGES = ("ingest", "curate", "tokenizer", "shard", "card")
 
 
 @dataclass
@@ -141,17 +152,26 @@ class Service:
         source: Path | None = None,
         reporter: Reporter | None = None,
         context: dict[str, Any] | None = None,
+        data_from: str | None = None,
+        launch: LaunchOptions | None = None,
+        job_file: Path | None = None,
     ) -> RunSummary:
-        """Run every stage of a recipe, recording each stage's artifacts as it finishes."""
-        from appliance.stages import STAGES  # the stage table needs torch; import it only to run
+        """Run every stage of a recipe, recording each stage's artifacts as it finishes.
 
+        ``data_from`` reuses the verified data stages (ingest … card) of an earlier run, so
+        only training, evaluation and packaging run; ``launch`` sets the process layout of
+        the train stage (ranks per node, nodes, rendezvous).
+        """
         reporter = reporter or NullReporter()
-        source_dir = loaded.source_dir(source)
+        source_dir = loaded.source_dir(source) if data_from is None else Path(self._started(data_from)["source"])
         self.authorize("run.start", f"recipe {loaded.path.name} ({loaded.digest[:12]})")
         force_offline()
-        started = time.monotonic()
         run_id = new_run_id()
-        run = RunState(run_id=run_id, work=self.home.work_dir / run_id, context=context or {})
+        run = RunState(
+            run_id=run_id, work=self.home.work_dir / run_id, context=context or {},
+            reuse={s: data_from for s in DATA_STAGES} if data_from else {},
+            launch=launch or LaunchOptions(), job_file=job_file, recipe_dir=loaded.path.parent,
+        )
         run.work.mkdir(parents=True)
         recipe_art = self.store.import_path(loaded.path, kind="recipe", name=loaded.path.name, signer=self.key, move=False)
         run.artifacts["recipe"] = recipe_art
@@ -165,7 +185,10 @@ class Service:
                         "recipe_name": loaded.recipe.recipe.name,
                         "recipe_digest": loaded.digest,
                         "recipe": _jsonable(to_mapping(loaded.recipe)),
+                        "recipe_path": str(loaded.path),
                         "source": str(source_dir),
+                        "data_from": data_from,
+                        "launch": _jsonable(to_mapping(run.launch)),
                         "environment": environment_attestation(),
                         "context": context or {},
                     },
@@ -174,12 +197,53 @@ class Service:
             ]
         )
         run.recorded = 1
+        return self._drive(run, loaded, source_dir, reporter)
+
+    def resume_run(self, run_ref: str, *, reporter: Reporter | None = None, launch: LaunchOptions | None = None, job_file: Path | None = None) -> RunSummary:
+        """Continue a stopped or failed run: finished stages are reused, training resumes from
+        its last checkpoint that verifies against the ledger."""
+        reporter = reporter or NullReporter()
+        run_id = self._resolve_run(run_ref)
+        self.authorize("run.resume", run_id)
+        started = self._started(run_id)
+        status = self._status(run_id)
+        if status == "succeeded":
+            raise ApplianceError(f"run {run_id} already succeeded", "start a new run with `appliance run` or `appliance train`")
+        recipe_event = next(e for e in self.ledger.events("artifact.recorded") if e.data["run_id"] == run_id and e.data["kind"] == "recipe")
+        digest = recipe_event.data["digest"]
+        self.store.verify(digest, {self.key.key_id: self.key.public_key})
+        stored = self.store.path_of(digest)
+        text = stored.read_text(encoding="utf-8")
+        recipe_path = Path(started.get("recipe_path") or stored)
+        loaded = LoadedRecipe(recipe=parse_recipe(text, source=str(recipe_path)), path=recipe_path, digest=digest, text=text)
+        force_offline()
+        finished = {e.data["stage"] for e in self.ledger.events("stage.finished") if e.data["run_id"] == run_id}
+        reuse = {s: run_id for s in finished}
+        if started.get("data_from"):
+            reuse.update({s: started["data_from"] for s in DATA_STAGES})
+        run = RunState(
+            run_id=run_id, work=self.home.work_dir / run_id, context=started.get("context") or {}, reuse=reuse,
+            launch=launch or LaunchOptions(**started.get("launch", {})), job_file=job_file, recipe_dir=recipe_path.parent,
+        )
+        run.work.mkdir(parents=True, exist_ok=True)
+        run.artifacts["recipe"] = StoredArtifact(digest=digest, path=stored, size_bytes=recipe_event.data["size_bytes"], files=recipe_event.data["files"])
+        self.ledger.append("run.resumed", self.identity, {"run_id": run_id, "previous_status": status, "reused_stages": sorted(finished)})
+        return self._drive(run, loaded, Path(started["source"]), reporter)
+
+    def _drive(self, run: RunState, loaded: LoadedRecipe, source_dir: Path, reporter: Reporter) -> RunSummary:
+        from appliance.stages import STAGES  # the stage table needs torch; import it only to run
+
+        started = time.monotonic()
         try:
             for stage in STAGES:
-                self._run_stage(run, stage, loaded, source_dir, reporter)
+                if stage.name in run.reuse:
+                    self._reuse_stage(run, stage, run.reuse[stage.name], reporter)
+                else:
+                    self._run_stage(run, stage, loaded, source_dir, reporter)
         except BaseException as exc:
             message = _failure(exc)
-            self.ledger.append("run.finished", self.identity, {"run_id": run.run_id, "status": "failed", "error": message, "summary": {}})
+            status = "stopped" if isinstance(exc, (TrainingStopped, KeyboardInterrupt)) else "failed"
+            self.ledger.append("run.finished", self.identity, {"run_id": run.run_id, "status": status, "error": message, "summary": {}})
             raise
         wall = time.monotonic() - started
         model = run.artifacts["model"]
@@ -201,13 +265,78 @@ class Service:
         )
         return summary
 
+    # -- reuse and resume -------------------------------------------------------------------
+
+    def _resolve_run(self, ref: str) -> str:
+        ids = sorted({e.data["run_id"] for e in self.ledger.events("run.started")})
+        if ref == "latest" and ids:
+            return max(self.ledger.events("run.started"), key=lambda e: e.seq).data["run_id"]
+        matches = [i for i in ids if i.startswith(ref)]
+        if not matches:
+            raise ApplianceError(f"no run with id {ref}", "list runs with `appliance ledger query \"SELECT run_id, status FROM runs\"`")
+        if len(matches) > 1:
+            raise ApplianceError(f"{len(matches)} runs start with {ref}", "give more of the id")
+        return matches[0]
+
+    def _started(self, run_ref: str) -> dict[str, Any]:
+        run_id = self._resolve_run(run_ref)
+        return next(e.data for e in self.ledger.events("run.started") if e.data["run_id"] == run_id)
+
+    def _status(self, run_id: str) -> str:
+        ends = [e for e in self.ledger.events("run.finished") if e.data["run_id"] == run_id]
+        return ends[-1].data["status"] if ends else "running"
+
+    def _reuse_stage(self, run: RunState, stage: Any, from_run: str, reporter: Reporter) -> None:
+        """Take a stage's recorded, verified outputs from ``from_run`` instead of running it."""
+        from_run = self._resolve_run(from_run)
+        finished = [e for e in self.ledger.events("stage.finished") if e.data["run_id"] == from_run and e.data["stage"] == stage.name]
+        if not finished:
+            raise ApplianceError(f"run {from_run} has no finished {stage.name} stage to reuse", f"pick a run whose data stages finished (`appliance ledger query \"SELECT * FROM stages WHERE run_id = '{from_run}'\"`)")
+        reporter.stage_started(stage.name, f"{stage.title} (from {from_run})")
+        trusted = {self.key.key_id: self.key.public_key}
+        reused: dict[str, str] = {}
+        for e in self.ledger.events("artifact.recorded"):
+            d = e.data
+            if d["run_id"] != from_run or d["stage"] != stage.name:
+                continue
+            if d["kind"] == "source":
+                if not d["meta"].get("skipped"):
+                    run.sources.append((d["name"], d["digest"]))
+                continue
+            out_name = d["name"].split("/", 1)[1]
+            self.store.verify(d["digest"], trusted)
+            run.artifacts[out_name] = StoredArtifact(digest=d["digest"], path=self.store.path_of(d["digest"]), size_bytes=d["size_bytes"], files=d["files"])
+            reused[out_name] = d["digest"]
+        run.stats[stage.name] = finished[-1].data["stats"]
+        if from_run != run.run_id:
+            self.ledger.append("stage.reused", self.identity, {"run_id": run.run_id, "stage": stage.name, "from_run": from_run, "artifacts": reused})
+        reporter.stage_finished(stage.name, run.stats[stage.name])
+
+    def _checkpoint_record(self, run_id: str, step: int) -> dict[str, Any] | None:
+        saved = [e.data for e in self.ledger.events("checkpoint.saved") if e.data["run_id"] == run_id and e.data["step"] == step]
+        return saved[-1] if saved else None
+
+    def _stage_context(self, run: RunState, stage: Any, loaded: LoadedRecipe) -> StageContext:
+        def note(kind: str, data: dict[str, Any]) -> None:
+            body = _jsonable({"run_id": run.run_id, "stage": stage.name, **data})
+            if kind == "metrics.recorded":
+                body["points"] = [p for p in body["points"] if isinstance(p.get("value"), (int, float))]
+            self.ledger.append(kind, self.identity, body)
+
+        return StageContext(
+            run_id=run.run_id, provenance=self._provenance(run, loaded), recipe_dir=run.recipe_dir,
+            note=note, checkpoint_record=lambda step: self._checkpoint_record(run.run_id, step),
+            launch=run.launch, job_file=run.job_file,
+        )
+
     def _run_stage(self, run: RunState, stage: Any, loaded: LoadedRecipe, source_dir: Path, reporter: Reporter) -> None:
         work = run.work / stage.name
         work.mkdir(parents=True, exist_ok=True)
         reporter.stage_started(stage.name, stage.title)
         progress: ProgressFn = reporter.progress
         try:
-            result: StageResult = stage.run(loaded.recipe, {k: a.path for k, a in run.artifacts.items()}, source_dir, work, progress, self._provenance(run, loaded))
+            ctx = self._stage_context(run, stage, loaded)
+            result: StageResult = stage.run(loaded.recipe, {k: a.path for k, a in run.artifacts.items()}, source_dir, work, progress, ctx)
             events = self._record_stage(run, stage, result)
         except BaseException as exc:
             message = _failure(exc)

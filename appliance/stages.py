@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.recipe import Recipe
+from appliance.training import StageContext, train_stage
 from pipeline.card import run_card, write_ingest_report
 from pipeline.curate import CurateSettings, run_curate
 from pipeline.evaluate import run_evaluate
@@ -20,10 +21,9 @@ from pipeline.package import run_package
 from pipeline.result import ProgressFn, StageResult
 from pipeline.shard import run_shard
 from pipeline.tokenizer import run_tokenizer
-from pipeline.train import run_train
 
-# run(recipe, artifact paths by output name, source dir, work dir, progress, provenance)
-StageFn = Callable[[Recipe, dict[str, Path], Path, Path, ProgressFn, dict[str, Any]], StageResult]
+# run(recipe, artifact paths by output name, source dir, work dir, progress, what the service offers)
+StageFn = Callable[[Recipe, dict[str, Path], Path, Path, ProgressFn, StageContext], StageResult]
 
 
 @dataclass(frozen=True)
@@ -44,23 +44,14 @@ class Stage:
         raise KeyError(f"stage {self.name} produced an undeclared output '{output}'")
 
 
-def _train(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
-    result = run_train(a["shards"], work, r.model, r.train, progress)
-    # Intermediate checkpoints are provenance too: record each one that was kept.
-    ckpts = sorted(p for p in (work / "checkpoints").glob("step_*") if p.is_dir()) if (work / "checkpoints").is_dir() else []
-    for path in ckpts:
-        result.outputs[f"checkpoint_{path.name}"] = path
-    return result
-
-
-def _ingest(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+def _ingest(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, ctx: StageContext) -> StageResult:
     result = run_ingest(src, work, r.ingest, progress)
     # The figures and every skipped file as an artifact too: the dataset card is built from it.
     result.outputs["ingest_report"] = write_ingest_report(result, work)
     return result
 
 
-def _curate(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+def _curate(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, ctx: StageContext) -> StageResult:
     return run_curate(a["raw"], work, CurateSettings(clean=r.clean, filters=r.filters, pii=r.pii, dedup=r.dedup), progress)
 
 
@@ -69,14 +60,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("curate", "clean, filter, redact, dedup", ("raw",),
           {"dataset": "dataset", "curation": "curation-report", "dropped": "dropped-samples"}, _curate),
     Stage("tokenizer", "train tokenizer", ("dataset",), {"tokenizer": "tokenizer", "vocab": "tokenizer-vocab"},
-          lambda r, a, src, work, p, prov: run_tokenizer(a["dataset"], work, r.tokenizer, p)),
+          lambda r, a, src, work, p, ctx: run_tokenizer(a["dataset"], work, r.tokenizer, p)),
     Stage("shard", "tokenize + shard", ("dataset", "tokenizer"), {"shards": "token-shards"},
-          lambda r, a, src, work, p, prov: run_shard(a["dataset"], a["tokenizer"], work, r.shard, p)),
+          lambda r, a, src, work, p, ctx: run_shard(a["dataset"], a["tokenizer"], work, r.shard, p)),
     Stage("card", "dataset card", ("ingest_report", "curation", "shards"), {"card": "dataset-card"},
-          lambda r, a, src, work, p, prov: run_card(a["ingest_report"], a["curation"], a["shards"], work)),
-    Stage("train", "train", ("shards", "recipe"), {"checkpoint": "checkpoint"}, _train),
+          lambda r, a, src, work, p, ctx: run_card(a["ingest_report"], a["curation"], a["shards"], work)),
+    Stage("train", "train", ("shards", "recipe"), {"checkpoint": "checkpoint", "logs": "training-logs"},
+          lambda r, a, src, work, p, ctx: train_stage(r, a, work, p, ctx)),
     Stage("evaluate", "evaluate", ("checkpoint", "shards", "tokenizer"), {"report": "eval-report"},
-          lambda r, a, src, work, p, prov: run_evaluate(a["checkpoint"], a["shards"], a["tokenizer"], work, r.evaluate, p)),
+          lambda r, a, src, work, p, ctx: run_evaluate(a["checkpoint"], a["shards"], a["tokenizer"], work, r.evaluate, p)),
     Stage("package", "package + sign", ("checkpoint", "tokenizer", "report", "recipe"), {"model": "model"},
-          lambda r, a, src, work, p, prov: run_package(a["checkpoint"], a["tokenizer"], work, r.package, prov)),
+          lambda r, a, src, work, p, ctx: run_package(a["checkpoint"], a["tokenizer"], work, r.package, ctx.provenance)),
 )

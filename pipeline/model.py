@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,23 +33,55 @@ MODEL_CONFIG = "model_config.json"
 MODEL_CONFIG_FORMAT = "appliance-llama"
 
 
+# Named sizes for ModelConfig.preset. 0 means "derived": n_kv_heads 0 = n_heads, ffn_dim 0 = the
+# Llama rule 8/3·dim rounded up to multiple_of (a preset's own ffn_dim, as in 1b, stays when a
+# recipe changes dim: set ffn_dim too). Parameter counts are for tied embeddings.
+PRESETS: dict[str, dict[str, int]] = {
+    # Smoke tests and CI: head_dim 16 with GQA 4:2, so every code path runs in seconds on a CPU.
+    # 0.10M parameters without the embedding; 0.61M with an 8k vocabulary, 2.15M with 32k.
+    "tiny": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 0, "max_seq_len": 128},
+    # A CPU/single-GPU size between the default and GPT-2 small; head_dim 64 as in GPT-2/Llama.
+    # 10.6M without the embedding; 13.7M with an 8k vocabulary, 16.8M with 16k, 22.9M with 32k.
+    "20m": {"dim": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 0, "ffn_dim": 0, "max_seq_len": 512},
+    # GPT-2 small's shape (Radford et al. 2019); SwiGLU at 8/3·768 = 2048 has the parameters of
+    # its 4·dim MLP. 85.0M without the embedding; 91.1M with 8k, 109.5M with 32k (GPT-2's 50257 gives 123.6M).
+    "124m": {"dim": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 0, "ffn_dim": 0, "max_seq_len": 1024},
+    # GPT-2 medium's shape. 303.6M without the embedding; 311.8M with 8k, 336.4M with 32k
+    # (GPT-2's 50257 gives 355.1M).
+    "350m": {"dim": 1024, "n_layers": 24, "n_heads": 16, "n_kv_heads": 0, "ffn_dim": 0, "max_seq_len": 1024},
+    # Llama-3.2-1B's shape (Meta's config.json: hidden 2048, 16 layers, 32 heads, 8 KV heads,
+    # intermediate 8192), with its 128k vocabulary replaced by ours and its context cut to 2048.
+    # 973.1M without the embedding; 989.5M with 8k, 1038.7M with 32k.
+    "1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 8192, "max_seq_len": 2048},
+}
+# ModelConfig() with no preset: 256 wide / 6 deep (~6.6M parameters with an 8k vocabulary)
+# trains at a few k tok/s on a CPU; head_dim 32 because small models do better with more,
+# narrower heads than with few wide ones.
+DEFAULT_SHAPE: dict[str, int] = {"dim": 256, "n_layers": 6, "n_heads": 8, "n_kv_heads": 0, "ffn_dim": 0, "max_seq_len": 256}
+SHAPE_FIELDS = tuple(DEFAULT_SHAPE)
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     # 0 = take it from the shard set, so a recipe never disagrees with its tokenizer.
     vocab_size: int = 0
-    # 256 wide / 6 deep (~6.6M parameters with an 8k vocabulary) trains at a few k tok/s on a CPU.
-    dim: int = 256
-    n_layers: int = 6
-    # head_dim 32: small models do better with more, narrower heads than with few wide ones.
-    n_heads: int = 8
-    # 0 = n_heads (plain multi-head attention); fewer shares K/V between heads (GQA), shrinking the KV cache.
+    # "" or a PRESETS name. A preset fills every shape field below left at 0; fields the recipe
+    # sets win, so `preset = "124m"` with `max_seq_len = 512` is GPT-2 small with a shorter context.
+    preset: str = ""
+    # Shape fields: 0 = from the preset, else DEFAULT_SHAPE. resolved() makes them concrete.
+    dim: int = 0
+    n_layers: int = 0
+    n_heads: int = 0
+    # 0 = the preset's, else n_heads (plain multi-head attention); fewer shares K/V between heads
+    # (GQA), shrinking the KV cache.
     n_kv_heads: int = 0
-    # 0 = the Llama rule 8/3·dim rounded up to multiple_of, which keeps SwiGLU at the FLOPs of a 4·dim MLP.
+    # 0 = the preset's, else the Llama rule 8/3·dim rounded up to multiple_of, which keeps SwiGLU
+    # at the FLOPs of a 4·dim MLP.
     ffn_dim: int = 0
     # Llama's rounding: matmul shapes that are multiples of 64 run on fast kernel paths.
     multiple_of: int = 64
     # Longest context; RoPE tables are built for it. Training seq_len may be shorter.
-    max_seq_len: int = 256
+    max_seq_len: int = 0
     # 10000 is the RoPE base of Llama 1/2; larger bases only matter for long contexts.
     rope_theta: float = 10000.0
     # 1e-5 as in Llama 2; small enough to be harmless, large enough to be safe in bf16.
@@ -60,32 +93,37 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 0, f"vocab_size must be >= 0 (0 = from the shard set), got {self.vocab_size}")
-        check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim, n_layers and n_heads must be positive")
-        check(self.dim % self.n_heads == 0, f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        check((self.dim // self.n_heads) % 2 == 0, f"head size dim/n_heads = {self.dim // self.n_heads} must be even for RoPE")
-        check(self.n_kv_heads >= 0, f"n_kv_heads must be >= 0 (0 = n_heads), got {self.n_kv_heads}")
-        kv = self.n_kv_heads or self.n_heads
-        check(self.n_heads % kv == 0, f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
-        check(self.ffn_dim >= 0, f"ffn_dim must be >= 0 (0 = Llama rule), got {self.ffn_dim}")
+        check(self.preset in ("", *PRESETS), f"preset {self.preset!r} is not one of: {', '.join(PRESETS)}")
+        for name in SHAPE_FIELDS:
+            check(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = from the preset or the default), got {getattr(self, name)}")
         check(self.multiple_of > 0, f"multiple_of must be positive, got {self.multiple_of}")
-        check(self.max_seq_len > 0, f"max_seq_len must be positive, got {self.max_seq_len}")
+        # Checked on the resolved shape, so a bad value fails when the recipe loads, whether it
+        # came from the recipe, the preset or the default.
+        s = self.shape()
+        src = f" (preset {self.preset!r} with the recipe's overrides)" if self.preset else ""
+        check(s["dim"] % s["n_heads"] == 0, f"dim ({s['dim']}) must be divisible by n_heads ({s['n_heads']}){src}")
+        check((s["dim"] // s["n_heads"]) % 2 == 0, f"head size dim/n_heads = {s['dim'] // s['n_heads']} must be even for RoPE{src}")
+        check(s["n_heads"] % s["n_kv_heads"] == 0, f"n_heads ({s['n_heads']}) must be a multiple of n_kv_heads ({s['n_kv_heads']}){src}")
         check(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         check(0 < self.norm_eps < 1, f"norm_eps must be in (0, 1), got {self.norm_eps}")
         check(0 < self.init_std < 1, f"init_std must be in (0, 1), got {self.init_std}")
 
+    def shape(self) -> dict[str, int]:
+        """The concrete shape fields: the recipe's where set, else the preset's, else the default."""
+        base = PRESETS.get(self.preset, DEFAULT_SHAPE)
+        s = {name: getattr(self, name) or base[name] for name in SHAPE_FIELDS}
+        s["n_kv_heads"] = s["n_kv_heads"] or s["n_heads"]
+        s["ffn_dim"] = s["ffn_dim"] or self.multiple_of * math.ceil(int(8 * s["dim"] / 3) / self.multiple_of)
+        return s
+
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        s = self.shape()
+        return s["dim"] // s["n_heads"]
 
     def resolved(self, vocab_size: int | None = None) -> ModelConfig:
         """A copy with every 0 = "derive it" field filled in (what a checkpoint records)."""
-        ffn = self.ffn_dim or self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
-        return dataclasses.replace(
-            self,
-            vocab_size=self.vocab_size or (vocab_size or 0),
-            n_kv_heads=self.n_kv_heads or self.n_heads,
-            ffn_dim=ffn,
-        )
+        return dataclasses.replace(self, vocab_size=self.vocab_size or (vocab_size or 0), **self.shape())
 
 
 class RMSNorm(nn.Module):
@@ -179,12 +217,14 @@ class Backbone(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, recompute: bool = False) -> torch.Tensor:
         t = idx.shape[1]
         x = self.embed_tokens(idx)
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            # Non-reentrant, as PyTorch recommends: the reentrant variant needs an input that
+            # requires grad and does not mix with DDP/FSDP's backward hooks.
+            x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False) if recompute else layer(x, cos, sin)
         return self.norm(x)
 
 
@@ -193,12 +233,15 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.vocab_size <= 0 or cfg.ffn_dim <= 0 or cfg.n_kv_heads <= 0:
+        if cfg.vocab_size <= 0 or any(getattr(cfg, name) <= 0 for name in SHAPE_FIELDS):
             raise TrainingError(
-                "LlamaModel needs a resolved ModelConfig (vocab_size, ffn_dim and n_kv_heads filled in)",
+                f"LlamaModel needs a resolved ModelConfig (vocab_size and {', '.join(SHAPE_FIELDS)} filled in)",
                 "build it from cfg.resolved(vocab_size=shards.vocab_size)",
             )
         self.cfg = cfg
+        # Set by the trainer: recompute each layer's activations in backward instead of storing
+        # them, trading ~1/3 more compute for activation memory that no longer grows with depth.
+        self.activation_checkpointing = False
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -219,7 +262,8 @@ class LlamaModel(nn.Module):
                 p.normal_(0.0, std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.lm_head(self.model(idx))
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        logits = self.lm_head(self.model(idx, recompute))
         if targets is None:
             return logits, None
         # Loss in float32: cross-entropy over a large vocabulary loses precision in bf16.
@@ -229,6 +273,23 @@ class LlamaModel(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) by PaLM's appendix B: 6·N + 12·L·H·Q·T.
+
+    N counts the matmul weights: per layer q/k/v/o and gate/up/down, plus lm_head (dim·vocab)
+    even when tied, since the output projection is a matmul however it is stored. Left out:
+    the embedding lookup (a gather), RMSNorm gains, RoPE, softmax and SiLU (elementwise, as
+    PaLM leaves them out). 12·L·H·Q·T is QKᵀ and attention·V over the full T×T square with no
+    causal halving, PaLM's convention, so MFU compares with published figures.
+    """
+    c = cfg.resolved()
+    if c.vocab_size <= 0:
+        raise TrainingError("model_flops_per_token needs the vocabulary size", "pass cfg.resolved(vocab_size=shards.vocab_size)")
+    attn = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
+    n = c.n_layers * (attn + 3 * c.dim * c.ffn_dim) + c.dim * c.vocab_size
+    return float(6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ ACTIONS = frozenset(
     {
         "home.init",
         "run.start",
+        "run.resume",
         "artifact.verify",
         "model.export",
         "ledger.verify",

@@ -125,6 +125,24 @@ VIEWS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # Every checkpoint a training job wrote, and what became of it: saved (digest signed
+        # as it appeared), pruned by retention, or rejected on resume (corrupt or altered).
+        "checkpoints",
+        """
+        SELECT data ->> '$.run_id' AS run_id,
+               CAST(data ->> '$.step' AS BIGINT) AS step,
+               CASE kind WHEN 'checkpoint.saved' THEN 'saved'
+                         WHEN 'checkpoint.pruned' THEN 'pruned' ELSE 'rejected' END AS status,
+               data ->> '$.digest' AS digest,
+               CAST(data ->> '$.size_bytes' AS BIGINT) AS size_bytes,
+               data ->> '$.reason' AS reason,
+               data ->> '$.path' AS path,
+               seq, ts
+        FROM signed_events
+        WHERE kind IN ('checkpoint.saved', 'checkpoint.pruned', 'checkpoint.rejected')
+        """,
+    ),
+    (
         "decisions",
         """
         SELECT seq, ts,
@@ -241,6 +259,11 @@ EVENT_FIELDS: dict[str, frozenset[str]] = {
     "run.finished": frozenset({"run_id", "status", "error", "summary"}),
     "model.signed": frozenset({"digest", "key_id", "signature_file"}),
     "data.skipped": frozenset({"run_id", "stage", "path", "sha256", "whole_file", "records_skipped", "reasons", "examples"}),
+    "checkpoint.saved": frozenset({"run_id", "stage", "step", "digest", "manifest_sha256", "path", "files", "size_bytes"}),
+    "checkpoint.rejected": frozenset({"run_id", "stage", "step", "path", "reason"}),
+    "checkpoint.pruned": frozenset({"run_id", "stage", "step"}),
+    "stage.reused": frozenset({"run_id", "stage", "from_run", "artifacts"}),
+    "run.resumed": frozenset({"run_id", "previous_status", "reused_stages"}),
 }
 
 

@@ -1,0 +1,92 @@
+"""Where this process sits in a (maybe) distributed job, and the few collectives the loop needs.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; without them the job is one
+process and every collective here is the identity, so the loop has one code path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    # True once init_process_group ran (world > 1, or a 1-process torchrun launch).
+    initialised: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> DistContext:
+    """Read torchrun's environment without initialising anything."""
+    return DistContext(
+        rank=int(os.environ.get("RANK", "0")),
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def init(backend: str, timeout_s: int) -> DistContext:
+    """Initialise the process group when launched by torchrun; a no-op for a single process."""
+    ctx = from_env()
+    if "RANK" not in os.environ or ctx.world < 1:
+        return ctx
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistContext(rank=ctx.rank, world=ctx.world, local_rank=ctx.local_rank, initialised=True)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.initialised and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.initialised:
+        dist.barrier()
+
+
+def all_reduce_mean(ctx: DistContext, value: float) -> float:
+    """Mean of a float over ranks (for logging the loss every rank saw)."""
+    if not ctx.initialised or ctx.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / ctx.world
+
+
+def all_reduce_max(ctx: DistContext, value: float) -> float:
+    if not ctx.initialised or ctx.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def gather_objects(ctx: DistContext, obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (in rank order); None on the others."""
+    if not ctx.initialised or ctx.world == 1:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.world if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(ctx: DistContext, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.initialised or ctx.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,139 @@
+"""The training job: ``python -m pipeline.training.job SPEC.json``, alone or under torchrun.
+
+The service writes a job spec (shards, output directory, model/train/distributed tables,
+optional DeepSpeed config, an explicit checkpoint to resume from) and starts this module as a
+child process. Rank 0 appends one JSON object per line to the spec's ``events`` file:
+``started``, ``metrics``, ``checkpoint`` (with every rank's file digests), ``checkpoint_pruned``,
+``checkpoint_rejected``, ``resumed``, ``finished``, ``stopped`` or ``error``. A file rather than
+stdout, because under torchrun on several nodes only a shared file reaches the head node
+intact. Every rank that fails also writes ``errors/rank_N.json``, so the service can say
+which rank died and why.
+
+SIGTERM and SIGINT ask the loop to stop: it finishes the current step, saves a checkpoint
+and exits 0 with a ``stopped`` event. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keys.errors import ApplianceError
+from pipeline.config import from_mapping
+from pipeline.model import ModelConfig
+from pipeline.training.config import DistConfig, TrainConfig
+
+ERRORS_DIR = "errors"
+EXIT_ERROR = 2
+
+
+@dataclass(kw_only=True)
+class JobSpec:
+    shards: str
+    out_dir: str
+    events: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistConfig = field(default_factory=DistConfig)
+    # The resolved DeepSpeed config (already validated by the service), or None.
+    deepspeed: dict[str, Any] | None = None
+    # A checkpoint the service verified against the ledger; None = let the loop pick one.
+    resume_from: str | None = None
+    # Stop (with a checkpoint) after this step; for tests and staged runs.
+    stop_at_step: int | None = None
+
+
+def read_spec(path: Path) -> JobSpec:
+    body = json.loads(Path(path).read_text(encoding="utf-8"))
+    return from_mapping(JobSpec, body, source=str(path))
+
+
+class Events:
+    """Rank 0's event stream: append, flush, one JSON object per line."""
+
+    def __init__(self, path: Path, rank: int) -> None:
+        self.path, self.rank = Path(path), rank
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+            f.flush()
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; a second signal restores the default handler and re-raises it."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def _write_error(out_dir: Path, rank: int, message: str, detail: str) -> None:
+    errors = out_dir / ERRORS_DIR
+    errors.mkdir(parents=True, exist_ok=True)
+    (errors / f"rank_{rank:05d}.json").write_text(json.dumps({"rank": rank, "pid": os.getpid(), "message": message, "detail": detail}) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m pipeline.training.job SPEC.json", file=sys.stderr)
+        return EXIT_ERROR
+    rank = int(os.environ.get("RANK", "0"))
+    stop = StopFlag()
+    stop.install()
+    spec_path = Path(args[0])
+    try:
+        spec = read_spec(spec_path)
+    except (OSError, ValueError, ApplianceError) as exc:
+        print(f"cannot read job spec {spec_path}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    events = Events(Path(spec.events), rank)
+    out_dir = Path(spec.out_dir)
+    from pipeline.training.loop import run_train  # torch loads after the spec is known to be good
+
+    try:
+        result = run_train(
+            Path(spec.shards), out_dir, spec.model, spec.train,
+            dist_cfg=spec.distributed, deepspeed_config=spec.deepspeed,
+            resume_from=Path(spec.resume_from) if spec.resume_from else None,
+            stop_at_step=spec.stop_at_step, should_stop=stop, on_event=events,
+        )
+    except ApplianceError as exc:
+        _write_error(out_dir, rank, exc.diagnostics(), traceback.format_exc())
+        events({"event": "error", "rank": rank, "message": exc.diagnostics()})
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - the job's last line of defence: report, never hang silently
+        message = f"{type(exc).__name__}: {exc}"
+        _write_error(out_dir, rank, message, traceback.format_exc())
+        events({"event": "error", "rank": rank, "message": message})
+        print(traceback.format_exc(), file=sys.stderr)
+        return EXIT_ERROR
+    if stop():
+        events({"event": "stopped", "signal": signal.Signals(stop.signal).name if stop.signal else None, "step": result.stats.get("steps")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
