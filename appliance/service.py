@@ -20,7 +20,7 @@ from appliance.home import Home
 from appliance.launcher import LaunchOptions
 from appliance.recipe import LoadedRecipe, parse_recipe
 from appliance.reporting import NullReporter, Reporter
-from appliance.training import StageContext, TrainingStopped
+from appliance.training import StageContext, TrainingStopped, precheck
 from keys.digest import sha256_bytes
 from keys.errors import ApplianceError, PolicyError, StoreError
 from keys.keystore import NodeKey, create_key, load_key
@@ -164,6 +164,7 @@ class Service:
         """
         reporter = reporter or NullReporter()
         source_dir = loaded.source_dir(source) if data_from is None else Path(self._started(data_from)["source"])
+        precheck(loaded.recipe, loaded.path.parent, launch or LaunchOptions())
         self.authorize("run.start", f"recipe {loaded.path.name} ({loaded.digest[:12]})")
         force_offline()
         run_id = new_run_id()

@@ -76,13 +76,21 @@ def _deepspeed_config(recipe: Any, ctx: StageContext) -> dict[str, Any] | None:
     dcfg = recipe.distributed
     if dcfg.engine != "deepspeed":
         return None
-    from pipeline.training.ds_config import load_deepspeed_config  # lazy: only DeepSpeed runs need it
+    from pipeline.training.ds_config import read_json, resolve_deepspeed_config  # lazy: only DeepSpeed runs need it
 
     path = (ctx.recipe_dir / dcfg.deepspeed_config).resolve()
     device = "cuda" if recipe.train.device != "cpu" and _cuda() else "cpu"
-    resolved = load_deepspeed_config(path, recipe.train, ctx.launch.world, device)
-    ctx.note("train.deepspeed_config", {"path": str(path), "sha256": _sha256(path), "resolved": resolved})
+    resolved, notes = resolve_deepspeed_config(read_json(path), recipe.train, ctx.launch.world, device, source=str(path))
+    # The exact file and what was made of it (autos filled, substitutions on this device) are
+    # part of the run's record: a ZeRO stage changes how the model was trained.
+    ctx.note("train.deepspeed_config", {"path": str(path), "sha256": _sha256(path), "resolved": resolved, "notes": notes})
     return resolved
+
+
+def precheck(recipe: Any, recipe_dir: Path, launch: LaunchOptions) -> None:
+    """Fail before a run starts on a DeepSpeed config that training would refuse hours later."""
+    if recipe.distributed.engine == "deepspeed":
+        _deepspeed_config(recipe, StageContext(run_id="", provenance={}, recipe_dir=recipe_dir, launch=launch))
 
 
 def _cuda() -> bool:

@@ -271,8 +271,9 @@ class LlamaModel(nn.Module):
         return logits, loss
 
     def num_parameters(self) -> int:
-        """Distinct parameters (a tied embedding counts once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Distinct parameters (a tied embedding counts once). ZeRO-3 leaves each rank an empty
+        placeholder per parameter; ``ds_numel`` is the real size then."""
+        return sum(getattr(p, "ds_numel", None) or p.numel() for p in self.parameters())
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -108,7 +108,7 @@ def test_half_present_home_names_what_is_missing(home: Path, capsys: pytest.Capt
     assert code == 2 and "node.key is missing" in err and "backup" in err
 
 
-def test_sigterm_cancels_and_the_run_is_recorded_as_cancelled(home: Path, tiny_recipe: Path) -> None:
+def test_sigterm_stops_training_with_a_checkpoint_and_the_run_is_recorded_as_stopped(home: Path, tiny_recipe: Path) -> None:
     import os
     import signal
     import subprocess
@@ -128,8 +128,11 @@ def test_sigterm_cancels_and_the_run_is_recorded_as_cancelled(home: Path, tiny_r
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert rows(home, "SELECT status, error FROM runs") == [("failed", "cancelled (interrupt or SIGTERM)")]
+    [(status, error)] = rows(home, "SELECT status, error FROM runs")
+    assert status == "stopped" and "(SIGTERM)" in error and "appliance resume" in error
     assert rows(home, "SELECT stage FROM stages WHERE status = 'failed'") == [("train",)]
+    # The step it stopped at was checkpointed and that checkpoint recorded.
+    assert rows(home, "SELECT count(*) FROM checkpoints WHERE status = 'saved'")[0][0] >= 1
 
 
 def test_skip_mode_records_every_skipped_file_and_line(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,34 @@ def test_train_on_an_earlier_runs_data_with_two_ranks(home_copy: tuple[Path, obj
     assert shards in ancestors
     code, _, err = cli(capsys, "--home", str(home), "ledger", "verify")
     assert code == 0, err
+
+
+def test_deepspeed_zero2_recipe_trains_through_the_service(home_copy: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:
+    home, first = home_copy
+    shutil.copyfile(ASSETS / "deepspeed" / "zero2.json", home.parent / "zero2.json")
+    recipe = recipe_with(home.parent / "ds.toml", steps=4, checkpoint_every=2)
+    recipe.write_text(recipe.read_text() + '\n[distributed]\nengine = "deepspeed"\ndeepspeed_config = "zero2.json"\n')
+    code, out, err = cli(capsys, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--nproc-per-node", "2", "--json")
+    assert code == 0, err
+    run_id = json.loads(out)["run_id"]
+    started = query(home, capsys, f"SELECT data ->> '$.engine' AS engine, data ->> '$.world' AS world FROM signed_events WHERE kind = 'train.started' AND data ->> '$.run_id' = '{run_id}'")
+    assert started == [{"engine": "deepspeed", "world": "2"}]
+    config = query(home, capsys, f"SELECT data ->> '$.sha256' AS sha FROM signed_events WHERE kind = 'train.deepspeed_config' AND data ->> '$.run_id' = '{run_id}'")
+    assert len(config) == 1
+    assert [r["step"] for r in query(home, capsys, f"SELECT step FROM checkpoints WHERE run_id = '{run_id}' AND status = 'saved' ORDER BY step")] == [2, 4]
+
+
+def test_a_deepspeed_config_with_an_optimizer_is_refused_before_the_run(home_copy: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:
+    home, first = home_copy
+    body = json.loads((ASSETS / "deepspeed" / "zero2.json").read_text())
+    body["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}
+    (home.parent / "bad.json").write_text(json.dumps(body))
+    recipe = recipe_with(home.parent / "bad.toml")
+    recipe.write_text(recipe.read_text() + '\n[distributed]\nengine = "deepspeed"\ndeepspeed_config = "bad.json"\n')
+    before = query(home, capsys, "SELECT count(*) AS n FROM runs")
+    code, _, err = cli(capsys, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--nproc-per-node", "2")
+    assert code == 2 and "optimizer" in err and "bad.json" in err
+    assert query(home, capsys, "SELECT count(*) AS n FROM runs") == before
 
 
 def _events(home: Path, other_than: str) -> list[dict]:

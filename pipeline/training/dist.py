@@ -58,20 +58,13 @@ def barrier(ctx: DistContext) -> None:
 
 
 def all_reduce_mean(ctx: DistContext, value: float) -> float:
-    """Mean of a float over ranks (for logging the loss every rank saw)."""
+    """Mean of a float over ranks (gloo: a CPU tensor; the loop's own reduce in ``loop._agree``
+    stays on the device so NCCL can carry it)."""
     if not ctx.initialised or ctx.world == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item()) / ctx.world
-
-
-def all_reduce_max(ctx: DistContext, value: float) -> float:
-    if not ctx.initialised or ctx.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def gather_objects(ctx: DistContext, obj: Any) -> list[Any] | None:

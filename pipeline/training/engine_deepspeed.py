@@ -39,7 +39,12 @@ _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
 class DeepSpeedEngine:
-    """ZeRO data parallelism: optimizer state (stage 1), gradients (2) and parameters (3) sharded."""
+    """ZeRO data parallelism: optimizer state (stage 1), gradients (2) and parameters (3) sharded.
+
+    Precision is DeepSpeed's (the resolved JSON's fp16/bf16 sections), so no autocast is added.
+    Stages 2 and 3 reduce-scatter gradients after every micro-batch, boundary or not: that is how
+    they keep only a shard of the gradient; the update still happens once, after ``last``.
+    """
 
     name = "deepspeed"
 
@@ -62,7 +67,7 @@ class DeepSpeedEngine:
         _, loss = self._ds(x, y)
         # Scale by the caller's accum_steps (not the JSON's) so the gradient is the mean over the
         # step's micro-batches whatever the JSON says; DeepSpeed still applies its fp16 loss scale.
-        self._ds.backward(loss / accum_steps, scale_wrt_gas=True)
+        self._ds.backward(loss / accum_steps, scale_wrt_gas=False)
         return loss.detach()
 
     def optimizer_step(self, lr: float, grad_clip: float) -> float:
@@ -87,15 +92,20 @@ class DeepSpeedEngine:
         freely: ``full_weights`` (what ``final/`` holds) is independent of the world size.
         """
         directory = Path(directory)
+        before = set(directory.iterdir())
+        dist.barrier()  # nobody writes before every rank has looked
         self._ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
         if self.rank == 0:
             meta = {"engine": self.name, "world": self.world, "stage": self.stage, "tag": TAG}
             (directory / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         dist.barrier()
+        # DeepSpeed's shards go under TAG; beside them it drops its recovery scripts (zero_to_fp32.py).
+        written = [p for p in (directory / TAG).rglob("*") if p.is_file()]
+        written += [p for p in directory.iterdir() if p.is_file() and p not in before]
         # Every rank writes into the same folder; a file names its writer's rank (zero_pp_rank_R),
-        # and rank 0 writes the ones that name none (model states, the recovery script).
+        # and rank 0 writes the ones that name none (model states, scripts, META).
         mine: list[Path] = []
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        for path in sorted(written):
             m = _RANK_FILE.search(path.name)
             if (int(m.group(1)) if m else 0) == self.rank:
                 mine.append(path)

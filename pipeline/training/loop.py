@@ -196,15 +196,16 @@ def _train(
     last_val: float | None = None
     for step in range(start, end):
         lr = lr_at(step, cfg)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        # Summed on the device: the one host sync per step is in _agree.
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for micro in range(cfg.grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss_sum += engine.forward_backward(x, y, accum_steps=cfg.grad_accum, last=micro == cfg.grad_accum - 1).double().cpu()
+            loss_sum += engine.forward_backward(x, y, accum_steps=cfg.grad_accum, last=micro == cfg.grad_accum - 1).float()
         done = step + 1
         # One small all-reduce per step carries what every rank must agree on: the mean loss,
         # whether any rank saw a non-finite loss, and whether any rank was asked to stop.
-        loss_value, bad, stop = _agree(ctx, float(loss_sum) / cfg.grad_accum, should_stop())
+        loss_value, bad, stop = _agree(ctx, loss_sum / cfg.grad_accum, should_stop())
         if bad:
             _diverged(loss_value, done, cfg, out_dir)  # before the update, so the saved weights stay finite
         grad_norm = engine.optimizer_step(lr, cfg.grad_clip)
@@ -311,14 +312,16 @@ def _build_engine(name: str, model: LlamaModel, cfg: TrainConfig, ds_config: dic
     return build_native_engine(name, model, cfg, device, ctx)
 
 
-def _agree(ctx: dist.DistContext, loss: float, stop: bool) -> tuple[float, bool, bool]:
-    bad = not math.isfinite(loss)
+def _agree(ctx: dist.DistContext, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
     if not ctx.initialised or ctx.world == 1:
-        return loss, bad, stop
-    t = torch.tensor([0.0 if bad else loss, float(bad), float(stop)], dtype=torch.float64)
+        value = float(loss)
+        return value, not math.isfinite(value), stop
+    # On the loss's device: NCCL reduces CUDA tensors only.
+    bad = ~torch.isfinite(loss)
+    t = torch.stack([torch.where(bad, torch.zeros_like(loss), loss), bad.float(), torch.full_like(loss, float(stop))]).double()
     torch.distributed.all_reduce(t)
-    any_bad = t[1].item() > 0
-    return (float("nan") if any_bad else t[0].item() / ctx.world), any_bad, t[2].item() > 0
+    total, n_bad, n_stop = t.tolist()
+    return (float("nan") if n_bad else total / ctx.world), n_bad > 0, n_stop > 0
 
 
 def _diverged(loss: float, step: int, cfg: TrainConfig, out_dir: Path) -> None:
