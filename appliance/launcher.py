@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -80,6 +81,19 @@ def command(spec: Path, opts: LaunchOptions) -> list[str]:
     return [*run, *job]
 
 
+def check_port(opts: LaunchOptions) -> None:
+    """On node 0 of a multi-node job, fail now if the rendezvous port is taken (by an old job,
+    say) rather than leave every node waiting on a rendezvous that cannot happen."""
+    if opts.nnodes < 2 or opts.node_rank != 0:
+        return
+    port = int(opts.rdzv_endpoint.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError as exc:
+            raise ConfigError(f"rendezvous port {port} on this node is not free ({exc.strerror})", "pick another port in --rdzv-endpoint, or stop the process holding it") from None
+
+
 def job_env(opts: LaunchOptions) -> dict[str, str]:
     env = dict(os.environ)
     # One compute thread pool per process, sized so ranks on one node do not oversubscribe it.
@@ -129,6 +143,7 @@ class EventTail:
 
 def run_job(spec: Path, events_file: Path, log_file: Path, opts: LaunchOptions, on_event: Callable[[dict[str, Any]], None]) -> Outcome:
     """Run the job to its end, calling ``on_event`` for every event rank 0 reports."""
+    check_port(opts)
     tail = EventTail(events_file)
     outcome = Outcome(returncode=-1)
     with open(log_file, "ab") as log:
@@ -147,8 +162,11 @@ def run_job(spec: Path, events_file: Path, log_file: Path, opts: LaunchOptions, 
                 if len(received) > forwarded:
                     forwarded = len(received)
                     outcome.cancelled_by = signal.Signals(received[0]).name
-                    # First signal: ask for a checkpoint; second: stop now.
-                    _signal_group(proc, signal.SIGTERM if forwarded == 1 else signal.SIGKILL)
+                    # First signal: ask the training processes for a checkpoint; second: stop now.
+                    if forwarded == 1:
+                        _signal_workers(proc, signal.SIGTERM, opts.distributed)
+                    else:
+                        _signal_group(proc, signal.SIGKILL)
                 time.sleep(POLL_S)
             for event in tail.read():
                 outcome.events.append(event)
@@ -160,6 +178,31 @@ def run_job(spec: Path, events_file: Path, log_file: Path, opts: LaunchOptions, 
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
     return outcome
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _signal_workers(proc: subprocess.Popen, sig: int, distributed: bool) -> None:
+    """Signal the training processes themselves. Under torchrun, signalling torchrun would make
+    it tear its workers down after a grace period that a large checkpoint can outlast; the
+    workers instead save, exit 0, and torchrun then exits cleanly."""
+    workers = _children(proc.pid) if distributed else []
+    if not workers:
+        _signal_group(proc, sig)
+        return
+    for pid in workers:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -193,16 +236,19 @@ def failure_message(out_dir: Path, log_file: Path, outcome: Outcome) -> str:
             errors.append(f"rank {body['rank']}: {body['message']}")
         except (OSError, ValueError, KeyError):
             continue
+    text = log_file.read_text(encoding="utf-8", errors="replace") if log_file.exists() else ""
+    # torchrun's summary names the first rank that failed ("Root Cause"), its exit code and the
+    # signal that killed it. A killed rank writes no error file, so that comes first; the
+    # survivors' "lost contact" errors follow.
+    root = text.rfind("Root Cause")
+    m = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*", text[root:], flags=re.S) if root >= 0 else None
+    if m:
+        sig = re.search(r"\((SIG\w+)\)", m.group(0))
+        code = int(m.group(2))
+        how = f"killed by {sig.group(1)}" if sig else (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+        return "; ".join([f"training process rank {m.group(1)} failed first ({how}); torchrun stopped the other ranks", *dict.fromkeys(errors)])
     if errors:
         return "; ".join(dict.fromkeys(errors))
-    text = log_file.read_text(encoding="utf-8", errors="replace") if log_file.exists() else ""
-    # torchrun's failure summary names the rank, its exit code and the signal that killed it.
-    died = re.findall(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text, flags=re.S)
-    signals = re.findall(r"Signal (\d+) \((SIG\w+)\) received by PID (\d+)", text)
-    if died:
-        rank, code = died[0]
-        how = f"killed by {signals[0][1]}" if signals else f"exit code {code}"
-        return f"training process rank {rank} died ({how}); torchrun stopped the other ranks"
     if outcome.returncode < 0:
         return f"the training process was killed by {signal.Signals(-outcome.returncode).name}"
     tail = "\n".join(text.strip().splitlines()[-LOG_TAIL_LINES:])

@@ -129,9 +129,10 @@ def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: P
     follower = _Follower(work, ctx, progress, recipe.train.steps)
     outcome = run_job(spec_file, events_file, log_file, launch, follower)
     follower.flush()
-    require_success(work, log_file, outcome)
     finished = outcome.last("finished")
     stopped = outcome.last("stopped")
+    if stopped is None:
+        require_success(work, log_file, outcome)
     if finished is None or not finished["stats"].get("completed"):
         step = (finished or {}).get("stats", {}).get("steps") or (stopped or {}).get("step")
         raise TrainingStopped(

@@ -152,6 +152,40 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_skips_a_tampered_one(home_co
     assert len(finals) == 1 or len({r["digest"] for r in finals}) == 1, finals
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_node_0_records_and_node_1_joins(home_copy: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:
+    home, first = home_copy
+    recipe = recipe_with(home.parent / "nodes.toml", steps=6, checkpoint_every=3)
+    job_file = home.parent / "shared" / "job.json"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, APPLIANCE_PASSPHRASE=PASSPHRASE, OMP_NUM_THREADS="1")
+    flags = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
+    head = subprocess.Popen([APPLIANCE, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--job-file", str(job_file), "--json", *flags],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Node 1 never opens the home: it waits for the job file, then runs its rank.
+    worker = subprocess.run([APPLIANCE, "train", "--join", str(job_file), "--node-rank", "1", "--join-timeout", "120", *flags],
+                            env=env, capture_output=True, text=True, timeout=300)
+    out, err = head.communicate(timeout=300)
+    assert head.returncode == 0, err
+    assert worker.returncode == 0, worker.stderr
+    run_id = json.loads(out)["run_id"]
+    started = query(home, capsys, f"SELECT data ->> '$.world' AS world FROM signed_events WHERE kind = 'train.started' AND data ->> '$.run_id' = '{run_id}'")
+    assert started == [{"world": "2"}]
+    launch = query(home, capsys, f"SELECT data -> '$.launch' AS launch FROM signed_events WHERE kind = 'run.started' AND data ->> '$.run_id' = '{run_id}'")
+    assert json.loads(launch[0]["launch"])["nnodes"] == 2
+    # The stored checkpoint holds both ranks' files: node 1's reached the ledger through rank 0.
+    stored = query(home, capsys, f"SELECT store_path FROM artifacts WHERE name = '{run_id}/checkpoint_step_000003'")[0]["store_path"]
+    files = {p.relative_to(home / "store" / stored).as_posix() for p in (home / "store" / stored).rglob("*") if p.is_file()}
+    assert {"rng/rank_00000.pt", "rng/rank_00001.pt", "state/__0_0.distcp", "state/__1_0.distcp", "COMPLETE"} <= files
+
+
 def test_train_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = recipe_with(tmp_path / "r.toml")
     code, _, err = cli(capsys, "--home", str(tmp_path / "h"), "train", str(recipe), "--nnodes", "2", "--rdzv-endpoint", "nohostport")

@@ -111,7 +111,9 @@ def save_checkpoint(
     hashes: dict[str, str] = {}
     try:
         hashes = hash_files(tmp, write_rank_files(tmp))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        # Caught on this rank so it still joins the gather below: a rank that skipped it would
+        # leave the others waiting until the process-group timeout.
         error = f"rank {ctx.rank} could not write its part of {final}: {exc}"
     gathered = dist.gather_objects(ctx, (error, hashes))
     info: CheckpointInfo | None = None

@@ -95,6 +95,14 @@ def _write_error(out_dir: Path, rank: int, message: str, detail: str) -> None:
     (errors / f"rank_{rank:05d}.json").write_text(json.dumps({"rank": rank, "pid": os.getpid(), "message": message, "detail": detail}) + "\n", encoding="utf-8")
 
 
+def _lost_peer(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(exc)
+    return isinstance(exc, backend_error) or any(s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "timed out"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -126,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the job's last line of defence: report, never hang silently
         message = f"{type(exc).__name__}: {exc}"
+        if _lost_peer(exc):
+            detail = str(exc).splitlines()[0].split(". This is typically")[0]
+            message = f"lost contact with another rank (it died or hung): {detail[-160:]}"
         _write_error(out_dir, rank, message, traceback.format_exc())
         events({"event": "error", "rank": rank, "message": message})
         print(traceback.format_exc(), file=sys.stderr)
         return EXIT_ERROR
-    if stop():
+    if stop() and not result.stats.get("completed"):
         events({"event": "stopped", "signal": signal.Signals(stop.signal).name if stop.signal else None, "step": result.stats.get("steps")})
     return 0
 

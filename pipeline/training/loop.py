@@ -194,7 +194,9 @@ def _train(
     done, last_ckpt, stopped_by = start, None, None
     meter = monitor.RateMeter(loop_t0)
     last_val: float | None = None
+    train_s = 0.0  # time in training steps only: evaluation and checkpoint I/O are not throughput
     for step in range(start, end):
+        step_t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         # Summed on the device: the one host sync per step is in _agree.
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -209,6 +211,7 @@ def _train(
         if bad:
             _diverged(loss_value, done, cfg, out_dir)  # before the update, so the saved weights stay finite
         grad_norm = engine.optimizer_step(lr, cfg.grad_clip)
+        train_s += time.perf_counter() - step_t0
         tokens_seen += tokens_per_step
         meter.add(tokens_per_step)
         recent = (recent + [loss_value])[-FINAL_LOSS_WINDOW:]
@@ -234,7 +237,6 @@ def _train(
         if stopping:
             stopped_by = "request" if stop else "stop_at_step"
             break
-    loop_s = time.perf_counter() - loop_t0
 
     completed = done >= cfg.steps
     final_weights = engine.full_weights() if completed else None
@@ -255,7 +257,8 @@ def _train(
         "tokens_seen": tokens_seen,
         "final_loss": sum(recent) / len(recent) if recent else None,
         "val_loss": last_val,
-        "tokens_per_s": (done - start) * tokens_per_step / loop_s if done > start and loop_s > 0 else None,
+        "tokens_per_s": (done - start) * tokens_per_step / train_s if done > start and train_s > 0 else None,
+        "train_s": train_s,
         "wall_s": time.perf_counter() - t0,
         "parameters": model.num_parameters(),
         "device": str(device),

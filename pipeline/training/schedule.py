@@ -27,6 +27,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
             return cfg.lr
         ratio = min(1.0, (step - decay_start + 1) / max(1, cfg.steps - decay_start))
         return cfg.lr + ratio * (cfg.min_lr - cfg.lr)
-    span = max(1, cfg.steps - cfg.warmup_steps)
+    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
     ratio = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
