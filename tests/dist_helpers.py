@@ -257,4 +257,6 @@ def _capture_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_capture_main(sys.argv[1:]))
+    from pipeline.training.dist import exit_process
+
+    exit_process(_capture_main(sys.argv[1:]))  # as the job does under torchrun

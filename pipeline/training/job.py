@@ -147,4 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ:  # a torchrun worker: see dist.exit_process
+        from pipeline.training.dist import exit_process
+
+        exit_process(code)
+    sys.exit(code)
