@@ -32,9 +32,10 @@ class Engine(Protocol):
         Returns the detached, unscaled loss of this micro-batch."""
         ...
 
-    def optimizer_step(self, lr: float, grad_clip: float) -> float:
+    def optimizer_step(self, lr: float, grad_clip: float) -> float | torch.Tensor:
         """Set lr, clip the global grad norm at grad_clip (0 = off), step, zero the grads.
-        Returns the global grad norm before clipping (the same value on every rank). Collective."""
+        Returns the global grad norm before clipping (the same value on every rank), as a float
+        or a 0-d tensor the loop reads only when it logs. Collective."""
         ...
 
     def save(self, directory: Path) -> list[Path]:

@@ -217,7 +217,7 @@ def _train(
         recent = (recent + [loss_value])[-FINAL_LOSS_WINDOW:]
         if done % cfg.log_every == 0 or done == cfg.steps:
             rate = meter.rate(time.perf_counter())
-            values = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate, "epoch": loader.epoch}
+            values = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": rate, "epoch": loader.epoch}
             util = monitor.mfu(rate, flops_per_token, job_peak)
             if util is not None:
                 values["mfu"] = util
