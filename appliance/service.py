@@ -210,7 +210,9 @@ class Service:
         status = self._status(run_id)
         if status == "succeeded":
             raise ApplianceError(f"run {run_id} already succeeded", "start a new run with `appliance run` or `appliance train`")
-        recipe_event = next(e for e in self.ledger.events("artifact.recorded") if e.data["run_id"] == run_id and e.data["kind"] == "recipe")
+        recipe_event = next((e for e in self.ledger.events("artifact.recorded") if e.data["run_id"] == run_id and e.data["kind"] == "recipe"), None)
+        if recipe_event is None:
+            raise ApplianceError(f"run {run_id} recorded no recipe artifact, so it cannot be resumed", "start a new run with the recipe")
         digest = recipe_event.data["digest"]
         self.store.verify(digest, {self.key.key_id: self.key.public_key})
         stored = self.store.path_of(digest)

@@ -196,3 +196,11 @@ def test_train_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 2 and "did not appear" in err
     code, _, err = cli(capsys, "--home", str(tmp_path / "h"), "train")
     assert code == 2 and "RECIPE" in err
+
+
+def test_resume_refuses_a_run_that_already_succeeded(home_copy: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:
+    home, first = home_copy
+    code, _, err = cli(capsys, "--home", str(home), "resume", first.run_id)
+    assert code == 2 and "already succeeded" in err
+    code, _, err = cli(capsys, "--home", str(home), "resume", "run-nosuchrun")
+    assert code == 2 and "no run" in err
