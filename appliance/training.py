@@ -55,21 +55,18 @@ class StageContext:
 
 def select_resume(work: Path, ctx: StageContext) -> Path | None:
     """The newest checkpoint that verifies against its manifest and the ledger; reject the rest."""
-    for path in reversed(ckpt.list_checkpoints(work)):
-        try:
-            info = ckpt.verify_checkpoint(path)
-            record = ctx.checkpoint_record(info.step)
-            if record is None:
-                raise TrainingError(f"checkpoint {path} has no checkpoint.saved record in the ledger", "it was not written by a recorded run; it cannot be trusted")
-            if record.get("digest") != ckpt.checkpoint_digest(info):
-                raise TrainingError(f"checkpoint {path} differs from the digest the ledger recorded for step {info.step}", "it was altered after it was saved")
-            return path
-        except TrainingError as exc:
-            target = path.with_name(ckpt.REJECTED_PREFIX + path.name)
-            shutil.rmtree(target, ignore_errors=True)
-            path.rename(target)
-            ctx.note("checkpoint.rejected", {"step": ckpt.step_of(path), "path": str(target), "reason": exc.message})
-    return None
+
+    def signed_by_the_service(info: ckpt.CheckpointInfo) -> None:
+        record = ctx.checkpoint_record(info.step)
+        if record is None:
+            raise TrainingError(f"checkpoint {info.path} has no checkpoint.saved record in the ledger", "it was not written by a recorded run; it cannot be trusted")
+        if record.get("digest") != ckpt.checkpoint_digest(info):
+            raise TrainingError(f"checkpoint {info.path} differs from the digest the ledger recorded for step {info.step}", "it was altered after it was saved")
+
+    info, rejected = ckpt.find_resumable(work, signed_by_the_service)
+    for path, reason in rejected:
+        ctx.note("checkpoint.rejected", {"step": ckpt.step_of(Path(path.name.removeprefix(ckpt.REJECTED_PREFIX))), "path": str(path), "reason": reason})
+    return info.path if info else None
 
 
 def _deepspeed_config(recipe: Any, ctx: StageContext) -> dict[str, Any] | None:
