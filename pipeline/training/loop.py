@@ -114,8 +114,12 @@ def _train(
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clear_stale(out_dir)
+    if ctx.local_rank == 0:
+        # Every shard's sha256 is checked before a single step: once per node, not once per rank
+        # (eight ranks re-hashing a 100 GB shard set would cost minutes at start-up).
+        open_shards(shards_dir)
     dist.barrier(ctx)
-    shards = open_shards(shards_dir)  # verifies every shard's sha256 before a single step
+    shards = open_shards(shards_dir, verify_digests=False)
     manifest_sha = sha256_file(Path(shards_dir) / MANIFEST)
     if model_cfg.vocab_size and model_cfg.vocab_size < shards.vocab_size:
         raise ConfigError(f"model.vocab_size is {model_cfg.vocab_size} but the shard set's tokenizer has {shards.vocab_size} ids", "set model.vocab_size = 0 to take it from the shard set")
