@@ -343,7 +343,9 @@ class Service:
             events = self._record_stage(run, stage, result)
         except BaseException as exc:
             message = _failure(exc)
-            self.ledger.append("stage.failed", self.identity, {"run_id": run.run_id, "stage": stage.name, "error": message})
+            # A stop on request (with a checkpoint to resume from) is not a failure: say which it was.
+            kind = "stage.stopped" if isinstance(exc, (TrainingStopped, KeyboardInterrupt)) else "stage.failed"
+            self.ledger.append(kind, self.identity, {"run_id": run.run_id, "stage": stage.name, "error": message})
             reporter.stage_failed(stage.name, message)
             raise
         self.ledger.append_many(events)

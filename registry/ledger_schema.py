@@ -105,10 +105,10 @@ VIEWS: list[tuple[str, str]] = [
         """
         SELECT data ->> '$.run_id' AS run_id,
                data ->> '$.stage' AS stage,
-               CASE kind WHEN 'stage.finished' THEN 'finished' ELSE 'failed' END AS status,
+               CASE kind WHEN 'stage.finished' THEN 'finished' WHEN 'stage.stopped' THEN 'stopped' ELSE 'failed' END AS status,
                seq, ts
         FROM signed_events
-        WHERE kind IN ('stage.finished', 'stage.failed')
+        WHERE kind IN ('stage.finished', 'stage.failed', 'stage.stopped')
         """,
     ),
     (
@@ -251,6 +251,7 @@ EVENT_FIELDS: dict[str, frozenset[str]] = {
     "run.started": frozenset({"run_id", "recipe_name", "recipe_digest", "recipe", "environment"}),
     "stage.finished": frozenset({"run_id", "stage", "stats"}),
     "stage.failed": frozenset({"run_id", "stage", "error"}),
+    "stage.stopped": frozenset({"run_id", "stage", "error"}),
     "artifact.recorded": frozenset(
         {"digest", "kind", "name", "size_bytes", "files", "store_path", "run_id", "stage",
          "parents", "meta"}

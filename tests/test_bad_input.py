@@ -130,7 +130,8 @@ def test_sigterm_stops_training_with_a_checkpoint_and_the_run_is_recorded_as_sto
     assert "Traceback" not in err
     [(status, error)] = rows(home, "SELECT status, error FROM runs")
     assert status == "stopped" and "(SIGTERM)" in error and "appliance resume" in error
-    assert rows(home, "SELECT stage FROM stages WHERE status = 'failed'") == [("train",)]
+    assert rows(home, "SELECT stage FROM stages WHERE status = 'stopped'") == [("train",)]
+    assert rows(home, "SELECT count(*) FROM stages WHERE status = 'failed'") == [(0,)]
     # The step it stopped at was checkpointed and that checkpoint recorded.
     assert rows(home, "SELECT count(*) FROM checkpoints WHERE status = 'saved'")[0][0] >= 1
 
