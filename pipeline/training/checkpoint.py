@@ -69,7 +69,8 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory, so a rename that follows cannot expose unwritten data."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -81,7 +82,7 @@ def hash_files(root: Path, files: list[Path]) -> dict[str, str]:
     """relative path -> sha256 of files a rank wrote below ``root``, each fsynced first."""
     out = {}
     for f in files:
-        _fsync(f)
+        fsync_path(f)
         out[Path(f).relative_to(root).as_posix()] = sha256_file(f)
     return out
 
@@ -150,12 +151,12 @@ def _finish(tmp: Path, final: Path, step: int, files: dict[str, str]) -> Checkpo
         f.flush()
         os.fsync(f.fileno())
     for d in sorted({(tmp / rel).parent for rel in files} | {tmp}):
-        _fsync(d)
+        fsync_path(d)
     if final.exists():
         # A re-run that reached the same step again (after a crash past this save): replace it.
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     return CheckpointInfo(path=final, step=step, files=files, manifest_sha256=sha256_bytes(body.encode("utf-8")))
 
 

@@ -76,16 +76,6 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(ctx: DistContext, value: float) -> float:
-    """Mean of a float over ranks (gloo: a CPU tensor; the loop's own reduce in ``loop._agree``
-    stays on the device so NCCL can carry it)."""
-    if not ctx.initialised or ctx.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / ctx.world
-
-
 def gather_objects(ctx: DistContext, obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` on rank 0 (in rank order); None on the others."""
     if not ctx.initialised or ctx.world == 1:

@@ -20,6 +20,7 @@ checkpoint files reach it as digests gathered by rank 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -378,15 +379,7 @@ def _write_model_dir(d: Path, weights: dict[str, torch.Tensor] | None, mcfg: Mod
     # "format": "pt" is what transformers looks for in the safetensors metadata.
     save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})
     save_model_config(d, mcfg, bos_id=extra["bos_id"], eos_id=extra["eos_id"])
-    train_json = d / TRAIN_CONFIG
-    train_json.write_text(json.dumps(_asdict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return [d / WEIGHTS, d / MODEL_CONFIG, train_json]
-
-
-def _asdict(cfg: TrainConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
+    return [d / WEIGHTS, d / MODEL_CONFIG, write_json(d / TRAIN_CONFIG, dataclasses.asdict(cfg))]
 
 
 def _write_atomically(final: Path, write: Callable[[Path], Any]) -> None:
@@ -396,7 +389,7 @@ def _write_atomically(final: Path, write: Callable[[Path], Any]) -> None:
     tmp.mkdir(parents=True)
     write(tmp)
     for f in tmp.iterdir():
-        ckpt.hash_files(tmp, [f])  # fsync each file before the rename makes it visible
+        ckpt.fsync_path(f)  # each file reaches the disk before the rename makes it visible
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
