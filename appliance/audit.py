@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.home import Home
-from keys.errors import StoreError
 from keys.keystore import key_id_of, load_public_key
+from registry.errors import StoreError
 from registry.ledger import Ledger
 from registry.query import query as sandboxed_query
 from registry.store import Store

@@ -40,7 +40,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     home = _home(args)
     passphrase = read_passphrase(purpose=f"protect the new node key in {home.root}", confirm=True)
     with Service.initialise(home.root, passphrase, _identity()) as svc:
-        _emit(args, {"home": str(home.root), "key_id": svc.key.key_id}, f"initialised {home.root}\nnode key {svc.key.key_id}\npublic key {home.public_key_file}")
+        _emit(
+            args, {"home": str(home.root), "key_id": svc.key.key_id}, f"initialised {home.root}\nnode key {svc.key.key_id}\npublic key {home.public_key_file}"
+        )
     return 0
 
 
@@ -96,18 +98,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return join_job(Path(args.join), _launch(args, None), timeout_s=args.join_timeout)
     if not args.recipe:
-        raise ApplianceError("appliance train needs a RECIPE (or --join JOBFILE on nodes other than node 0)", "give the recipe file, e.g. `appliance train recipe.toml --data RUN`")
+        raise ApplianceError(
+            "appliance train needs a RECIPE (or --join JOBFILE on nodes other than node 0)",
+            "give the recipe file, e.g. `appliance train recipe.toml --data RUN`",
+        )
     if args.node_rank:
-        raise ApplianceError(f"--node-rank {args.node_rank} runs only with --join", "node 0 runs `appliance train RECIPE …`; the others `appliance train --join JOBFILE --node-rank N …`")
+        raise ApplianceError(
+            f"--node-rank {args.node_rank} runs only with --join",
+            "node 0 runs `appliance train RECIPE …`; the others `appliance train --join JOBFILE --node-rank N …`",
+        )
     from appliance.recipe import load_recipe
 
     loaded = load_recipe(Path(args.recipe))
     launch = _launch(args, loaded.recipe.distributed)
     job_file = Path(args.job_file).resolve() if args.job_file else None
     if launch.nnodes > 1 and job_file is None:
-        raise ApplianceError("a multi-node run needs --job-file on storage every node can read", "add --job-file /shared/path/job.json and give the same path to --join on the other nodes")
+        raise ApplianceError(
+            "a multi-node run needs --job-file on storage every node can read",
+            "add --job-file /shared/path/job.json and give the same path to --join on the other nodes",
+        )
     if args.data and args.source:
-        raise ApplianceError("--data and --source both name where the data comes from", "give one: --data RUN reuses that run's shards, --source DIR ingests a corpus")
+        raise ApplianceError(
+            "--data and --source both name where the data comes from", "give one: --data RUN reuses that run's shards, --source DIR ingests a corpus"
+        )
     data_from = None
     if args.data:
         from appliance.datasets import resolve_run
@@ -157,7 +170,12 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
 
     report = verify_ledger(_home(args), head=Path(args.head) if args.head else None, keys=[Path(k) for k in args.trusted_key])
     payload = {"ok": True, "events": report.events, "last_seq": report.last_seq, "last_hash": report.last_hash, "head_checked": report.head_checked}
-    _emit(args, payload, f"ledger OK: {report.events} events, chain and signatures verified, head seq {report.last_seq} {report.last_hash[:16]}…" + ("" if report.head_checked else " (no signed head checked)"))
+    _emit(
+        args,
+        payload,
+        f"ledger OK: {report.events} events, chain and signatures verified, head seq {report.last_seq} {report.last_hash[:16]}…"
+        + ("" if report.head_checked else " (no signed head checked)"),
+    )
     return 0
 
 
@@ -364,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("digest", help="digest or unique prefix")
     p.add_argument("--trusted-key", action="append", default=[], help="public key PEM to trust")
 
-    data = sub.add_parser("data", help="a run's dataset card, dropped documents and skipped files").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    data = sub.add_parser("data", help="a run's dataset card, dropped documents and skipped files").add_subparsers(
+        dest="data_command", required=True, metavar="COMMAND"
+    )
     p = add("card", cmd_data_card, data)
     p.add_argument("run", help="run id, unique prefix, or 'latest'")
     p.add_argument("--trusted-key", action="append", default=[], help="public key PEM to trust")

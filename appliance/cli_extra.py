@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 
 
 def _model_dir(args: argparse.Namespace) -> tuple[Path, str | None]:
@@ -49,7 +49,7 @@ def _sample_config(args: argparse.Namespace) -> Any:
         message = str(exc)
         name = next((f for f in fields if message.startswith(f)), None)
         flag = f"--{name.replace('_', '-')}" if name else "an option"
-        raise ConfigError(f"{flag}{message[len(name):] if name else ': ' + message}", f"fix {flag} as the message says") from None
+        raise ConfigError(f"{flag}{message[len(name) :] if name else ': ' + message}", f"fix {flag} as the message says") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -82,8 +82,14 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     from appliance.slurm import SlurmConfig, write_script
 
     cfg = SlurmConfig(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
-        partition=args.partition, account=args.account, data=args.data, port=args.port,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        data=args.data,
+        port=args.port,
     )
     home = _home(args)
     out = Path(args.out) if args.out else None
@@ -91,8 +97,13 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     if not home.exists():
         print(f"note: {home.root} is not an initialised appliance home here; node 0 will need it", file=sys.stderr)
     payload = {
-        "script": str(out) if out else None, "recipe": str(loaded.path), "recipe_sha256": loaded.digest,
-        "home": str(home.root), "nodes": cfg.nodes, "gpus_per_node": cfg.gpus_per_node, "ranks": cfg.nodes * cfg.gpus_per_node,
+        "script": str(out) if out else None,
+        "recipe": str(loaded.path),
+        "recipe_sha256": loaded.digest,
+        "home": str(home.root),
+        "nodes": cfg.nodes,
+        "gpus_per_node": cfg.gpus_per_node,
+        "ranks": cfg.nodes * cfg.gpus_per_node,
     }
     if out is None and not args.json:
         sys.stdout.write(text)  # so `appliance slurm … | sbatch` works

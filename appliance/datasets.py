@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from appliance.audit import query, verify_artifact
 from appliance.home import Home
-from keys.errors import ApplianceError, StoreError
+from keys.errors import ApplianceError
+from registry.errors import StoreError
 from registry.store import Store
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_.:-]{4,80}")
@@ -31,10 +32,10 @@ def resolve_run(home: Home, run: str) -> str:
             raise ApplianceError("the ledger records no runs yet", "start one with `appliance run RECIPE` or `appliance demo`")
         return rows[0][0]
     if not _RUN_ID.fullmatch(run):
-        raise ApplianceError(f"'{run}' is not a run id", "copy it from the run summary or `appliance ledger query \"SELECT * FROM runs\"`")
+        raise ApplianceError(f"'{run}' is not a run id", 'copy it from the run summary or `appliance ledger query "SELECT * FROM runs"`')
     _, rows = query(home, f"SELECT run_id FROM runs WHERE run_id LIKE '{run}%' ORDER BY run_id")
     if not rows:
-        raise ApplianceError(f"no run with id {run}", "list runs with `appliance ledger query \"SELECT run_id, status FROM runs\"`")
+        raise ApplianceError(f"no run with id {run}", 'list runs with `appliance ledger query "SELECT run_id, status FROM runs"`')
     if len(rows) > 1:
         raise ApplianceError(f"{len(rows)} runs start with {run}", "give more of the id")
     return rows[0][0]
@@ -46,7 +47,7 @@ def run_artifact(home: Home, run_id: str, kind: str, *, keys: Sequence[Path] = (
     if not rows:
         raise StoreError(
             f"run {run_id} recorded no {kind} artifact",
-            "the run may have failed before that stage (see `appliance ledger query \"SELECT * FROM stages\"`), "
+            'the run may have failed before that stage (see `appliance ledger query "SELECT * FROM stages"`), '
             "or it ran before the appliance produced this artifact",
         )
     digest = rows[0][0]

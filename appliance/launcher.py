@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keys.errors import ConfigError, TrainingError
+from pipeline.errors import ConfigError, TrainingError
 
 POLL_S = 0.2
 # How much of the launcher log a failure message quotes.
@@ -55,7 +55,9 @@ class LaunchOptions:
         if self.nnodes > 1:
             m = _ENDPOINT.match(self.rdzv_endpoint)
             if not m or not 0 < int(m.group(1)) < 65536:
-                raise ConfigError(f"--rdzv-endpoint '{self.rdzv_endpoint}' is not HOST:PORT", "give node 0's address and a free port, e.g. --rdzv-endpoint head-node:29500")
+                raise ConfigError(
+                    f"--rdzv-endpoint '{self.rdzv_endpoint}' is not HOST:PORT", "give node 0's address and a free port, e.g. --rdzv-endpoint head-node:29500"
+                )
 
     @property
     def world(self) -> int:
@@ -91,7 +93,9 @@ def check_port(opts: LaunchOptions) -> None:
         try:
             s.bind(("", port))
         except OSError as exc:
-            raise ConfigError(f"rendezvous port {port} on this node is not free ({exc.strerror})", "pick another port in --rdzv-endpoint, or stop the process holding it") from None
+            raise ConfigError(
+                f"rendezvous port {port} on this node is not free ({exc.strerror})", "pick another port in --rdzv-endpoint, or stop the process holding it"
+            ) from None
 
 
 def job_env(opts: LaunchOptions) -> dict[str, str]:
@@ -257,7 +261,10 @@ def failure_message(out_dir: Path, log_file: Path, outcome: Outcome) -> str:
 
 def require_success(out_dir: Path, log_file: Path, outcome: Outcome) -> None:
     if outcome.returncode != 0:
-        raise TrainingError(failure_message(out_dir, log_file, outcome), f"see {log_file}; fix the cause, then `appliance resume RUN` continues from the last verified checkpoint")
+        raise TrainingError(
+            failure_message(out_dir, log_file, outcome),
+            f"see {log_file}; fix the cause, then `appliance resume RUN` continues from the last verified checkpoint",
+        )
 
 
 def join_job(job_file: Path, opts: LaunchOptions, *, timeout_s: float) -> int:
@@ -273,9 +280,15 @@ def join_job(job_file: Path, opts: LaunchOptions, *, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     while not job_file.is_file():
         if time.monotonic() > deadline:
-            raise TrainingError(f"job file {job_file} did not appear within {timeout_s:g} s", "start node 0 (`appliance train RECIPE --job-file …`) and check that this path is on storage both nodes share")
+            raise TrainingError(
+                f"job file {job_file} did not appear within {timeout_s:g} s",
+                "start node 0 (`appliance train RECIPE --job-file …`) and check that this path is on storage both nodes share",
+            )
         time.sleep(1.0)
     proc = subprocess.run(command(job_file, LaunchOptions(**{**opts.__dict__, "force_torchrun": True})), env=job_env(opts), check=False)
     if proc.returncode != 0:
-        raise TrainingError(f"this node's training processes exited with code {proc.returncode}", "node 0's `appliance` output and the run's launcher.log say which rank failed first")
+        raise TrainingError(
+            f"this node's training processes exited with code {proc.returncode}",
+            "node 0's `appliance` output and the run's launcher.log say which rank failed first",
+        )
     return 0

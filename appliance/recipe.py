@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keys.digest import sha256_bytes
-from keys.errors import ConfigError
 from pipeline.clean import CleanConfig
 from pipeline.config import check, from_mapping
+from pipeline.errors import ConfigError
 from pipeline.evaluate import EvalConfig
 from pipeline.filters import FiltersConfig
 from pipeline.ingest import IngestConfig
@@ -75,7 +75,7 @@ class LoadedRecipe:
         else:
             raise ConfigError(
                 f"{self.path}: no corpus given: [recipe] source is empty",
-                "set recipe.source = \"path/to/corpus\" or pass --source DIR",
+                'set recipe.source = "path/to/corpus" or pass --source DIR',
             )
         # Checked before the run starts, so a typo does not leave a failed run in the ledger.
         if not path.is_dir():

@@ -39,8 +39,20 @@ class RichReporter:
 
     # Figures worth a line when a stage finishes; the rest is in the ledger.
     SHOWN = (
-        "files", "documents", "documents_out", "dropped_short", "dropped_duplicate", "vocab_size",
-        "train_tokens", "val_tokens", "steps", "final_loss", "tokens_per_s", "val_loss", "perplexity", "parameters",
+        "files",
+        "documents",
+        "documents_out",
+        "dropped_short",
+        "dropped_duplicate",
+        "vocab_size",
+        "train_tokens",
+        "val_tokens",
+        "steps",
+        "final_loss",
+        "tokens_per_s",
+        "val_loss",
+        "perplexity",
+        "parameters",
     )
 
     def __init__(self) -> None:

@@ -22,11 +22,13 @@ from appliance.recipe import LoadedRecipe, parse_recipe
 from appliance.reporting import NullReporter, Reporter
 from appliance.training import StageContext, TrainingStopped, precheck
 from keys.digest import sha256_bytes
-from keys.errors import ApplianceError, PolicyError, StoreError
+from keys.errors import ApplianceError
 from keys.keystore import NodeKey, create_key, load_key
 from pipeline.config import to_mapping
 from pipeline.result import ProgressFn, StageResult
 from policies.decision import OwnerPolicy
+from policies.errors import PolicyError
+from registry.errors import StoreError
 from registry.ledger import Ledger
 from registry.modelsig import sign_model_dir, verify_model_dir
 from registry.store import Store, StoredArtifact
@@ -169,9 +171,13 @@ class Service:
         force_offline()
         run_id = new_run_id()
         run = RunState(
-            run_id=run_id, work=self.home.work_dir / run_id, context=context or {},
+            run_id=run_id,
+            work=self.home.work_dir / run_id,
+            context=context or {},
             reuse={s: data_from for s in DATA_STAGES} if data_from else {},
-            launch=launch or LaunchOptions(), job_file=job_file, recipe_dir=loaded.path.parent,
+            launch=launch or LaunchOptions(),
+            job_file=job_file,
+            recipe_dir=loaded.path.parent,
         )
         run.work.mkdir(parents=True)
         recipe_art = self.store.import_path(loaded.path, kind="recipe", name=loaded.path.name, signer=self.key, move=False)
@@ -225,8 +231,13 @@ class Service:
         if started.get("data_from"):
             reuse.update({s: started["data_from"] for s in DATA_STAGES})
         run = RunState(
-            run_id=run_id, work=self.home.work_dir / run_id, context=started.get("context") or {}, reuse=reuse,
-            launch=launch or LaunchOptions(**started.get("launch", {})), job_file=job_file, recipe_dir=recipe_path.parent,
+            run_id=run_id,
+            work=self.home.work_dir / run_id,
+            context=started.get("context") or {},
+            reuse=reuse,
+            launch=launch or LaunchOptions(**started.get("launch", {})),
+            job_file=job_file,
+            recipe_dir=recipe_path.parent,
         )
         run.work.mkdir(parents=True, exist_ok=True)
         run.artifacts["recipe"] = StoredArtifact(digest=digest, path=stored, size_bytes=recipe_event.data["size_bytes"], files=recipe_event.data["files"])
@@ -276,7 +287,7 @@ class Service:
             return max(self.ledger.events("run.started"), key=lambda e: e.seq).data["run_id"]
         matches = [i for i in ids if i.startswith(ref)]
         if not matches:
-            raise ApplianceError(f"no run with id {ref}", "list runs with `appliance ledger query \"SELECT run_id, status FROM runs\"`")
+            raise ApplianceError(f"no run with id {ref}", 'list runs with `appliance ledger query "SELECT run_id, status FROM runs"`')
         if len(matches) > 1:
             raise ApplianceError(f"{len(matches)} runs start with {ref}", "give more of the id")
         return matches[0]
@@ -294,7 +305,10 @@ class Service:
         from_run = self._resolve_run(from_run)
         finished = [e for e in self.ledger.events("stage.finished") if e.data["run_id"] == from_run and e.data["stage"] == stage.name]
         if not finished:
-            raise ApplianceError(f"run {from_run} has no finished {stage.name} stage to reuse", f"pick a run whose data stages finished (`appliance ledger query \"SELECT * FROM stages WHERE run_id = '{from_run}'\"`)")
+            raise ApplianceError(
+                f"run {from_run} has no finished {stage.name} stage to reuse",
+                f"pick a run whose data stages finished (`appliance ledger query \"SELECT * FROM stages WHERE run_id = '{from_run}'\"`)",
+            )
         reporter.stage_started(stage.name, f"{stage.title} (from {from_run})")
         trusted = {self.key.key_id: self.key.public_key}
         reused: dict[str, str] = {}
@@ -327,9 +341,13 @@ class Service:
             self.ledger.append(kind, self.identity, body)
 
         return StageContext(
-            run_id=run.run_id, provenance=self._provenance(run, loaded), recipe_dir=run.recipe_dir,
-            note=note, checkpoint_record=lambda step: self._checkpoint_record(run.run_id, step),
-            launch=run.launch, job_file=run.job_file,
+            run_id=run.run_id,
+            provenance=self._provenance(run, loaded),
+            recipe_dir=run.recipe_dir,
+            note=note,
+            checkpoint_record=lambda step: self._checkpoint_record(run.run_id, step),
+            launch=run.launch,
+            job_file=run.job_file,
         )
 
     def _run_stage(self, run: RunState, stage: Any, loaded: LoadedRecipe, source_dir: Path, reporter: Reporter) -> None:
@@ -370,8 +388,15 @@ class Service:
                     "artifact.recorded",
                     self.identity,
                     {
-                        "digest": digest, "kind": "source", "name": src["path"], "size_bytes": src["bytes"], "files": 1,
-                        "store_path": None, "run_id": run.run_id, "stage": stage.name, "parents": [],
+                        "digest": digest,
+                        "kind": "source",
+                        "name": src["path"],
+                        "size_bytes": src["bytes"],
+                        "files": 1,
+                        "store_path": None,
+                        "run_id": run.run_id,
+                        "stage": stage.name,
+                        "parents": [],
                         "meta": {k: v for k, v in src.items() if k not in ("sha256", "path", "bytes")},
                     },
                 )
@@ -399,10 +424,16 @@ class Service:
             "artifact.recorded",
             self.identity,
             {
-                "digest": art.digest, "kind": kind, "name": name if kind == "recipe" else f"{run.run_id}/{name}",
-                "size_bytes": art.size_bytes, "files": art.files,
-                "store_path": str(art.path.relative_to(self.home.store_dir)), "run_id": run.run_id, "stage": stage,
-                "parents": sorted(parents), "meta": {},
+                "digest": art.digest,
+                "kind": kind,
+                "name": name if kind == "recipe" else f"{run.run_id}/{name}",
+                "size_bytes": art.size_bytes,
+                "files": art.files,
+                "store_path": str(art.path.relative_to(self.home.store_dir)),
+                "run_id": run.run_id,
+                "stage": stage,
+                "parents": sorted(parents),
+                "meta": {},
             },
         )
 

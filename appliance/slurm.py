@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.recipe import LoadedRecipe, load_recipe
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 
 # [D-]HH:MM:SS, one of the forms sbatch's --time accepts.
 _TIME = re.compile(r"(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)")
@@ -46,11 +46,28 @@ class SlurmConfig:
         _require(self.nodes >= 1, "--nodes", f"must be at least 1, got {self.nodes}", "pass --nodes 2 (or more) for a multi-node run")
         _require(self.gpus_per_node >= 1, "--gpus-per-node", f"must be at least 1, got {self.gpus_per_node}", "pass the number of GPUs on each node")
         _require(self.cpus_per_task >= 0, "--cpus-per-task", f"must be >= 0 (0 = 8 per GPU), got {self.cpus_per_task}", "pass e.g. --cpus-per-task 32")
-        _require(_TIME.fullmatch(self.time) is not None, "--time", f"'{self.time}' is not HH:MM:SS or D-HH:MM:SS", "pass e.g. --time 12:00:00 or --time 2-00:00:00")
-        _require(1024 <= self.port <= 65535, "--port", f"must be in 1024..65535, got {self.port}", "pass an unprivileged port free on the first node, e.g. --port 29500")
+        _require(
+            _TIME.fullmatch(self.time) is not None, "--time", f"'{self.time}' is not HH:MM:SS or D-HH:MM:SS", "pass e.g. --time 12:00:00 or --time 2-00:00:00"
+        )
+        _require(
+            1024 <= self.port <= 65535,
+            "--port",
+            f"must be in 1024..65535, got {self.port}",
+            "pass an unprivileged port free on the first node, e.g. --port 29500",
+        )
         for flag, value in (("--partition", self.partition), ("--account", self.account)):
-            _require(value is None or _NAME.fullmatch(value) is not None, flag, f"'{value}' is not a SLURM name (letters, digits, _ . + -)", f"pass {flag} as `sinfo` / `sacctmgr` show it")
-        _require(self.data is None or (bool(self.data.strip()) and not _CONTROL.search(self.data)), "--data", f"{self.data!r} is not a run id", "pass a run id from `appliance ledger query 'SELECT run_id FROM runs'`")
+            _require(
+                value is None or _NAME.fullmatch(value) is not None,
+                flag,
+                f"'{value}' is not a SLURM name (letters, digits, _ . + -)",
+                f"pass {flag} as `sinfo` / `sacctmgr` show it",
+            )
+        _require(
+            self.data is None or (bool(self.data.strip()) and not _CONTROL.search(self.data)),
+            "--data",
+            f"{self.data!r} is not a run id",
+            "pass a run id from `appliance ledger query 'SELECT run_id FROM runs'`",
+        )
 
     @property
     def cpus(self) -> int:
@@ -147,7 +164,7 @@ def render_script(loaded: LoadedRecipe, cfg: SlurmConfig, *, home: Path) -> str:
         "else",
         f'  exec appliance train --join "$JOBFILE" --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" {rdzv}',
         "fi",
-        "\'",
+        "'",
         "",
     ]
     return "\n".join(lines)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from appliance.recipe import Recipe
 from appliance.training import StageContext, train_stage
@@ -57,18 +56,47 @@ def _curate(r: Recipe, a: dict[str, Path], src: Path, work: Path, progress: Prog
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "ingest sources", (), {"raw": "raw-documents", "rejects": "ingest-rejects", "ingest_report": "ingest-report"}, _ingest),
-    Stage("curate", "clean, filter, redact, dedup", ("raw",),
-          {"dataset": "dataset", "curation": "curation-report", "dropped": "dropped-samples"}, _curate),
-    Stage("tokenizer", "train tokenizer", ("dataset",), {"tokenizer": "tokenizer", "vocab": "tokenizer-vocab"},
-          lambda r, a, src, work, p, ctx: run_tokenizer(a["dataset"], work, r.tokenizer, p)),
-    Stage("shard", "tokenize + shard", ("dataset", "tokenizer"), {"shards": "token-shards"},
-          lambda r, a, src, work, p, ctx: run_shard(a["dataset"], a["tokenizer"], work, r.shard, p)),
-    Stage("card", "dataset card", ("ingest_report", "curation", "shards"), {"card": "dataset-card"},
-          lambda r, a, src, work, p, ctx: run_card(a["ingest_report"], a["curation"], a["shards"], work)),
-    Stage("train", "train", ("shards", "recipe"), {"checkpoint": "checkpoint", "logs": "training-logs"},
-          lambda r, a, src, work, p, ctx: train_stage(r, a, work, p, ctx)),
-    Stage("evaluate", "evaluate", ("checkpoint", "shards", "tokenizer"), {"report": "eval-report"},
-          lambda r, a, src, work, p, ctx: run_evaluate(a["checkpoint"], a["shards"], a["tokenizer"], work, r.evaluate, p)),
-    Stage("package", "package + sign", ("checkpoint", "tokenizer", "report", "recipe"), {"model": "model"},
-          lambda r, a, src, work, p, ctx: run_package(a["checkpoint"], a["tokenizer"], work, r.package, ctx.provenance)),
+    Stage("curate", "clean, filter, redact, dedup", ("raw",), {"dataset": "dataset", "curation": "curation-report", "dropped": "dropped-samples"}, _curate),
+    Stage(
+        "tokenizer",
+        "train tokenizer",
+        ("dataset",),
+        {"tokenizer": "tokenizer", "vocab": "tokenizer-vocab"},
+        lambda r, a, src, work, p, ctx: run_tokenizer(a["dataset"], work, r.tokenizer, p),
+    ),
+    Stage(
+        "shard",
+        "tokenize + shard",
+        ("dataset", "tokenizer"),
+        {"shards": "token-shards"},
+        lambda r, a, src, work, p, ctx: run_shard(a["dataset"], a["tokenizer"], work, r.shard, p),
+    ),
+    Stage(
+        "card",
+        "dataset card",
+        ("ingest_report", "curation", "shards"),
+        {"card": "dataset-card"},
+        lambda r, a, src, work, p, ctx: run_card(a["ingest_report"], a["curation"], a["shards"], work),
+    ),
+    Stage(
+        "train",
+        "train",
+        ("shards", "recipe"),
+        {"checkpoint": "checkpoint", "logs": "training-logs"},
+        lambda r, a, src, work, p, ctx: train_stage(r, a, work, p, ctx),
+    ),
+    Stage(
+        "evaluate",
+        "evaluate",
+        ("checkpoint", "shards", "tokenizer"),
+        {"report": "eval-report"},
+        lambda r, a, src, work, p, ctx: run_evaluate(a["checkpoint"], a["shards"], a["tokenizer"], work, r.evaluate, p),
+    ),
+    Stage(
+        "package",
+        "package + sign",
+        ("checkpoint", "tokenizer", "report", "recipe"),
+        {"model": "model"},
+        lambda r, a, src, work, p, ctx: run_package(a["checkpoint"], a["tokenizer"], work, r.package, ctx.provenance),
+    ),
 )

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.launcher import LaunchOptions, require_success, run_job
-from keys.errors import ApplianceError, TrainingError
+from keys.errors import ApplianceError
 from pipeline.config import to_mapping
+from pipeline.errors import TrainingError
 from pipeline.result import ProgressFn, StageResult
 from pipeline.training import checkpoint as ckpt
 
@@ -59,7 +60,9 @@ def select_resume(work: Path, ctx: StageContext) -> Path | None:
     def signed_by_the_service(info: ckpt.CheckpointInfo) -> None:
         record = ctx.checkpoint_record(info.step)
         if record is None:
-            raise TrainingError(f"checkpoint {info.path} has no checkpoint.saved record in the ledger", "it was not written by a recorded run; it cannot be trusted")
+            raise TrainingError(
+                f"checkpoint {info.path} has no checkpoint.saved record in the ledger", "it was not written by a recorded run; it cannot be trusted"
+            )
         if record.get("digest") != ckpt.checkpoint_digest(info):
             raise TrainingError(f"checkpoint {info.path} differs from the digest the ledger recorded for step {info.step}", "it was altered after it was saved")
 
@@ -113,9 +116,14 @@ def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: P
     events_file.unlink(missing_ok=True)
     shutil.rmtree(work / "errors", ignore_errors=True)
     spec = {
-        "shards": str(artifacts["shards"]), "out_dir": str(work), "events": str(events_file),
-        "model": to_mapping(recipe.model), "train": to_mapping(recipe.train), "distributed": to_mapping(recipe.distributed),
-        "deepspeed": deepspeed, "resume_from": str(resume_from) if resume_from else None,
+        "shards": str(artifacts["shards"]),
+        "out_dir": str(work),
+        "events": str(events_file),
+        "model": to_mapping(recipe.model),
+        "train": to_mapping(recipe.train),
+        "distributed": to_mapping(recipe.distributed),
+        "deepspeed": deepspeed,
+        "resume_from": str(resume_from) if resume_from else None,
     }
     spec_file = ctx.job_file or work / JOB_SPEC
     spec_file.parent.mkdir(parents=True, exist_ok=True)
@@ -187,8 +195,14 @@ class _Follower:
         size = sum((path / rel).stat().st_size for rel in info.files)
         self.ctx.note(
             "checkpoint.saved",
-            {"step": info.step, "digest": ckpt.checkpoint_digest(info), "manifest_sha256": info.manifest_sha256,
-             "path": str(path), "files": len(info.files) + 1, "size_bytes": size},
+            {
+                "step": info.step,
+                "digest": ckpt.checkpoint_digest(info),
+                "manifest_sha256": info.manifest_sha256,
+                "path": str(path),
+                "files": len(info.files) + 1,
+                "size_bytes": size,
+            },
         )
 
     def flush(self) -> None:

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench.corpus import build_corpus  # noqa: E402
-from pipeline.curate import CurateSettings, run_curate  # noqa: E402
 from pipeline.clean import CleanConfig  # noqa: E402
+from pipeline.curate import CurateSettings, run_curate  # noqa: E402
 from pipeline.ingest import IngestConfig, run_ingest  # noqa: E402
 from pipeline.pii import PiiConfig  # noqa: E402
 

@@ -147,7 +147,11 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure(side: str, spec_path: Path, result_path: Path, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, str(PEER), str(spec_path), str(result_path)] if side == "peer" else [sys.executable, __file__, "--ours", str(spec_path), str(result_path)]
+    cmd = (
+        [sys.executable, str(PEER), str(spec_path), str(result_path)]
+        if side == "peer"
+        else [sys.executable, __file__, "--ours", str(spec_path), str(result_path)]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     return json.loads(result_path.read_text(encoding="utf-8"))

@@ -184,7 +184,7 @@ def _man_paragraphs(path: Path) -> list[str]:
             current.clear()
 
     for line in text.splitlines():
-        if line.startswith((".\\\"", "'\\\"", '.\\"', "\\\"")):
+        if line.startswith(('.\\"', "'\\\"", '.\\"', '\\"')):
             continue
         if line.startswith((".", "'")):
             macro, _, args = line[1:].strip().partition(" ")
@@ -286,8 +286,7 @@ def group_documents(paragraphs: Sequence[str], rng: random.Random) -> Iterator[s
     for para in paragraphs:
         if len(para) > MAX_DOC_BYTES:
             # A huge paragraph (a changelog, a table) is cut at line ends, not mid-line.
-            for chunk in _cut_lines(para, MAX_DOC_BYTES):
-                yield chunk
+            yield from _cut_lines(para, MAX_DOC_BYTES)
             continue
         parts.append(para)
         size += len(para) + 2
@@ -373,9 +372,7 @@ def junk_document(rng: random.Random, vocabulary: Sequence[str]) -> tuple[str, s
         lines = [" ".join(rng.choices(vocabulary, k=rng.randint(6, 14))) + "." for _ in range(rng.randint(2, 5))]
         text = "\n".join(rng.choice(lines) for _ in range(n))
     elif kind == "bullets":
-        text = "\n".join(
-            f"{rng.choice('•-*')} " + " ".join(rng.choices(vocabulary, k=rng.randint(2, 8))) for _ in range(n)
-        )
+        text = "\n".join(f"{rng.choice('•-*')} " + " ".join(rng.choices(vocabulary, k=rng.randint(2, 8))) for _ in range(n))
     elif kind == "lorem_ipsum":
         text = "\n\n".join(_LOREM for _ in range(rng.randint(3, 12)))
     elif kind == "cookie_banner":
@@ -407,7 +404,7 @@ def build_corpus(
     seconds_extract = time.perf_counter() - started
 
     rng = random.Random(seed)
-    vocabulary = sorted({w for p in paragraphs[: 20_000] for w in p.split() if w.isalpha() and len(w) < 15})
+    vocabulary = sorted({w for p in paragraphs[:20_000] for w in p.split() if w.isalpha() and len(w) < 15})
 
     def real_documents() -> Iterator[tuple[int, str]]:
         # Pass 0 keeps paragraphs in source order (coherent documents); later passes

@@ -198,21 +198,13 @@ def run_datatrove(corpus_jsonl: Path, workdir: Path, workers: int) -> dict[str, 
             logging_dir=str(logs / "signatures"),
         ),
         LocalPipelineExecutor(
-            pipeline=[
-                MinhashDedupBuckets(
-                    input_folder=str(minhash / "signatures"), output_folder=str(minhash / "buckets"), config=config
-                )
-            ],
+            pipeline=[MinhashDedupBuckets(input_folder=str(minhash / "signatures"), output_folder=str(minhash / "buckets"), config=config)],
             tasks=config.num_buckets,
             workers=workers,
             logging_dir=str(logs / "buckets"),
         ),
         LocalPipelineExecutor(
-            pipeline=[
-                MinhashDedupCluster(
-                    input_folder=str(minhash / "buckets"), output_folder=str(minhash / "remove_ids"), config=config
-                )
-            ],
+            pipeline=[MinhashDedupCluster(input_folder=str(minhash / "buckets"), output_folder=str(minhash / "remove_ids"), config=config)],
             tasks=1,
             workers=1,
             logging_dir=str(logs / "clusters"),
@@ -253,9 +245,7 @@ def run_datatrove(corpus_jsonl: Path, workdir: Path, workers: int) -> dict[str, 
         "seconds_prepare": round(seconds_prepare, 3),
         "seconds_filter": round(seconds_filter, 3),
         "seconds_minhash": round(seconds_minhash, 3),
-        "seconds_minhash_stages": {
-            name: round(s, 3) for name, s in zip(("signatures", "buckets", "cluster", "filter"), stage_seconds)
-        },
+        "seconds_minhash_stages": {name: round(s, 3) for name, s in zip(("signatures", "buckets", "cluster", "filter"), stage_seconds)},
         "seconds_total": round(seconds_filter + seconds_minhash, 3),
         "docs_in": docs_in,
         "docs_after_filter": _count_jsonl(filtered),

@@ -63,21 +63,15 @@ def public_key_path(path: Path) -> Path:
 
 def key_id_of(public_key: ec.EllipticCurvePublicKey) -> str:
     """The key's id: sha256 hex of its DER SubjectPublicKeyInfo."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
 
 def _public_pem(public_key: ec.EllipticCurvePublicKey) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def verify_signature(
-    public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes
-) -> None:
+def verify_signature(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> None:
     """Check an ECDSA-SHA256 DER ``signature`` over ``data``; raise SigningError if it fails."""
     try:
         public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
@@ -299,9 +293,7 @@ def load_key(path: Path, passphrase: bytes) -> NodeKey:
             _PASSPHRASE_HINT,
         ) from None
     private_key = serialization.load_der_private_key(der, password=None)
-    if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(
-        private_key.curve, ec.SECP256R1
-    ):
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(private_key.curve, ec.SECP256R1):
         raise _corrupt(path, "the sealed key is not an ECDSA P-256 key")
     key = NodeKey(private_key)
     if key.key_id != header.get("key_id"):
@@ -327,12 +319,8 @@ def public_key_from_pem(data: bytes, *, source: str = "PEM data") -> ec.Elliptic
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
-        raise KeyStoreError(
-            f"{source} is not a PEM public key", "pass the `.pub.pem` file of a node key"
-        ) from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
-        key.curve, ec.SECP256R1
-    ):
+        raise KeyStoreError(f"{source} is not a PEM public key", "pass the `.pub.pem` file of a node key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise KeyStoreError(
             f"{source} is not an ECDSA P-256 public key",
             "the appliance signs with P-256 only; pass the `.pub.pem` of a node key",
@@ -346,8 +334,7 @@ def _read_secret_file(name: str) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyStoreError(
-            f"cannot read passphrase file {path} named by {ENV_PASSPHRASE_FILE}: "
-            f"{exc.strerror}",
+            f"cannot read passphrase file {path} named by {ENV_PASSPHRASE_FILE}: {exc.strerror}",
             f"point {ENV_PASSPHRASE_FILE} at a readable file (mode 0600) holding the passphrase",
         ) from None
     if data.endswith(b"\r\n"):
@@ -375,9 +362,7 @@ def read_passphrase(*, purpose: str, confirm: bool = False) -> bytes:
         source = "the prompt"
         passphrase = getpass.getpass(f"Passphrase to {purpose}: ").encode("utf-8")
         if confirm and getpass.getpass("Repeat it: ").encode("utf-8") != passphrase:
-            raise KeyStoreError(
-                "the two passphrases differ", "run the command again and type the same twice"
-            )
+            raise KeyStoreError("the two passphrases differ", "run the command again and type the same twice")
     else:
         raise KeyStoreError(
             f"a passphrase is needed to {purpose}, and there is no terminal to ask on",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from keys.digest import sha256_file
-from keys.errors import DataError
+from pipeline.errors import DataError
 from pipeline.result import StageResult, write_json
 from pipeline.shard_format import MANIFEST
 

@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -87,16 +87,11 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, source: str = "config
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key '{dotted(unknown[0])}'"
-            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+            f"{source}: unknown key '{dotted(unknown[0])}'" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
             f"remove it or use one of: {', '.join(sorted(fields))}",
         )
     kwargs = {name: _coerce(data[name], hints[name], dotted(name), source) for name in fields if name in data}
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{source}: missing required key '{dotted(missing[0])}'", f"add {dotted(missing[0])} = ...")
     try:

@@ -24,19 +24,19 @@ they are stored like the dataset).
 from __future__ import annotations
 
 from array import array
-from hashlib import sha256
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from keys.errors import DataError
 from pipeline.clean import CleanConfig, clean_text
 from pipeline.config import to_mapping
+from pipeline.errors import DataError
 from pipeline.filters import FilterChain, FiltersConfig
 from pipeline.minhash import DedupConfig, MinHasher, exact_key, find_clusters
 from pipeline.parallel import ordered_map, resolve_workers
@@ -44,9 +44,7 @@ from pipeline.parquet_io import ParquetSink, iter_rows, open_parquet
 from pipeline.pii import KEPT_SUFFIX, PII_TYPES, PiiConfig, Redactor
 from pipeline.result import ProgressFn, StageResult, no_progress, write_json
 
-DATASET_SCHEMA = pa.schema(
-    [("doc_id", pa.int64()), ("source", pa.string()), ("text", pa.string()), ("sha256", pa.string())]
-)
+DATASET_SCHEMA = pa.schema([("doc_id", pa.int64()), ("source", pa.string()), ("text", pa.string()), ("sha256", pa.string())])
 DROPPED_SCHEMA = pa.schema(
     [
         ("doc_id", pa.int64()),
@@ -141,7 +139,7 @@ class _Worker:
                         if any(not name.endswith(KEPT_SUFFIX) for name in red.counts):
                             out.pii_documents += 1
                         if red.text is None:
-                            drop = ("pii", str(red.dropped_by), "document holds a type whose pii action is \"drop\"")
+                            drop = ("pii", str(red.dropped_by), 'document holds a type whose pii action is "drop"')
                         else:
                             text = red.text
             if drop is not None:
@@ -194,9 +192,7 @@ def _batches(pf: Any, path: Path) -> Iterator[tuple[list[int], list[str], list[s
         yield rows["doc_id"], rows["source"], rows["text"]
 
 
-def run_curate(
-    raw_parquet: Path, out_dir: Path, settings: CurateSettings, progress: ProgressFn = no_progress
-) -> StageResult:
+def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progress: ProgressFn = no_progress) -> StageResult:
     """Curate the ingest stage's ``raw.parquet`` into ``out_dir`` (see the module docstring)."""
     raw_parquet, out_dir = Path(raw_parquet), Path(out_dir)
     created = not out_dir.exists()
@@ -294,10 +290,7 @@ def run_curate(
         for d, s, f, r, det, t in sorted(samples, key=lambda x: (x[2], x[3], x[0])):
             dsink.add(doc_id=d, source=s, filter=f, rule=r, detail=det, text=t)
 
-    cluster_report = [
-        {"kept_doc_id": ids_all[rep], "size": len(members) + 1, "members": [ids_all[m] for m in members[:10]]}
-        for rep, members in clusters[:20]
-    ]
+    cluster_report = [{"kept_doc_id": ids_all[rep], "size": len(members) + 1, "members": [ids_all[m] for m in members[:10]]} for rep, members in clusters[:20]]
     by_filter: Counter[str] = Counter()
     for (flt, _), count in drops.items():
         by_filter[flt] += count

@@ -20,8 +20,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from keys.errors import ConfigError, DataError, TrainingError
 from pipeline.config import check
+from pipeline.errors import ConfigError, DataError, TrainingError
 from pipeline.model import LlamaModel, generate, load_checkpoint
 from pipeline.result import ProgressFn, StageResult, no_progress
 from pipeline.shard_format import open_shards
@@ -79,7 +79,9 @@ def windows_loss(
     """(mean cross-entropy per predicted token, number of predicted tokens) over non-overlapping windows."""
     n_windows = min((len(tokens) - 1) // seq_len, max_batches * batch_size)
     if n_windows < 1:
-        raise DataError(f"the val split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}", "lower the evaluation seq_len or shard more validation text")
+        raise DataError(
+            f"the val split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}", "lower the evaluation seq_len or shard more validation text"
+        )
     model.eval()
     total, count = 0.0, 0
     n_batches = math.ceil(n_windows / batch_size)
@@ -97,7 +99,7 @@ def windows_loss(
 
 def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("evaluate.device is 'cuda' but no CUDA device is available", "set evaluate.device = \"auto\" or \"cpu\"")
+        raise ConfigError("evaluate.device is 'cuda' but no CUDA device is available", 'set evaluate.device = "auto" or "cpu"')
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
@@ -127,15 +129,30 @@ def run_evaluate(
     shards = open_shards(shards_dir)
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     if sp.get_piece_size() != shards.vocab_size:
-        raise TrainingError(f"tokenizer {tokenizer_model} has {sp.get_piece_size()} pieces but the shard set {shards_dir} was made with {shards.vocab_size}", "evaluate with the tokenizer the shards were made with")
+        raise TrainingError(
+            f"tokenizer {tokenizer_model} has {sp.get_piece_size()} pieces but the shard set {shards_dir} was made with {shards.vocab_size}",
+            "evaluate with the tokenizer the shards were made with",
+        )
     if model.cfg.vocab_size < shards.vocab_size:
-        raise TrainingError(f"checkpoint {checkpoint_dir} has a vocabulary of {model.cfg.vocab_size}, smaller than the shard set's {shards.vocab_size}", "evaluate on the shard set the model was trained on")
+        raise TrainingError(
+            f"checkpoint {checkpoint_dir} has a vocabulary of {model.cfg.vocab_size}, smaller than the shard set's {shards.vocab_size}",
+            "evaluate on the shard set the model was trained on",
+        )
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"evaluate.seq_len ({seq_len}) exceeds the model's max_seq_len ({model.cfg.max_seq_len})", "lower evaluate.seq_len or set it to 0")
     use_bf16 = device.type == "cuda"  # as in training: bf16 autocast on CUDA only
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    val_loss, val_tokens = windows_loss(model, shards.tokens("val"), seq_len=seq_len, batch_size=cfg.batch_size, max_batches=cfg.max_batches, device=device, autocast=autocast, progress=progress)
+    val_loss, val_tokens = windows_loss(
+        model,
+        shards.tokens("val"),
+        seq_len=seq_len,
+        batch_size=cfg.batch_size,
+        max_batches=cfg.max_batches,
+        device=device,
+        autocast=autocast,
+        progress=progress,
+    )
     samples = _samples(model, sp, cfg, int(meta.get("bos_id", shards.bos_id)), int(meta.get("eos_id", shards.eos_id)), device)
     stats = {
         "val_loss": val_loss,

@@ -75,7 +75,7 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 # datatrove's PUNCTUATION (utils/text.py) plus the C0/C1 controls it appends.
-_PUNCTUATION = '!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„\';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_."}►»' + "".join(
+_PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»" + "".join(
     map(chr, (*range(0, 9), 11, 12, *range(13, 32), *range(127, 160)))
 )
 # datatrove's TERMINAL_PUNCTUATION: sentence-final marks of many scripts, one character each.
@@ -88,9 +88,7 @@ PUNCTUATION: frozenset[str] = frozenset(_PUNCTUATION) | TERMINAL_PUNCTUATION
 
 # spaCy-like prefix, suffix and infix rules (a subset of spaCy's English punctuation rules).
 _PREFIX = re.compile(r"""^(?:\.\.\.+|…|[§%=—–+'"“”‘’`(\[{<*$£€¥#&~¿¡«»‹›„‚])""")
-_SUFFIX = re.compile(
-    r"""(?:\.\.\.+|…|'s|'S|’s|’S|n't|N'T|[)\]}>"'“”‘’`*!?,:;%‰°»›]|(?<=[0-9])\+|(?<=[\w)\]"'%])\.)$"""
-)
+_SUFFIX = re.compile(r"""(?:\.\.\.+|…|'s|'S|’s|’S|n't|N'T|[)\]}>"'“”‘’`*!?,:;%‰°»›]|(?<=[0-9])\+|(?<=[\w)\]"'%])\.)$""")
 _INFIX = re.compile(
     r"""\.\.+|…|(?<=[0-9])[+\-*^](?=[0-9-])|(?<=[a-z)\]"'`])\.(?=[A-Z"'`])|(?<=[A-Za-z]),(?=[A-Za-z])"""
     r"""|(?<=[A-Za-z0-9])(?:---|--|-|–|—|~)(?=[A-Za-z])|(?<=[A-Za-z0-9])[:<>=/](?=[A-Za-z])"""
@@ -172,8 +170,7 @@ class GopherQualityConfig:
         check(self.max_avg_word_length >= 0, f"max_avg_word_length must be >= 0, got {self.max_avg_word_length}")
         check(
             self.max_avg_word_length == 0 or self.max_avg_word_length >= self.min_avg_word_length,
-            f"max_avg_word_length ({self.max_avg_word_length}) must be 0 or at least "
-            f"min_avg_word_length ({self.min_avg_word_length})",
+            f"max_avg_word_length ({self.max_avg_word_length}) must be 0 or at least min_avg_word_length ({self.min_avg_word_length})",
         )
         for name in (
             "max_symbol_word_ratio",
@@ -336,9 +333,7 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
 def _word_flags(word: str) -> int:
     flags = _FLAGS.get(word)
     if flags is None:
-        flags = (_ALPHA if any(map(str.isalpha, word)) else 0) | (
-            0 if all(map(PUNCTUATION.__contains__, word)) else _NON_SYMBOL
-        )
+        flags = (_ALPHA if any(map(str.isalpha, word)) else 0) | (0 if all(map(PUNCTUATION.__contains__, word)) else _NON_SYMBOL)
         if len(_FLAGS) >= _FLAGS_MAX:
             _FLAGS.clear()
         _FLAGS[word] = flags

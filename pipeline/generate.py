@@ -22,8 +22,8 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from keys.errors import ConfigError, TrainingError
 from pipeline.config import check, from_mapping
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.model import MODEL_CONFIG, WEIGHTS, Attention, LlamaModel, ModelConfig, load_checkpoint, load_weights, rotate_half
 
 HF_CONFIG = "config.json"
@@ -113,16 +113,21 @@ def read_hf_config(model_dir: Path) -> tuple[ModelConfig, int, int]:
         raise TrainingError(f"{path} does not describe a Llama model (model_type is not 'llama')", "only LlamaForCausalLM models can be loaded here")
     # The features our decoder does not have: loading such weights would silently compute something else.
     unsupported = [
-        key for key, ok in (
+        key
+        for key, ok in (
             ("hidden_act", body.get("hidden_act", "silu") == "silu"),
             ("attention_bias", not body.get("attention_bias", False)),
             ("mlp_bias", not body.get("mlp_bias", False)),
             ("rope_scaling", not body.get("rope_scaling")),
             ("rope_parameters", (body.get("rope_parameters") or {}).get("rope_type", "default") == "default"),
-        ) if not ok
+        )
+        if not ok
     ]
     if unsupported:
-        raise TrainingError(f"{path}: {', '.join(unsupported)} set to something this decoder does not implement", "only plain Llama models (SiLU, no biases, default RoPE) can be loaded here")
+        raise TrainingError(
+            f"{path}: {', '.join(unsupported)} set to something this decoder does not implement",
+            "only plain Llama models (SiLU, no biases, default RoPE) can be loaded here",
+        )
     rope = body.get("rope_theta") or (body.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     mapping = {
         "vocab_size": _hf_field(body, "vocab_size", path),
@@ -140,7 +145,10 @@ def read_hf_config(model_dir: Path) -> tuple[ModelConfig, int, int]:
     cfg = from_mapping(ModelConfig, mapping, source=str(path))
     head_dim = body.get("head_dim")
     if head_dim is not None and head_dim != cfg.head_dim:
-        raise TrainingError(f"{path}: head_dim {head_dim} differs from hidden_size / num_attention_heads = {cfg.head_dim}", "only models with head_dim = hidden_size / heads can be loaded here")
+        raise TrainingError(
+            f"{path}: head_dim {head_dim} differs from hidden_size / num_attention_heads = {cfg.head_dim}",
+            "only models with head_dim = hidden_size / heads can be loaded here",
+        )
     bos = _special_id(_hf_field(body, "bos_token_id", path), "bos_token_id", path)
     eos = _special_id(_hf_field(body, "eos_token_id", path), "eos_token_id", path)
     return cfg.resolved(), bos, eos
@@ -187,7 +195,9 @@ def load_for_generation(path: Path, *, tokenizer: Path | None = None, device: st
         model = LlamaModel(cfg)
         load_weights(model, path / WEIGHTS)
         return GenerationModel(model=model.to(device).eval(), tokenizer=sp, bos_id=bos, eos_id=eos, path=path, kind="package", tokenizer_path=tok_path)
-    raise TrainingError(f"{path} has neither {MODEL_CONFIG} (a checkpoint) nor {HF_CONFIG} (a packaged model)", "point at a packaged model/ directory or a checkpoint directory")
+    raise TrainingError(
+        f"{path} has neither {MODEL_CONFIG} (a checkpoint) nor {HF_CONFIG} (a packaged model)", "point at a packaged model/ directory or a checkpoint directory"
+    )
 
 
 # -- sampling --------------------------------------------------------------------------------

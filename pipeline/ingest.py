@@ -37,15 +37,24 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from keys.errors import DataError
 from pipeline.config import check
+from pipeline.errors import DataError
 from pipeline.parquet_io import PARQUET_OPTIONS, ROWS_PER_GROUP, ParquetSink, iter_rows, open_parquet
 from pipeline.readers import FORMATS, Problem, ReadOptions, SourceFile, format_of
 from pipeline.result import ProgressFn, StageResult, no_progress
 
 __all__ = [
-    "PARQUET_OPTIONS", "RAW_SCHEMA", "REJECTS_SCHEMA", "ROWS_PER_GROUP", "IngestConfig", "ParquetSink",
-    "find_sources", "glob_regex", "iter_rows", "open_parquet", "run_ingest",
+    "PARQUET_OPTIONS",
+    "RAW_SCHEMA",
+    "REJECTS_SCHEMA",
+    "ROWS_PER_GROUP",
+    "IngestConfig",
+    "ParquetSink",
+    "find_sources",
+    "glob_regex",
+    "iter_rows",
+    "open_parquet",
+    "run_ingest",
 ]
 
 RAW_SCHEMA = pa.schema(
@@ -58,9 +67,7 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 # One row per skipped item; record -1 is a whole file.
-REJECTS_SCHEMA = pa.schema(
-    [("path", pa.string()), ("record", pa.int64()), ("reason", pa.string()), ("detail", pa.string())]
-)
+REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("record", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
 
 # Enough to see the pattern of a file's problems; the full list is in rejects.parquet.
 MAX_EXAMPLES = 20
@@ -95,14 +102,14 @@ class IngestConfig:
     on_error: Literal["fail", "skip"] = "fail"
 
     def __post_init__(self) -> None:
-        check(len(self.extensions) > 0, "extensions must list at least one extension, e.g. [\".txt\"]")
+        check(len(self.extensions) > 0, 'extensions must list at least one extension, e.g. [".txt"]')
         for ext in self.extensions:
-            check(ext.startswith(".") and len(ext) > 1, f"extension {ext!r} must start with a dot, e.g. \".txt\"")
+            check(ext.startswith(".") and len(ext) > 1, f'extension {ext!r} must start with a dot, e.g. ".txt"')
             check(
                 ext.lower() in FORMATS or not ext.lower().endswith(_COMPRESSED),
                 f"extension {ext!r}: compressed files are read only as .jsonl.gz, .ndjson.gz, .jsonl.zst or .ndjson.zst",
             )
-        check(len(self.include) > 0, "include must list at least one glob, e.g. [\"**\"] for everything")
+        check(len(self.include) > 0, 'include must list at least one glob, e.g. ["**"] for everything')
         for key, globs in (("include", self.include), ("exclude", self.exclude)):
             for glob in globs:
                 check(bool(glob) and not glob.startswith("/"), f"{key} glob {glob!r} must be a path relative to the source folder")
@@ -115,7 +122,7 @@ class IngestConfig:
         check(bool(self.parquet_column), "parquet_column must not be empty")
         check(bool(self.csv_column), "csv_column must not be empty")
         check(self.max_document_bytes >= 0, "max_document_bytes must be >= 0 (0 = no limit)")
-        check(self.on_error in ("fail", "skip"), f"on_error is {self.on_error!r}: use \"fail\" or \"skip\"")
+        check(self.on_error in ("fail", "skip"), f'on_error is {self.on_error!r}: use "fail" or "skip"')
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -194,10 +201,7 @@ def find_sources(source_dir: Path, cfg: IngestConfig) -> tuple[list[tuple[str, P
         rel_root = Path(root).relative_to(source_dir).as_posix()
         prefix = "" if rel_root == "." else rel_root + "/"
         if cfg.recursive:
-            dirs[:] = [
-                d for d in dirs
-                if (cfg.include_hidden or not d.startswith(".")) and not any(p.fullmatch(prefix + d) for p in pruned)
-            ]
+            dirs[:] = [d for d in dirs if (cfg.include_hidden or not d.startswith(".")) and not any(p.fullmatch(prefix + d) for p in pruned)]
         else:
             dirs.clear()
         for name in names:
@@ -216,8 +220,7 @@ def find_sources(source_dir: Path, cfg: IngestConfig) -> tuple[list[tuple[str, P
     if not found:
         filters = "" if cfg.include == ["**"] and not cfg.exclude else f", include {cfg.include}, exclude {cfg.exclude}"
         raise DataError(
-            f"no files with extensions {', '.join(cfg.extensions)} in {source_dir}{filters}"
-            + ("" if cfg.recursive else " (not searching subfolders)"),
+            f"no files with extensions {', '.join(cfg.extensions)} in {source_dir}{filters}" + ("" if cfg.recursive else " (not searching subfolders)"),
             "put the documents there, or set ingest.extensions (and ingest.include / exclude / recursive) to match them",
         )
     found.sort(key=lambda f: os.fsencode(f[0]))
@@ -257,8 +260,10 @@ def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: Pro
     sizes = [_size(path) for _, path, _ in files]
     total = sum(sizes)
     opts = ReadOptions(
-        jsonl_field=cfg.jsonl_field, parquet_column=cfg.parquet_column,
-        csv_column=cfg.csv_column, max_document_bytes=cfg.max_document_bytes,
+        jsonl_field=cfg.jsonl_field,
+        parquet_column=cfg.parquet_column,
+        csv_column=cfg.csv_column,
+        max_document_bytes=cfg.max_document_bytes,
     )
     raw_path, rejects_path = out_dir / "raw.parquet", out_dir / "rejects.parquet"
     inputs: list[dict[str, Any]] = []
@@ -283,7 +288,7 @@ def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: Pro
                 if cfg.on_error == "fail":
                     raise DataError(
                         f"{path} {item.detail} [{item.reason}]",
-                        f"{item.hint}; or set ingest.on_error = \"skip\" to leave it out and list it in rejects.parquet",
+                        f'{item.hint}; or set ingest.on_error = "skip" to leave it out and list it in rejects.parquet',
                     )
                 if rejects is None:
                     rejects = stack.enter_context(ParquetSink(rejects_path, REJECTS_SCHEMA))
@@ -292,16 +297,28 @@ def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: Pro
             done += size
             progress(done, total, {"file": name, "documents": doc_id})
             nbytes = source.size or size
-            inputs.append({
-                "path": name, "sha256": source.sha256, "bytes": nbytes, "format": fmt, "documents": tally.documents,
-                "records_skipped": tally.records_skipped, "skipped": tally.whole_file,
-            })
+            inputs.append(
+                {
+                    "path": name,
+                    "sha256": source.sha256,
+                    "bytes": nbytes,
+                    "format": fmt,
+                    "documents": tally.documents,
+                    "records_skipped": tally.records_skipped,
+                    "skipped": tally.whole_file,
+                }
+            )
             if tally.reasons:
-                skipped.append({
-                    "path": name, "sha256": source.sha256, "whole_file": tally.whole_file is not None,
-                    "reasons": dict(sorted(tally.reasons.items())), "records_skipped": tally.records_skipped,
-                    "examples": tally.examples,
-                })
+                skipped.append(
+                    {
+                        "path": name,
+                        "sha256": source.sha256,
+                        "whole_file": tally.whole_file is not None,
+                        "reasons": dict(sorted(tally.reasons.items())),
+                        "records_skipped": tally.records_skipped,
+                        "examples": tally.examples,
+                    }
+                )
             counts = by_format.setdefault(fmt, {"files": 0, "documents": 0, "bytes": 0})
             counts["files"] += 1
             counts["documents"] += tally.documents

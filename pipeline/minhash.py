@@ -65,8 +65,7 @@ PUNCTUATION = (
     "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
     "\xab\xb4\xbb\u2013\u2014\u2019\u201c\u201d\u201e\u2026\u2236\u2501\u25ba\u3001\u3002"
     "\u3008\u3009\u300a\u300b\u300c\u300d\u3010\u3011\uff01\uff05\uff08\uff09\uff0c\uff0e"
-    "\uff11\uff1a\uff1b\uff1f\uff5e"
-    + "".join(map(chr, [*range(0, 9), *range(11, 32), *range(127, 160)]))
+    "\uff11\uff1a\uff1b\uff1f\uff5e" + "".join(map(chr, [*range(0, 9), *range(11, 32), *range(127, 160)]))
 )
 _PUNCT_TABLE = str.maketrans(PUNCTUATION, " " * len(PUNCTUATION))
 # For str patterns, \d is Unicode category Nd, the same as datatrove's \p{Nd}.
@@ -156,9 +155,7 @@ def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     Its standard error is ``sqrt(J * (1 - J) / len(sig))``, at most 0.047 for 112 hashes.
     """
     if sig_a.shape != sig_b.shape or sig_a.ndim != 1 or sig_a.size == 0:
-        raise ValueError(
-            f"signatures must be non-empty 1-d arrays of one shape, got {sig_a.shape} and {sig_b.shape}"
-        )
+        raise ValueError(f"signatures must be non-empty 1-d arrays of one shape, got {sig_a.shape} and {sig_b.shape}")
     return float(np.count_nonzero(sig_a == sig_b)) / sig_a.size
 
 

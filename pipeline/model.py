@@ -25,8 +25,8 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from keys.errors import TrainingError
 from pipeline.config import check, from_mapping
+from pipeline.errors import TrainingError
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
@@ -412,7 +412,9 @@ def read_model_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TrainingError(f"no {MODEL_CONFIG} in {directory}: not a model checkpoint", "point at the train stage's final/ or a checkpoints/step_* directory") from None
+        raise TrainingError(
+            f"no {MODEL_CONFIG} in {directory}: not a model checkpoint", "point at the train stage's final/ or a checkpoints/step_* directory"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TrainingError(f"{path} is not valid JSON ({exc})", "restore the checkpoint from the store") from None
     if body.get("format") != MODEL_CONFIG_FORMAT:

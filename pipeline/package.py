@@ -21,8 +21,8 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
 
-from keys.errors import ConfigError, TrainingError
 from pipeline.config import check
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.model import WEIGHTS, ModelConfig, hf_config, read_model_config
 from pipeline.result import StageResult, write_json
 
@@ -162,13 +162,18 @@ def run_package(checkpoint_dir: Path, tokenizer_model: Path, out_dir: Path, cfg:
     mcfg, meta = read_model_config(checkpoint_dir)
     target = out_dir / "model"
     if target.exists():
-        raise ConfigError(f"{target} already exists; a package directory is never overwritten (it may already be signed)", "package into an empty output directory")
+        raise ConfigError(
+            f"{target} already exists; a package directory is never overwritten (it may already be signed)", "package into an empty output directory"
+        )
     weights_path = checkpoint_dir / WEIGHTS
     if not weights_path.is_file():
         raise TrainingError(f"no {WEIGHTS} in {checkpoint_dir}", "point at the train stage's final/ directory")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     if sp.get_piece_size() > mcfg.vocab_size:
-        raise TrainingError(f"tokenizer {tokenizer_model} has {sp.get_piece_size()} pieces but the model's vocabulary is {mcfg.vocab_size}", "package with the tokenizer the model was trained with")
+        raise TrainingError(
+            f"tokenizer {tokenizer_model} has {sp.get_piece_size()} pieces but the model's vocabulary is {mcfg.vocab_size}",
+            "package with the tokenizer the model was trained with",
+        )
     bos_id, eos_id = int(meta.get("bos_id", sp.bos_id())), int(meta.get("eos_id", sp.eos_id()))
 
     tensors = load_file(str(weights_path))
@@ -183,15 +188,18 @@ def run_package(checkpoint_dir: Path, tokenizer_model: Path, out_dir: Path, cfg:
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     _write_json(tmp / "config.json", hf_config(mcfg, bos_id, eos_id, dtype=cfg.dtype))
-    _write_json(tmp / "generation_config.json", {
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        # The evaluate stage's sampling defaults, so hub-style generate() behaves like our samples.
-        "do_sample": True,
-        "temperature": 0.8,
-        "top_k": 50,
-        "max_length": mcfg.max_seq_len,
-    })
+    _write_json(
+        tmp / "generation_config.json",
+        {
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+            # The evaluate stage's sampling defaults, so hub-style generate() behaves like our samples.
+            "do_sample": True,
+            "temperature": 0.8,
+            "top_k": 50,
+            "max_length": mcfg.max_seq_len,
+        },
+    )
     shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
     tokenizer_config, specials = _tokenizer_files(sp, mcfg.max_seq_len)
     _write_json(tmp / "tokenizer_config.json", tokenizer_config)

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from keys.errors import DataError
+from pipeline.errors import DataError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -72,7 +72,7 @@ def ordered_map(
         except BrokenProcessPool:
             raise DataError(
                 f"a worker process of {getattr(fn, '__module__', 'the stage')} died before finishing its batch "
-                "(killed for memory, or the calling script starts workers without an `if __name__ == \"__main__\":` guard)",
+                '(killed for memory, or the calling script starts workers without an `if __name__ == "__main__":` guard)',
                 "check the kernel log (dmesg) for the out-of-memory killer, or set workers = 1 in the recipe to run in one process",
             ) from None
         finally:

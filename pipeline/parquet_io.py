@@ -7,14 +7,15 @@ files: every stage's outputs can be compared by digest across runs and machines.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from keys.errors import DataError
+from pipeline.errors import DataError
 
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",

@@ -152,9 +152,7 @@ _IBAN_GATE = re.compile(r"[0-9](?<=[A-Z]{2}[0-9])[0-9]")
 _PEM_BEGIN = re.compile(r"-----BEGIN (?P<kind>(?:RSA |EC |DSA |OPENSSH |ENCRYPTED |PGP )?PRIVATE KEY(?: BLOCK)?)-----")
 # Base64 lines and armor headers right after the BEGIN line; line breaks may be real or
 # escaped ("\\n" in a JSON string or an env file).
-_PEM_BODY = re.compile(
-    r"(?:(?:\s|\\[rn])+(?:[A-Za-z0-9+/=]{16,}|(?:Proc-Type|DEK-Info|Version|Comment|Hash): [^\n\\]*))+"
-)
+_PEM_BODY = re.compile(r"(?:(?:\s|\\[rn])+(?:[A-Za-z0-9+/=]{16,}|(?:Proc-Type|DEK-Info|Version|Comment|Hash): [^\n\\]*))+")
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{16,}")
 # How far after the body the END line is looked for (a 4096-bit RSA key is about 3.3 KB).
 _PEM_END_WINDOW = 32_768
@@ -191,18 +189,14 @@ _ASSIGN_OP = r"[\"']?\s*(?::=|=>|[:=])\s*"
 _CLOUD = (
     _Pattern(re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"), ("AKIA", "ASIA")),
     _Pattern(
-        re.compile(
-            r"(?i:aws_?secret_?(?:access_?)?key)" + _ASSIGN_OP + r"[\"']?(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
-        ),
+        re.compile(r"(?i:aws_?secret_?(?:access_?)?key)" + _ASSIGN_OP + r"[\"']?(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"),
         ("secret",),
         fold=True,
         group="v",
     ),
     _Pattern(re.compile(r"(?<![A-Za-z0-9_-])AIza[0-9A-Za-z_-]{35}(?![A-Za-z0-9_-])"), ("AIza",)),
     _Pattern(
-        re.compile(
-            r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,244})(?![A-Za-z0-9_])"
-        ),
+        re.compile(r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,244})(?![A-Za-z0-9_])"),
         ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
     ),
     _Pattern(
@@ -318,9 +312,7 @@ _EMAIL = _Pattern(
 
 # Exactly four dotted parts: 3.11.2 and 1.2.3.4.5 are not addresses. Not after "hex:",
 # which is the IPv4 tail of an IPv6 address (::ffff:192.0.2.1), matched by _IPV6.
-_IPV4 = re.compile(
-    r"[0-9](?<![\w.][0-9])(?<![0-9A-Fa-f]:[0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![\w]|\.[\w])"
-)
+_IPV4 = re.compile(r"[0-9](?<![\w.][0-9])(?<![0-9A-Fa-f]:[0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![\w]|\.[\w])")
 # Hex groups and colons (at least two), optionally ending in a dotted IPv4.
 _IPV6 = re.compile(
     r"[0-9A-Fa-f:](?<![\w:.][0-9A-Fa-f:])(?:(?<=:)(?=[0-9A-Fa-f]*:)|(?=[0-9A-Fa-f]*:[0-9A-Fa-f]*:))"
@@ -377,9 +369,7 @@ _IBAN_LENGTH: dict[str, int] = {
     "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
 }  # fmt: skip
 
-_IBAN = re.compile(
-    r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z][0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"
-)
+_IBAN = re.compile(r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z][0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
 
 
 def _iban_end(candidate: str) -> int | None:
@@ -460,9 +450,7 @@ _CARD_PATTERN = _Pattern(_CARD, gate=_NUMBER_RUN, judge=_card_judge)
 # --- phone numbers ----------------------------------------------------------------------
 
 # International: +CC then groups separated by space, dot or dash, "(0)" and "(20)" allowed.
-_PHONE_INTL = re.compile(
-    r"\+(?<![\w+.-]\+)[1-9][0-9]*(?:[ .-]?\([0-9]{1,4}\)|(?:[ .-]|(?<=\)))[0-9]+){0,7}(?![\w+]|[.:/-][0-9])"
-)
+_PHONE_INTL = re.compile(r"\+(?<![\w+.-]\+)[1-9][0-9]*(?:[ .-]?\([0-9]{1,4}\)|(?:[ .-]|(?<=\)))[0-9]+){0,7}(?![\w+]|[.:/-][0-9])")
 # North American: (555) 123-4567, 555-123-4567, 555.123.4567, optionally 1- in front. The
 # first character is "(", the "1" of "1-" or the area code's first digit (never 0 or 1).
 _PHONE_NANP = re.compile(
@@ -510,9 +498,7 @@ _PATTERNS: dict[str, tuple[_Pattern, ...]] = {
 }
 
 
-def _find(
-    patterns: tuple[_Pattern, ...], text: str, folded: str, gates: dict[re.Pattern[str], bool]
-) -> tuple[list[tuple[int, int]], int]:
+def _find(patterns: tuple[_Pattern, ...], text: str, folded: str, gates: dict[re.Pattern[str], bool]) -> tuple[list[tuple[int, int]], int]:
     """Spans to replace (sorted, not overlapping) and the number of kept matches."""
     spans: list[tuple[int, int]] = []
     kept = 0

@@ -35,23 +35,42 @@ from typing import Any
 import pyarrow as pa
 import zstandard
 
-from keys.errors import DataError
+from pipeline.errors import DataError
 from pipeline.html_text import html_to_text
 from pipeline.parquet_io import map_parquet
 
 # Stable reason kinds: they appear in rejects.parquet, the ledger and the run summary.
 REASONS = (
-    "unreadable", "binary", "not_utf8", "truncated", "malformed_json", "not_object", "missing_field",
-    "not_string", "null_text", "unpaired_surrogate", "wrong_schema", "malformed_csv", "too_large", "not_parquet",
+    "unreadable",
+    "binary",
+    "not_utf8",
+    "truncated",
+    "malformed_json",
+    "not_object",
+    "missing_field",
+    "not_string",
+    "null_text",
+    "unpaired_surrogate",
+    "wrong_schema",
+    "malformed_csv",
+    "too_large",
+    "not_parquet",
 )
 
 # Suffix (lower case) -> format name. Any other suffix listed in ingest.extensions is read as plain text.
 FORMATS: dict[str, str] = {
-    ".txt": "txt", ".md": "md",
-    ".jsonl": "jsonl", ".ndjson": "jsonl",
-    ".jsonl.gz": "jsonl.gz", ".ndjson.gz": "jsonl.gz",
-    ".jsonl.zst": "jsonl.zst", ".ndjson.zst": "jsonl.zst",
-    ".parquet": "parquet", ".csv": "csv", ".html": "html", ".htm": "html",
+    ".txt": "txt",
+    ".md": "md",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".jsonl.gz": "jsonl.gz",
+    ".ndjson.gz": "jsonl.gz",
+    ".jsonl.zst": "jsonl.zst",
+    ".ndjson.zst": "jsonl.zst",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".html": "html",
+    ".htm": "html",
 }
 _STREAMED = frozenset({"jsonl", "jsonl.gz", "jsonl.zst", "csv"})
 
@@ -316,13 +335,17 @@ class SourceFile:
                 head = stream.peek(_SNIFF)[:_SNIFF]
                 nul = head.find(b"\x00")
                 if nul >= 0:
-                    yield Problem(-1, "binary", f"is a binary file, not text (NUL byte at offset {nul}{' after decompression' if decoded is not hashing else ''})")
+                    yield Problem(
+                        -1, "binary", f"is a binary file, not text (NUL byte at offset {nul}{' after decompression' if decoded is not hashing else ''})"
+                    )
                 elif self.format == "csv":
                     yield from _csv_records(cursor, self.opts)
                 else:
                     yield from _jsonl_records(cursor, self.opts.jsonl_field)
             except _Truncated:
-                yield Problem(cursor.number + 1, "truncated", f"line {cursor.number + 1}: the zstd stream ends in the middle of a frame (the file is cut short)")
+                yield Problem(
+                    cursor.number + 1, "truncated", f"line {cursor.number + 1}: the zstd stream ends in the middle of a frame (the file is cut short)"
+                )
             except (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
                 kind = "gzip" if self.format == "jsonl.gz" else "zstd"
                 yield Problem(cursor.number + 1, "truncated", f"line {cursor.number + 1}: the {kind} stream is cut short or damaged ({exc})")
@@ -507,7 +530,9 @@ def _jsonl_records(cursor: _Cursor, key: str) -> Iterator[Item]:
         value = obj.get(key, _MISSING)
         if type(value) is str:
             if "\\u" in text and not _encodable(value):
-                yield Problem(number, "unpaired_surrogate", f"line {number}: field '{key}' contains an unpaired surrogate escape (\\ud800–\\udfff), which is not text")
+                yield Problem(
+                    number, "unpaired_surrogate", f"line {number}: field '{key}' contains an unpaired surrogate escape (\\ud800–\\udfff), which is not text"
+                )
             else:
                 yield number, value
         elif value is _MISSING:
@@ -595,7 +620,11 @@ def _csv_records(cursor: _Cursor, opts: ReadOptions) -> Iterator[Item]:
             continue
         except csv.Error as exc:
             kind = "too_large" if "field larger than field limit" in str(exc) else "malformed_csv"
-            yield Problem(start, kind, f"line {start}: malformed CSV: {exc}" if kind == "malformed_csv" else f"line {start}: field longer than ingest.max_document_bytes = {limit}")
+            yield Problem(
+                start,
+                kind,
+                f"line {start}: malformed CSV: {exc}" if kind == "malformed_csv" else f"line {start}: field longer than ingest.max_document_bytes = {limit}",
+            )
             continue
         if not row:
             continue  # a blank line
@@ -613,8 +642,9 @@ def _csv_records(cursor: _Cursor, opts: ReadOptions) -> Iterator[Item]:
 
 _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 # WHATWG Encoding: every latin-1 label means windows-1252, whose undefined bytes map to C1 controls.
-_LATIN1_LABELS = frozenset({"iso-8859-1", "iso8859-1", "iso_8859-1", "latin1", "latin-1", "l1", "cp819", "ibm819",
-                            "windows-1252", "cp1252", "x-cp1252", "ascii", "us-ascii"})
+_LATIN1_LABELS = frozenset(
+    {"iso-8859-1", "iso8859-1", "iso_8859-1", "latin1", "latin-1", "l1", "cp819", "ibm819", "windows-1252", "cp1252", "x-cp1252", "ascii", "us-ascii"}
+)
 _CP1252 = {i: bytes([i]).decode("cp1252") for i in range(0x80, 0xA0) if i not in (0x81, 0x8D, 0x8F, 0x90, 0x9D)}
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from keys.digest import sha256_file
-from keys.errors import DataError
 from pipeline.config import check
+from pipeline.errors import DataError
 from pipeline.parallel import ordered_map, resolve_workers
 from pipeline.parquet_io import iter_rows, open_parquet
 from pipeline.result import ProgressFn, StageResult, no_progress
@@ -59,7 +59,7 @@ def split_key(doc_sha256: str, seed: int) -> float:
 
 
 def assign_splits(doc_sha256s: list[str], seed: int, val_fraction: float) -> list[str]:
-    """"train" or "val" for each document, by its own hash only.
+    """ "train" or "val" for each document, by its own hash only.
 
     There is always a training document (the highest key), and with two or more documents
     at least one validation document (the lowest key), so a tiny corpus still has a
@@ -111,9 +111,7 @@ class _SplitWriter:
         self._write(final=True)
 
 
-def run_shard(
-    dataset_parquet: Path, tokenizer_model: Path, out_dir: Path, cfg: ShardConfig, progress: ProgressFn = no_progress
-) -> StageResult:
+def run_shard(dataset_parquet: Path, tokenizer_model: Path, out_dir: Path, cfg: ShardConfig, progress: ProgressFn = no_progress) -> StageResult:
     """Encode the dataset with the tokenizer into ``out_dir/shards`` (shard files + manifest.json)."""
     dataset_parquet, tokenizer_model, out_dir = Path(dataset_parquet), Path(tokenizer_model), Path(out_dir)
     sp = load_tokenizer(tokenizer_model)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from keys.digest import sha256_file
-from keys.errors import ShardIntegrityError
+from pipeline.errors import ShardIntegrityError
 
 MAGIC = b"APLTOKS\x00"
 VERSION = 1

@@ -21,14 +21,15 @@ import io
 import os
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import sentencepiece as spm
 
-from keys.errors import ConfigError, DataError
 from pipeline.config import check
+from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import iter_rows, open_parquet
 from pipeline.result import ProgressFn, StageResult, no_progress
 
@@ -194,8 +195,7 @@ def _translate(exc: RuntimeError, cfg: TokenizerConfig, dataset: Path, n: int) -
     text = str(exc)
     if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", text):
         return ConfigError(
-            f"{dataset}: the corpus is too small for tokenizer.vocab_size = {cfg.vocab_size}; "
-            f"{n} sampled lines yield at most {m.group(1)} pieces",
+            f"{dataset}: the corpus is too small for tokenizer.vocab_size = {cfg.vocab_size}; {n} sampled lines yield at most {m.group(1)} pieces",
             f"lower tokenizer.vocab_size to {m.group(1)} or less, or add more text",
         )
     if m := re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", text):
@@ -232,4 +232,3 @@ def load_tokenizer(model_path: Path) -> spm.SentencePieceProcessor:
         raise DataError(f"cannot read tokenizer {model_path}: {exc.strerror}", "point at the tokenizer stage's tokenizer.model") from None
     except RuntimeError as exc:
         raise DataError(f"{model_path} is not a SentencePiece model ({exc})", "re-run the tokenizer stage") from None
-

@@ -56,14 +56,11 @@ def _check(value: object, where: str) -> None:
         return
     raise CanonicalJSONError(
         f"{where}: a {kind.__name__} is not a JSON type",
-        "convert it to dict, list, str, int, float, bool or None (tuples to lists, "
-        "paths to str, enums to their value)",
+        "convert it to dict, list, str, int, float, bool or None (tuples to lists, paths to str, enums to their value)",
     )
 
 
 def canonical_json(obj: object) -> bytes:
     """The canonical UTF-8 JSON encoding of ``obj``; raise CanonicalJSONError if it has none."""
     _check(obj, "$")
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")

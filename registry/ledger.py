@@ -24,17 +24,17 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import duckdb
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keys.errors import LedgerError, LedgerIntegrityError
 from keys.keystore import NodeKey, key_id_of
 from registry import ledger_schema as schema
 from registry.canonical import CanonicalJSONError, canonical_json
+from registry.errors import LedgerError, LedgerIntegrityError
 from registry.ledger_verify import (
     GENESIS_HASH,
     SAFE_CONFIG,
@@ -56,7 +56,7 @@ _COLUMNS = "seq, ts, kind, actor, body, prev_hash, hash, key_id, signature"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,16 +76,12 @@ class Event:
     @property
     def body(self) -> bytes:
         """The canonical JSON the hash covers."""
-        return canonical_json(
-            {"seq": self.seq, "ts": self.ts, "kind": self.kind, "actor": self.actor,
-             "data": self.data}
-        )
+        return canonical_json({"seq": self.seq, "ts": self.ts, "kind": self.kind, "actor": self.actor, "data": self.data})
 
 
 def _row_event(row: tuple) -> Event:
     seq, ts, kind, actor, body, prev_hash, hash_hex, key_id, signature = row
-    return Event(seq, ts, kind, actor, json.loads(body)["data"], prev_hash, hash_hex, key_id,
-                 signature)
+    return Event(seq, ts, kind, actor, json.loads(body)["data"], prev_hash, hash_hex, key_id, signature)
 
 
 class Ledger:
@@ -134,9 +130,7 @@ class Ledger:
         elif head_path is not None:
             head_path = Path(head_path)
         if read_only and not path.exists():
-            raise LedgerError(
-                f"ledger {path} does not exist", "run `appliance init` to create the home"
-            )
+            raise LedgerError(f"ledger {path} does not exist", "run `appliance init` to create the home")
         creating = not path.exists()
         try:
             con = duckdb.connect(str(path), read_only=read_only, config=dict(SAFE_CONFIG))
@@ -169,14 +163,11 @@ class Ledger:
         con = self._con
         try:
             con.execute(schema.META_TABLE)
-            row = con.execute(
-                "SELECT value FROM ledger_meta WHERE name = 'schema_version'"
-            ).fetchone()
+            row = con.execute("SELECT value FROM ledger_meta WHERE name = 'schema_version'").fetchone()
             version = int(row[0]) if row is not None and str(row[0]).isdigit() else 0
             if version > schema.SCHEMA_VERSION:
                 raise LedgerError(
-                    f"ledger {self.path} has schema version {version}, newer than this "
-                    f"appliance's {schema.SCHEMA_VERSION}",
+                    f"ledger {self.path} has schema version {version}, newer than this appliance's {schema.SCHEMA_VERSION}",
                     "upgrade the appliance software before opening this ledger",
                 )
             if version == schema.SCHEMA_VERSION and not catalog_differences(con):
@@ -197,9 +188,7 @@ class Ledger:
             ) from None
 
     def _require_schema(self) -> None:
-        tables = {r[0] for r in self._con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
-        ).fetchall()}
+        tables = {r[0] for r in self._con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()}
         if "events" not in tables:
             raise LedgerError(
                 f"{self.path} is not a ledger (it has no events table)",
@@ -220,16 +209,13 @@ class Ledger:
                     "(`appliance ledger verify --head FILE`) and open it once with adopt_head",
                 )
         else:
-            check_head_position(self._con, self.path, read_head_file(self.head_path),
-                                self._last()[0])
+            check_head_position(self._con, self.path, read_head_file(self.head_path), self._last()[0])
         self._write_head()
 
     # ---------------------------------------------------------------- writing
 
     def _last(self, con: duckdb.DuckDBPyConnection | None = None) -> tuple[int, str]:
-        row = (con or self._con).execute(
-            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
+        row = (con or self._con).execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
 
     def _require_signer(self, what: str) -> NodeKey:
@@ -265,9 +251,7 @@ class Ledger:
                     event = _make_event(signer, seq, prev, kind, actor, data)
                     con.execute(
                         f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [event.seq, event.ts, event.kind, event.actor,
-                         event.body.decode("utf-8"), event.prev_hash, event.hash,
-                         event.key_id, event.signature],
+                        [event.seq, event.ts, event.kind, event.actor, event.body.decode("utf-8"), event.prev_hash, event.hash, event.key_id, event.signature],
                     )
                     events.append(event)
                     prev = event.hash
@@ -292,8 +276,7 @@ class Ledger:
                         f"events {events[0].seq}..{events[-1].seq} were recorded in ledger "
                         f"{self.path}, but its signed head file {self.head_path} could not be "
                         f"rewritten: {exc.strerror}",
-                        "free disk space or fix the directory's permissions; the next append "
-                        "rewrites the head",
+                        "free disk space or fix the directory's permissions; the next append rewrites the head",
                     ) from None
         return events
 
@@ -330,9 +313,7 @@ class Ledger:
             if kind is None:
                 rows = cur.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq").fetchall()
             else:
-                rows = cur.execute(
-                    f"SELECT {_COLUMNS} FROM events WHERE kind = ? ORDER BY seq", [kind]
-                ).fetchall()
+                rows = cur.execute(f"SELECT {_COLUMNS} FROM events WHERE kind = ? ORDER BY seq", [kind]).fetchall()
         finally:
             cur.close()
         return [_row_event(r) for r in rows]
@@ -347,8 +328,7 @@ class Ledger:
         cur = self._con.cursor()
         try:
             row = cur.execute(
-                f"SELECT {_COLUMNS} FROM events WHERE kind = 'artifact.recorded' "
-                "AND json_extract_string(body, '$.data.digest') = ? ORDER BY seq LIMIT 1",
+                f"SELECT {_COLUMNS} FROM events WHERE kind = 'artifact.recorded' AND json_extract_string(body, '$.data.digest') = ? ORDER BY seq LIMIT 1",
                 [digest],
             ).fetchone()
         finally:
@@ -356,15 +336,12 @@ class Ledger:
         if row is None:
             raise LedgerError(
                 f"ledger {self.path} has no record of artifact {digest[:16]}…",
-                "it was not produced by this appliance; list recorded ones with "
-                "`appliance artifact list`",
+                "it was not produced by this appliance; list recorded ones with `appliance artifact list`",
             )
         verify_row(self.path, row, trusted)
         return _row_event(row)
 
-    def query(
-        self, sql: str, *, max_rows: int = DEFAULT_MAX_ROWS, timeout_s: float = DEFAULT_TIMEOUT_S
-    ) -> tuple[list[str], list[tuple]]:
+    def query(self, sql: str, *, max_rows: int = DEFAULT_MAX_ROWS, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[str], list[tuple]]:
         """Run an auditor's single SELECT on this open ledger; return (columns, rows).
 
         Same rules as `registry.query.query`: one SELECT only, no file access (this
@@ -376,8 +353,7 @@ class Ledger:
         cur = self._con.cursor()
         try:
             cur.begin()
-            return run_select(cur, statement, source=str(self.path), max_rows=max_rows,
-                              timeout_s=timeout_s)
+            return run_select(cur, statement, source=str(self.path), max_rows=max_rows, timeout_s=timeout_s)
         finally:
             try:
                 cur.rollback()
@@ -412,10 +388,10 @@ class Ledger:
             differences = catalog_differences(cur)
             if differences:
                 raise LedgerIntegrityError(
-                    0, f"ledger {self.path}: {'; '.join(differences)}, so audit queries "
-                       "could lie",
-                    "open the ledger once read-write in the service (it rewrites the views), "
-                    "and report the incident")
+                    0,
+                    f"ledger {self.path}: {'; '.join(differences)}, so audit queries could lie",
+                    "open the ledger once read-write in the service (it rewrites the views), and report the incident",
+                )
             report = verify_rows(self.path, _iter_rows(cur), trusted)
             if head_dict is not None:
                 verify_head_signature(self.path, head_dict, trusted)
@@ -446,14 +422,11 @@ class Ledger:
 
 def _make_event(signer: NodeKey, seq: int, prev: str, kind: str, actor: str, data: dict) -> Event:
     if not isinstance(kind, str) or not kind:
-        raise LedgerError(f"event kind {kind!r} is not a non-empty string",
-                          "name the event kind, e.g. 'artifact.recorded'")
+        raise LedgerError(f"event kind {kind!r} is not a non-empty string", "name the event kind, e.g. 'artifact.recorded'")
     if not isinstance(actor, str):
-        raise LedgerError(f"actor {actor!r} of a {kind!r} event is not a string",
-                          "pass the identity (user name) that caused the event")
+        raise LedgerError(f"actor {actor!r} of a {kind!r} event is not a string", "pass the identity (user name) that caused the event")
     if not isinstance(data, dict):
-        raise LedgerError(f"data of a {kind!r} event is a {type(data).__name__}, not a dict",
-                          "pass the event's fields as a dict")
+        raise LedgerError(f"data of a {kind!r} event is a {type(data).__name__}, not a dict", "pass the event's fields as a dict")
     schema.check_event_data(kind, data)
     event = Event(seq, _now(), kind, actor, data, prev, "", signer.key_id, "")
     try:
@@ -487,4 +460,3 @@ def _atomic_write(path: Path, data: bytes) -> None:
     finally:
         if not renamed:
             Path(tmp).unlink(missing_ok=True)
-

@@ -11,7 +11,7 @@ the views never meet a malformed event).
 
 from __future__ import annotations
 
-from keys.errors import LedgerError
+from registry.errors import LedgerError
 
 SCHEMA_VERSION = 1
 
@@ -252,10 +252,7 @@ EVENT_FIELDS: dict[str, frozenset[str]] = {
     "stage.finished": frozenset({"run_id", "stage", "stats"}),
     "stage.failed": frozenset({"run_id", "stage", "error"}),
     "stage.stopped": frozenset({"run_id", "stage", "error"}),
-    "artifact.recorded": frozenset(
-        {"digest", "kind", "name", "size_bytes", "files", "store_path", "run_id", "stage",
-         "parents", "meta"}
-    ),
+    "artifact.recorded": frozenset({"digest", "kind", "name", "size_bytes", "files", "store_path", "run_id", "stage", "parents", "meta"}),
     "metrics.recorded": frozenset({"run_id", "stage", "points"}),
     "run.finished": frozenset({"run_id", "status", "error", "summary"}),
     "model.signed": frozenset({"digest", "key_id", "signature_file"}),
@@ -271,8 +268,7 @@ EVENT_FIELDS: dict[str, frozenset[str]] = {
 def _fail(kind: str, field: str, expected: str) -> LedgerError:
     return LedgerError(
         f"event {kind!r}: field {field!r} must be {expected}",
-        "fix the code that records this event; the ledger is append-only, so a malformed "
-        "event would stay in the audit views forever",
+        "fix the code that records this event; the ledger is append-only, so a malformed event would stay in the audit views forever",
     )
 
 

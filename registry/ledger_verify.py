@@ -18,10 +18,11 @@ from pathlib import Path
 import duckdb
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keys.errors import LedgerError, LedgerIntegrityError, SigningError
+from keys.errors import SigningError
 from keys.keystore import verify_signature
 from registry import ledger_schema as schema
 from registry.canonical import CanonicalJSONError, canonical_json
+from registry.errors import LedgerError, LedgerIntegrityError
 
 GENESIS_HASH = "0" * 64
 HEAD_DOMAIN = b"appliance-ledger-head\n"
@@ -33,10 +34,7 @@ SAFE_CONFIG = {
     "autoload_known_extensions": False,
     "lock_configuration": True,
 }
-VERIFY_HINT = (
-    "the ledger was changed outside the appliance; restore it from a backup and compare "
-    "with the exported signed head, and report the incident"
-)
+VERIFY_HINT = "the ledger was changed outside the appliance; restore it from a backup and compare with the exported signed head, and report the incident"
 _HEAD_FILE_HINT = "pass the head exported with `appliance ledger export-head`"
 
 
@@ -87,35 +85,27 @@ def verify_row(path: Path, row: tuple, trusted: dict[str, ec.EllipticCurvePublic
         raise _broken(path, seq, "has a body that is not in canonical form")
     for name, column in (("seq", seq), ("ts", ts), ("kind", kind), ("actor", actor)):
         if parsed[name] != column:
-            raise _broken(path, seq, f"has column {name}={column!r} but its signed body "
-                                     f"says {parsed[name]!r}")
+            raise _broken(path, seq, f"has column {name}={column!r} but its signed body says {parsed[name]!r}")
     if chain_hash(prev_hash, canonical) != hash_hex:
         raise _broken(path, seq, "does not match its hash: its body was changed")
     public_key = trusted.get(key_id)
     if public_key is None:
         raise _broken(path, seq, f"is signed by key {key_id[:16]}…, which is not trusted")
     try:
-        verify_signature(public_key, base64.b64decode(signature, validate=True),
-                         bytes.fromhex(hash_hex))
+        verify_signature(public_key, base64.b64decode(signature, validate=True), bytes.fromhex(hash_hex))
     except (SigningError, ValueError):
-        raise _broken(path, seq, f"has a signature that does not verify with key "
-                                 f"{key_id[:16]}…") from None
+        raise _broken(path, seq, f"has a signature that does not verify with key {key_id[:16]}…") from None
 
 
-def verify_rows(
-    path: Path, rows: Iterable[tuple], trusted: dict[str, ec.EllipticCurvePublicKey]
-) -> VerifyReport:
+def verify_rows(path: Path, rows: Iterable[tuple], trusted: dict[str, ec.EllipticCurvePublicKey]) -> VerifyReport:
     """Walk ``rows`` (all columns of ``events`` in seq order) from seq 1; raise at the first break."""
     expected, prev, count = 1, GENESIS_HASH, 0
     for row in rows:
         seq, prev_hash, hash_hex = row[0], row[5], row[6]
         if seq != expected:
             if seq > expected:
-                missing = (f"event seq {expected} is missing" if seq == expected + 1
-                           else f"events seq {expected}..{seq - 1} are missing")
-                raise LedgerIntegrityError(
-                    expected, f"ledger {path}: {missing} (the next present is seq {seq})",
-                    VERIFY_HINT)
+                missing = f"event seq {expected} is missing" if seq == expected + 1 else f"events seq {expected}..{seq - 1} are missing"
+                raise LedgerIntegrityError(expected, f"ledger {path}: {missing} (the next present is seq {seq})", VERIFY_HINT)
             raise _broken(path, seq, "appears twice")
         if prev_hash != prev:
             raise _broken(path, seq, "does not link to the hash of the event before it")
@@ -131,41 +121,33 @@ def head_fields(head: dict) -> tuple[int, str]:
     """(seq, hash) of a head dict; LedgerError if malformed."""
     seq, hash_hex = head.get("seq"), head.get("hash")
     if type(seq) is not int or seq < 0 or not isinstance(hash_hex, str) or len(hash_hex) != 64:
-        raise LedgerError("the signed head has no valid seq and hash",
-                          "pass a head file written by `appliance ledger export-head`")
+        raise LedgerError("the signed head has no valid seq and hash", "pass a head file written by `appliance ledger export-head`")
     return seq, hash_hex
 
 
-def verify_head_signature(
-    path: Path, head: dict, trusted: dict[str, ec.EllipticCurvePublicKey]
-) -> None:
+def verify_head_signature(path: Path, head: dict, trusted: dict[str, ec.EllipticCurvePublicKey]) -> None:
     """The head is signed by a trusted key over `head_message(seq, hash)`."""
     seq, hash_hex = head_fields(head)
     key_id = head.get("key_id")
     public_key = trusted.get(key_id) if isinstance(key_id, str) else None
     if public_key is None:
-        raise LedgerIntegrityError(
-            seq, f"the signed head for ledger {path} is signed by key "
-                 f"{str(key_id)[:16]}…, which is not trusted", VERIFY_HINT)
+        raise LedgerIntegrityError(seq, f"the signed head for ledger {path} is signed by key {str(key_id)[:16]}…, which is not trusted", VERIFY_HINT)
     try:
         signature = base64.b64decode(str(head.get("signature", "")), validate=True)
         verify_signature(public_key, signature, head_message(seq, hash_hex))
     except (SigningError, ValueError):
         raise LedgerIntegrityError(
-            seq, f"the signed head for ledger {path} (seq {seq}) has a signature that does "
-                 "not verify: the head was forged or altered", VERIFY_HINT) from None
+            seq, f"the signed head for ledger {path} (seq {seq}) has a signature that does not verify: the head was forged or altered", VERIFY_HINT
+        ) from None
 
 
-def check_head_position(
-    cur: duckdb.DuckDBPyConnection, path: Path, head: dict, last_seq: int
-) -> None:
+def check_head_position(cur: duckdb.DuckDBPyConnection, path: Path, head: dict, last_seq: int) -> None:
     """The ledger (ending at ``last_seq``) holds the head's seq with the head's hash."""
     seq, hash_hex = head_fields(head)
     if seq > last_seq:
         raise LedgerIntegrityError(
             last_seq + 1,
-            f"ledger {path} ends at seq {last_seq} but the signed head says {seq}: "
-            f"events {last_seq + 1}..{seq} were cut off the end",
+            f"ledger {path} ends at seq {last_seq} but the signed head says {seq}: events {last_seq + 1}..{seq} were cut off the end",
             VERIFY_HINT,
         )
     row = cur.execute("SELECT hash FROM events WHERE seq = ?", [seq]).fetchone()
@@ -173,8 +155,7 @@ def check_head_position(
     if stored != hash_hex:
         raise LedgerIntegrityError(
             seq,
-            f"ledger {path}: event seq {seq} does not have the hash the signed head records "
-            f"({hash_hex[:16]}…): the ledger was rewritten from that point",
+            f"ledger {path}: event seq {seq} does not have the hash the signed head records ({hash_hex[:16]}…): the ledger was rewritten from that point",
             VERIFY_HINT,
         )
 
@@ -208,10 +189,7 @@ def _expected_catalog() -> dict[str, str]:
 
 
 def _catalog(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    views = con.execute(
-        "SELECT view_name, sql FROM duckdb_views() "
-        "WHERE database_name = current_database() AND NOT internal"
-    ).fetchall()
+    views = con.execute("SELECT view_name, sql FROM duckdb_views() WHERE database_name = current_database() AND NOT internal").fetchall()
     macros = con.execute(
         "SELECT function_name, string_agg(macro_definition, ';') FROM duckdb_functions() "
         "WHERE database_name = current_database() AND function_type = 'table_macro' "

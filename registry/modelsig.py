@@ -39,14 +39,12 @@ DEFAULT_SIG_NAME = "model.sig"
 _PAYLOAD_TYPE = "application/vnd.in-toto+json"
 # What model_signing ignores by default in a model directory (ignore_git_paths=True).
 _GIT_PATHS = (".git", ".gitattributes", ".github", ".gitignore")
-_RESIGN = ("if the change is legitimate, package and sign the model again; otherwise treat "
-           "the copy as tampered with and fetch it again from the appliance")
+_RESIGN = "if the change is legitimate, package and sign the model again; otherwise treat the copy as tampered with and fetch it again from the appliance"
 
 
 def _check_sig_name(sig_name: str) -> None:
     if not sig_name or "/" in sig_name or sig_name in (".", ".."):
-        raise SigningError(f"signature name {sig_name!r} is not a plain file name",
-                           "use a name like 'model.sig'")
+        raise SigningError(f"signature name {sig_name!r} is not a plain file name", "use a name like 'model.sig'")
 
 
 def sign_model_dir(model_dir: Path, key: NodeKey, sig_name: str = DEFAULT_SIG_NAME) -> Path:
@@ -54,8 +52,7 @@ def sign_model_dir(model_dir: Path, key: NodeKey, sig_name: str = DEFAULT_SIG_NA
     model_dir = Path(model_dir)
     _check_sig_name(sig_name)
     if not model_dir.is_dir():
-        raise SigningError(f"model directory {model_dir} does not exist",
-                           "package the model first")
+        raise SigningError(f"model directory {model_dir} does not exist", "package the model first")
     sig_path = model_dir / sig_name
     pem, password = key.encrypted_pem_for_tool()
     with tempfile.TemporaryDirectory(prefix="appliance-sign-") as tmp:  # created 0700
@@ -63,29 +60,29 @@ def sign_model_dir(model_dir: Path, key: NodeKey, sig_name: str = DEFAULT_SIG_NA
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
-        config = signing.Config().use_elliptic_key_signer(
-            private_key=key_path, password=password  # bytes: the library's str hint is wrong
-        ).set_hashing_config(
-            hashing.Config().set_ignored_paths(paths=[sig_name], ignore_git_paths=True)
+        config = (
+            signing.Config()
+            .use_elliptic_key_signer(
+                private_key=key_path,
+                password=password,  # bytes: the library's str hint is wrong
+            )
+            .set_hashing_config(hashing.Config().set_ignored_paths(paths=[sig_name], ignore_git_paths=True))
         )
         try:
             config.sign(model_dir, sig_path)
         except ValueError as exc:  # e.g. a symbolic link in the model directory
-            raise SigningError(f"cannot sign model directory {model_dir}: {exc}",
-                               "replace links with real files and sign again") from None
+            raise SigningError(f"cannot sign model directory {model_dir}: {exc}", "replace links with real files and sign again") from None
     return sig_path
 
 
 def _pae(payload: bytes) -> bytes:
     """DSSE v1 pre-authentication encoding (what the envelope's signature covers)."""
-    return b"DSSEv1 %d %s %d %s" % (len(_PAYLOAD_TYPE), _PAYLOAD_TYPE.encode(), len(payload),
-                                    payload)
+    return b"DSSEv1 %d %s %d %s" % (len(_PAYLOAD_TYPE), _PAYLOAD_TYPE.encode(), len(payload), payload)
 
 
 def _read_bundle(sig_path: Path) -> tuple[str | None, bytes, bytes, dict]:
     """(key hint, raw payload, signature, statement) from a bundle; not yet verified."""
-    bad = SigningError(f"signature file {sig_path} is not a model-signing bundle",
-                       "sign the model again with `appliance model sign`")
+    bad = SigningError(f"signature file {sig_path} is not a model-signing bundle", "sign the model again with `appliance model sign`")
     try:
         bundle = json.loads(sig_path.read_text(encoding="utf-8"))
         envelope = bundle["dsseEnvelope"]
@@ -143,9 +140,7 @@ def _file_differences(model_dir: Path, signed: dict[str, str], ignore: list[str]
     return problems
 
 
-def verify_model_dir(
-    model_dir: Path, public_key_pem: Path, sig_name: str = DEFAULT_SIG_NAME
-) -> None:
+def verify_model_dir(model_dir: Path, public_key_pem: Path, sig_name: str = DEFAULT_SIG_NAME) -> None:
     """Verify ``model_dir`` against ``model_dir/<sig_name>`` and the public key; return None.
 
     Raises SigningError saying what failed: the signature file is missing or malformed, it
@@ -158,26 +153,24 @@ def verify_model_dir(
     if not model_dir.is_dir():
         raise SigningError(f"model directory {model_dir} does not exist", "check the path")
     if not sig_path.is_file():
-        raise SigningError(f"model directory {model_dir} has no signature file {sig_name}",
-                           "sign it with `appliance model sign`, or pass --signature")
+        raise SigningError(f"model directory {model_dir} has no signature file {sig_name}", "sign it with `appliance model sign`, or pass --signature")
     try:
         public_key = load_public_key(Path(public_key_pem))
     except KeyStoreError as exc:
         raise SigningError(exc.message, exc.hint) from None
     hint, payload, signature, statement = _read_bundle(sig_path)
 
-    verifier = verifying.Config().use_elliptic_key_verifier(
-        public_key=Path(public_key_pem)
-    ).set_hashing_config(
-        hashing.Config().set_ignored_paths(paths=[sig_name], ignore_git_paths=True)
+    verifier = (
+        verifying.Config()
+        .use_elliptic_key_verifier(public_key=Path(public_key_pem))
+        .set_hashing_config(hashing.Config().set_ignored_paths(paths=[sig_name], ignore_git_paths=True))
     )
     try:
         verifier.verify(model_dir, sig_path)
         return
     except (ValueError, KeyError, TypeError, InvalidSignature) as exc:
         library_message = str(exc) or type(exc).__name__
-    _explain_failure(model_dir, sig_path, public_key, Path(public_key_pem), hint, payload,
-                     signature, statement, library_message)
+    _explain_failure(model_dir, sig_path, public_key, Path(public_key_pem), hint, payload, signature, statement, library_message)
 
 
 def _explain_failure(
@@ -192,8 +185,7 @@ def _explain_failure(
     library_message: str,
 ) -> None:
     """Raise the SigningError that says best why model_signing refused the model."""
-    pem = public_key.public_bytes(serialization.Encoding.PEM,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     if hint and hint != hashlib.sha256(pem).hexdigest():
         raise SigningError(
             f"model {model_dir} was signed by a different key than {public_key_path}",
@@ -218,4 +210,3 @@ def _explain_failure(
                 _RESIGN,
             )
     raise SigningError(f"model {model_dir} does not verify: {library_message}", _RESIGN)
-

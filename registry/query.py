@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from keys.errors import LedgerError
+from registry.errors import LedgerError
 from registry.ledger import Ledger
 from registry.sql_sandbox import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, run_select, single_select
 
@@ -42,12 +42,14 @@ def query(
     statement = single_select(sql)  # refuse before touching the file
     path = Path(source)
     if not path.is_file():
-        raise LedgerError(f"ledger {path} does not exist",
-                          "pass the ledger file of the appliance home (ledger.duckdb)")
-    con = duckdb.connect(":memory:", config={
-        "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False,
-    })
+        raise LedgerError(f"ledger {path} does not exist", "pass the ledger file of the appliance home (ledger.duckdb)")
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        },
+    )
     try:
         literal = str(path.resolve()).replace("'", "''")
         try:
@@ -62,7 +64,6 @@ def query(
         con.execute("USE ledger")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
-        return run_select(con, statement, source=str(path), max_rows=max_rows,
-                          timeout_s=timeout_s)
+        return run_select(con, statement, source=str(path), max_rows=max_rows, timeout_s=timeout_s)
     finally:
         con.close()

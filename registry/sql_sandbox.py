@@ -13,7 +13,7 @@ import threading
 
 import duckdb
 
-from keys.errors import LedgerError
+from registry.errors import LedgerError
 
 DEFAULT_MAX_ROWS = 100_000
 DEFAULT_TIMEOUT_S = 60.0
@@ -72,9 +72,7 @@ def run_select(
             "narrow it (a WHERE clause, a LIMIT) or ask for a longer time limit",
         ) from None
     except duckdb.PermissionException as exc:
-        raise LedgerError(
-            f"query on ledger {source} was refused: {exc}", _ONLY_SELECT
-        ) from None
+        raise LedgerError(f"query on ledger {source} was refused: {exc}", _ONLY_SELECT) from None
     except duckdb.Error as exc:
         raise LedgerError(f"query on ledger {source} failed: {exc}", _ONLY_SELECT) from None
     finally:

@@ -32,9 +32,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keys.digest import dir_manifest, manifest_text, sha256_bytes, sha256_file
-from keys.errors import SigningError, StoreError
+from keys.errors import SigningError
 from keys.keystore import NodeKey, verify_signature
 from registry.canonical import canonical_json
+from registry.errors import StoreError
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _FIX = "re-import the artifact from its source, or restore the store from a backup"
@@ -57,13 +58,11 @@ def _signed_message(digest: str, kind: str, name: str) -> bytes:
 def _check_tree(src: Path) -> None:
     """Refuse symlinks and special files: the digest covers regular files only."""
     if src.is_symlink():
-        raise StoreError(f"cannot import {src}: it is a symbolic link",
-                         "import the file it points to")
+        raise StoreError(f"cannot import {src}: it is a symbolic link", "import the file it points to")
     if src.is_file():
         return
     if not src.is_dir():
-        raise StoreError(f"cannot import {src}: not a regular file or directory",
-                         "check the path")
+        raise StoreError(f"cannot import {src}: not a regular file or directory", "check the path")
     for root, dirs, files in os.walk(src):
         for name in dirs + files:
             p = Path(root) / name
@@ -120,8 +119,7 @@ class Store:
     def path_of(self, digest: str) -> Path:
         """Where the artifact ``digest`` lives (whether or not it exists)."""
         if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-            raise StoreError(f"{digest!r} is not a sha256 digest (64 lowercase hex digits)",
-                             "pass the digest as recorded in the ledger")
+            raise StoreError(f"{digest!r} is not a sha256 digest (64 lowercase hex digits)", "pass the digest as recorded in the ledger")
         return self.root / "sha256" / digest[:2] / digest
 
     def sig_path_of(self, digest: str) -> Path:
@@ -135,9 +133,7 @@ class Store:
 
     # ------------------------------------------------------------------ import
 
-    def import_path(
-        self, src: Path, *, kind: str, name: str, signer: NodeKey, move: bool = True
-    ) -> StoredArtifact:
+    def import_path(self, src: Path, *, kind: str, name: str, signer: NodeKey, move: bool = True) -> StoredArtifact:
         """Hash, sign and store ``src`` (a file or directory); return where it went.
 
         ``move=True`` moves it in (the source is gone afterwards); ``move=False`` copies. If
@@ -146,8 +142,7 @@ class Store:
         """
         src = Path(src)
         if not src.exists() and not src.is_symlink():
-            raise StoreError(f"cannot import {src}: it does not exist",
-                             "check the path the stage reported")
+            raise StoreError(f"cannot import {src}: it does not exist", "check the path the stage reported")
         _check_tree(src)
         staging = self.root / "tmp"
         staging.mkdir(parents=True, exist_ok=True)
@@ -176,9 +171,13 @@ class Store:
                 self.verify_signature_file(digest)
                 self.verify_content(digest)
                 return StoredArtifact(digest, final, size, count)
-            record = {"digest": digest, "kind": kind, "name": name, "key_id": signer.key_id,
-                      "signature": base64.b64encode(
-                          signer.sign(_signed_message(digest, kind, name))).decode("ascii")}
+            record = {
+                "digest": digest,
+                "kind": kind,
+                "name": name,
+                "key_id": signer.key_id,
+                "signature": base64.b64encode(signer.sign(_signed_message(digest, kind, name))).decode("ascii"),
+            }
             if files is not None:
                 record["files"] = files
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -218,29 +217,26 @@ class Store:
             raise StoreError(f"signature file of artifact {digest} is for another digest", _FIX)
         return record
 
-    def verify_signature_file(
-        self, digest: str, trusted: dict[str, ec.EllipticCurvePublicKey] | None = None
-    ) -> dict:
+    def verify_signature_file(self, digest: str, trusted: dict[str, ec.EllipticCurvePublicKey] | None = None) -> dict:
         """Check the signature file's form and (if ``trusted`` is given) its signature."""
         record = self._read_sig(digest)
         kind, name, key_id = record.get("kind"), record.get("name"), record.get("key_id")
         if not all(isinstance(v, str) for v in (kind, name, key_id)):
-            raise StoreError(f"signature file of artifact {digest} lacks kind, name or key_id",
-                             _FIX)
+            raise StoreError(f"signature file of artifact {digest} lacks kind, name or key_id", _FIX)
         if trusted is not None:
             public_key = trusted.get(key_id)
             if public_key is None:
                 raise StoreError(
-                    f"artifact {digest} ({name}) is signed by key {key_id[:16]}…, which is "
-                    "not trusted", "import the signer's public key into the trust store if "
-                    "it is legitimate")
+                    f"artifact {digest} ({name}) is signed by key {key_id[:16]}…, which is not trusted",
+                    "import the signer's public key into the trust store if it is legitimate",
+                )
             try:
                 signature = base64.b64decode(str(record.get("signature", "")), validate=True)
                 verify_signature(public_key, signature, _signed_message(digest, kind, name))
             except (SigningError, ValueError):
                 raise StoreError(
-                    f"artifact {digest} ({name}): the signature does not verify "
-                    "(its kind or name was changed, or it was signed by another key)", _FIX,
+                    f"artifact {digest} ({name}): the signature does not verify (its kind or name was changed, or it was signed by another key)",
+                    _FIX,
                 ) from None
         return record
 
@@ -254,18 +250,15 @@ class Store:
         files = record.get("files")
         if path.is_dir():
             if not isinstance(files, list):
-                raise StoreError(f"{label} is a directory but its signature file lists no files",
-                                 _FIX)
+                raise StoreError(f"{label} is a directory but its signature file lists no files", _FIX)
             try:
                 saved = {str(rel): (str(sha), int(size)) for rel, sha, size in files}
             except (TypeError, ValueError):
-                raise StoreError(f"{label}: the file list in its signature file is malformed",
-                                 _FIX) from None
+                raise StoreError(f"{label}: the file list in its signature file is malformed", _FIX) from None
             ordered = sorted(saved, key=lambda r: r.encode("utf-8"))
             text = manifest_text([(r, saved[r][0], saved[r][1]) for r in ordered])
             if sha256_bytes(text.encode("utf-8")) != digest:
-                raise StoreError(f"{label}: the file list in its signature file does not hash "
-                                 "to the digest (the signature file was edited)", _FIX)
+                raise StoreError(f"{label}: the file list in its signature file does not hash to the digest (the signature file was edited)", _FIX)
             actual = {rel: sha for rel, sha, _ in dir_manifest(path)}
             problems = []
             for rel in ordered:
@@ -274,17 +267,14 @@ class Store:
                 elif actual[rel] != saved[rel][0]:
                     problems.append(f"file {rel} differs")
             problems += [f"file {rel} is extra" for rel in sorted(set(actual) - set(saved))]
-            problems += [f"{p.relative_to(path)} is not a regular file"
-                         for p in path.rglob("*") if p.is_symlink()]
+            problems += [f"{p.relative_to(path)} is not a regular file" for p in path.rglob("*") if p.is_symlink()]
             if problems:
-                raise StoreError(f"{label} does not match its digest: " + "; ".join(problems),
-                                 _FIX)
+                raise StoreError(f"{label} does not match its digest: " + "; ".join(problems), _FIX)
         else:
             if files is not None:
                 raise StoreError(f"{label} should be a directory but is a file", _FIX)
             if sha256_file(path) != digest:
-                raise StoreError(f"{label} does not match its digest: file {path.name} differs",
-                                 _FIX)
+                raise StoreError(f"{label} does not match its digest: file {path.name} differs", _FIX)
 
     def verify(self, digest: str, trusted: dict[str, ec.EllipticCurvePublicKey]) -> None:
         """Check the artifact's signature by a trusted key and recompute its digest.

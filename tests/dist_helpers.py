@@ -122,8 +122,12 @@ def torchrun_cmd(
         if port is None:
             raise ValueError("a multi-node launch needs the rendezvous port")
         base += [
-            f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
-            f"--master-addr={LOOPBACK}", f"--master-port={port}", f"--local-addr={LOOPBACK}",
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=static",
+            f"--master-addr={LOOPBACK}",
+            f"--master-port={port}",
+            f"--local-addr={LOOPBACK}",
         ]
     return [*base, "-m", module, str(spec), *(extra or [])]
 
@@ -159,9 +163,7 @@ def check(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProce
     return result
 
 
-def wait_for(
-    spec: Path, proc: subprocess.Popen[str], predicate: Callable[[dict[str, Any]], bool], *, timeout: float = LAUNCH_TIMEOUT_S
-) -> dict[str, Any]:
+def wait_for(spec: Path, proc: subprocess.Popen[str], predicate: Callable[[dict[str, Any]], bool], *, timeout: float = LAUNCH_TIMEOUT_S) -> dict[str, Any]:
     """Poll the events file until an event satisfies ``predicate``; fail if the job ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -248,8 +250,7 @@ def _capture_main(argv: list[str]) -> int:
 
         params = {name: local(p) for name, p in engine.model.named_parameters()}
         optim = {
-            name: {k: local(v) for k, v in engine.optimizer.state[p].items() if isinstance(v, torch.Tensor)}
-            for name, p in engine.model.named_parameters()
+            name: {k: local(v) for k, v in engine.optimizer.state[p].items() if isinstance(v, torch.Tensor)} for name, p in engine.model.named_parameters()
         }
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save({"params": params, "optim": optim}, Path(out) / f"rank_{os.environ.get('RANK', '0')}.pt")

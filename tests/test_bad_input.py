@@ -93,7 +93,7 @@ def test_not_a_home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_someone_else_is_refused_and_the_refusal_recorded(home: Path, tiny_recipe: Path) -> None:
     from appliance.recipe import load_recipe
     from appliance.service import Service
-    from keys.errors import PolicyError
+    from policies.errors import PolicyError
 
     with Service.open(home, PASSPHRASE.encode(), "mallory") as svc, pytest.raises(PolicyError, match="mallory"):
         svc.run_recipe(load_recipe(tiny_recipe))
@@ -118,7 +118,10 @@ def test_sigterm_stops_training_with_a_checkpoint_and_the_run_is_recorded_as_sto
     tiny_recipe.write_text(tiny_recipe.read_text().replace("steps = 12", "steps = 100000"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "--home", str(home), "run", str(tiny_recipe)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
     )
     # Wait until training has started (the train stage's work dir appears), then cancel.
     deadline = time.monotonic() + 120
@@ -155,10 +158,7 @@ def test_skip_mode_records_every_skipped_file_and_line(home: Path, tiny_recipe: 
 
     code, out, err = cli(capsys, "--home", str(home), "run", str(tiny_recipe))
     assert code == 0, err
-    skipped = dict(
-        (path, (whole, n))
-        for path, whole, n in rows(home, "SELECT path, whole_file, records_skipped FROM skipped ORDER BY path")
-    )
+    skipped = dict((path, (whole, n)) for path, whole, n in rows(home, "SELECT path, whole_file, records_skipped FROM skipped ORDER BY path"))
     assert skipped["latin1.txt"][0] and skipped["blob.txt"][0] and skipped["schema.parquet"][0]
     assert skipped["broken.jsonl"] == (False, 2)
     assert skipped["cut.jsonl.gz"][0] is False

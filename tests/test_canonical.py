@@ -12,17 +12,10 @@ from hypothesis import strategies as st
 
 from registry.canonical import CanonicalJSONError, canonical_json
 
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-)
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
     max_leaves=25,
 )
 
@@ -62,15 +55,24 @@ def test_ints_stay_ints(n):
 
 
 def test_exact_form():
-    assert canonical_json({"b": [1, 2.5, None], "a": "é", "c": True}) == (
-        '{"a":"é","b":[1,2.5,null],"c":true}'.encode("utf-8")
-    )
+    assert canonical_json({"b": [1, 2.5, None], "a": "é", "c": True}) == ('{"a":"é","b":[1,2.5,null],"c":true}'.encode())
 
 
 @pytest.mark.parametrize(
     "bad",
-    [float("nan"), float("inf"), -float("inf"), {"x": [float("nan")]}, (1, 2), {1: "a"},
-     {"s": {1, 2}}, b"bytes", IntEnum("E", "A").A, "\ud800", {"k": object()}],
+    [
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        {"x": [float("nan")]},
+        (1, 2),
+        {1: "a"},
+        {"s": {1, 2}},
+        b"bytes",
+        IntEnum("E", "A").A,
+        "\ud800",
+        {"k": object()},
+    ],
 )
 def test_non_json_values_are_refused(bad):
     with pytest.raises(CanonicalJSONError):

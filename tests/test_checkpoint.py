@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keys.digest import dir_manifest, sha256_path
-from keys.errors import TrainingError
+from pipeline.errors import TrainingError
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.dist import DistContext
 

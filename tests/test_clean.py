@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keys.errors import ConfigError, DataError
 from pipeline.clean import CleanConfig, clean_text
 from pipeline.config import from_mapping
 from pipeline.curate import CurateSettings, run_curate
+from pipeline.errors import ConfigError, DataError
 from pipeline.filters import FiltersConfig
 from pipeline.ingest import RAW_SCHEMA
 from pipeline.minhash import DedupConfig

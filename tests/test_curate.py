@@ -11,16 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from keys.digest import sha256_file
-from keys.errors import DataError
 from pipeline.clean import CleanConfig
 from pipeline.curate import CurateSettings, run_curate, source_group
+from pipeline.errors import DataError
 from pipeline.filters import FiltersConfig
 from pipeline.minhash import DedupConfig
 from pipeline.pii import PiiConfig
 
-RAW_SCHEMA = pa.schema(
-    [("doc_id", pa.int64()), ("source", pa.string()), ("source_sha256", pa.string()), ("record", pa.int64()), ("text", pa.string())]
-)
+RAW_SCHEMA = pa.schema([("doc_id", pa.int64()), ("source", pa.string()), ("source_sha256", pa.string()), ("record", pa.int64()), ("text", pa.string())])
 
 WORDS = (
     "the of and to in that is was for with as on by at from this have be are which it not or an were but had "

@@ -49,10 +49,19 @@ def test_ledger_views_for_auditors(finished_run: tuple[Path, object], capsys: py
     assert code == 0, err
     drops = {f"{r['filter']}.{r['rule']}": r["documents"] for r in json.loads(out)}
     assert drops == summary.stats["curate"]["dropped"]  # type: ignore[attr-defined]
-    code, out, _ = cli(capsys, "--home", str(home), "ledger", "query", "SELECT kind FROM artifacts WHERE kind IN ('dataset-card', 'curation-report', 'dropped-samples', 'ingest-report')", "--json")
+    code, out, _ = cli(
+        capsys,
+        "--home",
+        str(home),
+        "ledger",
+        "query",
+        "SELECT kind FROM artifacts WHERE kind IN ('dataset-card', 'curation-report', 'dropped-samples', 'ingest-report')",
+        "--json",
+    )
     assert sorted(r["kind"] for r in json.loads(out)) == ["curation-report", "dataset-card", "dropped-samples", "ingest-report"]
     # The card descends from the curation report, which descends from the raw documents.
-    code, out, _ = cli(capsys, "--home", str(home), "ledger", "query",
-                       "SELECT a.kind FROM artifacts c, ancestors(c.digest) a WHERE c.kind = 'dataset-card'", "--json")
+    code, out, _ = cli(
+        capsys, "--home", str(home), "ledger", "query", "SELECT a.kind FROM artifacts c, ancestors(c.digest) a WHERE c.kind = 'dataset-card'", "--json"
+    )
     kinds = {r["kind"] for r in json.loads(out)}
     assert {"curation-report", "raw-documents", "token-shards", "source"} <= kinds

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.training.config import TrainConfig
 from pipeline.training.ds_config import load_deepspeed_config, resolve_deepspeed_config, resolve_model_autos
 from tests.dist_helpers import REPO, check, env, job_cmd, run, torchrun_cmd
@@ -161,8 +161,8 @@ def test_fp16_on_cpu_runs_fp32_and_says_so(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("precision", "json_part", "mentions"),
     [
-        ("fp32", {"bf16": {"enabled": True}}, "train.precision = \"fp32\""),
-        ("bf16", {"fp16": {"enabled": True}}, "train.precision = \"bf16\""),
+        ("fp32", {"bf16": {"enabled": True}}, 'train.precision = "fp32"'),
+        ("bf16", {"fp16": {"enabled": True}}, 'train.precision = "bf16"'),
         ("auto", {"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "both true"),
     ],
 )
@@ -182,7 +182,7 @@ def test_precision_contradictions(tmp_path: Path, precision: str, json_part: dic
         ({"stage": 3, "offload_optimizer": {"device": "nvme"}}, "'zero_optimization.offload_optimizer.device'"),
         ({"stage": 2, "overlap_comm": "yes"}, "must be true or false"),
         ({"stage": 2, "allgather_bucket_size": 2.5}, "whole number"),
-        ({"stage": 2, "sub_group_size": "auto"}, "cannot be \"auto\""),
+        ({"stage": 2, "sub_group_size": "auto"}, 'cannot be "auto"'),
     ],
 )
 def test_zero_section_errors(tmp_path: Path, zero: dict, mentions: str) -> None:
@@ -192,10 +192,7 @@ def test_zero_section_errors(tmp_path: Path, zero: dict, mentions: str) -> None:
 
 
 def test_importing_the_training_code_does_not_import_deepspeed() -> None:
-    code = (
-        "import sys, pipeline.train, pipeline.training.ds_config, pipeline.training.engine_deepspeed\n"
-        "print('deepspeed' in sys.modules)"
-    )
+    code = "import sys, pipeline.train, pipeline.training.ds_config, pipeline.training.engine_deepspeed\nprint('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -85,8 +85,14 @@ def torchrun_job(
     base: Path, name: str, shards: Path, *, engine: str, batch_size: int = 4, grad_accum: int = 1, capture: bool = True, out: Path | None = None
 ) -> Run:
     out = out or base / name
-    spec = h.write_spec(base / f"{name}.json", shards=shards, out_dir=out, model=tiny_model(), train=train(batch_size=batch_size, grad_accum=grad_accum),
-                        distributed=DistConfig(engine=engine, nproc_per_node=2, timeout_s=60))  # type: ignore[arg-type]
+    spec = h.write_spec(
+        base / f"{name}.json",
+        shards=shards,
+        out_dir=out,
+        model=tiny_model(),
+        train=train(batch_size=batch_size, grad_accum=grad_accum),
+        distributed=DistConfig(engine=engine, nproc_per_node=2, timeout_s=60),
+    )  # type: ignore[arg-type]
     ranks = base / f"{name}_ranks" if capture else None
     module, extra = ("tests.dist_helpers", [str(ranks)]) if capture else ("pipeline.training.job", None)
     h.check(h.run(h.torchrun_cmd(spec, nproc=2, module=module, extra=extra)))
@@ -204,8 +210,14 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs: dict[str, Run], 
 
 
 def test_two_nodes_on_loopback_match_a_standalone_run(runs: dict[str, Run], shards_dir: Path, tmp_path: Path) -> None:
-    spec = h.write_spec(tmp_path / "nodes.json", shards=shards_dir, out_dir=tmp_path / "nodes", model=tiny_model(), train=train(),
-                        distributed=DistConfig(engine="ddp", nnodes=2, timeout_s=60))
+    spec = h.write_spec(
+        tmp_path / "nodes.json",
+        shards=shards_dir,
+        out_dir=tmp_path / "nodes",
+        model=tiny_model(),
+        train=train(),
+        distributed=DistConfig(engine="ddp", nnodes=2, timeout_s=60),
+    )
     port = h.free_port()
     nodes = [h.start(h.torchrun_cmd(spec, nproc=1, nnodes=2, node_rank=r, port=port)) for r in (0, 1)]
     try:
@@ -223,8 +235,14 @@ def test_two_nodes_on_loopback_match_a_standalone_run(runs: dict[str, Run], shar
 
 
 def test_a_dead_rank_fails_the_run_promptly(shards_dir: Path, tmp_path: Path) -> None:
-    spec = h.write_spec(tmp_path / "dead.json", shards=shards_dir, out_dir=tmp_path / "dead", model=tiny_model(),
-                        train=train(steps=1_000_000, checkpoint_every=100_000), distributed=DistConfig(engine="ddp", nproc_per_node=2, timeout_s=30))
+    spec = h.write_spec(
+        tmp_path / "dead.json",
+        shards=shards_dir,
+        out_dir=tmp_path / "dead",
+        model=tiny_model(),
+        train=train(steps=1_000_000, checkpoint_every=100_000),
+        distributed=DistConfig(engine="ddp", nproc_per_node=2, timeout_s=30),
+    )
     launcher = h.start(h.torchrun_cmd(spec, nproc=2))
     try:
         h.wait_for(spec, launcher, h.metrics_at_or_after(3))
@@ -246,8 +264,14 @@ def test_a_dead_rank_fails_the_run_promptly(shards_dir: Path, tmp_path: Path) ->
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(shards_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "term"
-    spec = h.write_spec(tmp_path / "term.json", shards=shards_dir, out_dir=out, model=tiny_model(),
-                        train=train(steps=1_000_000, checkpoint_every=100_000), distributed=DistConfig(engine="fsdp", nproc_per_node=2, timeout_s=30))
+    spec = h.write_spec(
+        tmp_path / "term.json",
+        shards=shards_dir,
+        out_dir=out,
+        model=tiny_model(),
+        train=train(steps=1_000_000, checkpoint_every=100_000),
+        distributed=DistConfig(engine="fsdp", nproc_per_node=2, timeout_s=30),
+    )
     launcher = h.start(h.torchrun_cmd(spec, nproc=2))
     try:
         h.wait_for(spec, launcher, h.metrics_at_or_after(3))

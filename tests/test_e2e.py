@@ -12,7 +12,6 @@ import pytest
 
 from tests.conftest import cli
 
-
 pytestmark = pytest.mark.slow
 MODEL_SIGNING = str(Path(sys.executable).with_name("model_signing"))
 
@@ -37,8 +36,15 @@ def test_ledger_verifies_and_lineage_reaches_the_sources(finished_run: tuple[Pat
     kinds = {r["kind"] for r in json.loads(out)}
     assert {"source", "raw-documents", "dataset", "tokenizer", "token-shards", "checkpoint", "eval-report", "recipe"} <= kinds
     # and the other way round: which models were trained on this source file?
-    code, out, _ = cli(capsys, "--home", str(home), "ledger", "query", "--json",
-                       "SELECT d.kind FROM (SELECT digest FROM artifacts WHERE kind = 'source' LIMIT 1) s, descendants(s.digest) d")
+    code, out, _ = cli(
+        capsys,
+        "--home",
+        str(home),
+        "ledger",
+        "query",
+        "--json",
+        "SELECT d.kind FROM (SELECT digest FROM artifacts WHERE kind = 'source' LIMIT 1) s, descendants(s.digest) d",
+    )
     assert "model" in {r["kind"] for r in json.loads(out)}
     code, out, _ = cli(capsys, "--home", str(home), "ledger", "query", "--json", "SELECT status FROM runs")
     assert [r["status"] for r in json.loads(out)] == ["succeeded"]
@@ -57,8 +63,18 @@ def test_every_stored_artifact_verifies(finished_run: tuple[Path, object], capsy
 def test_standard_model_signing_cli_accepts_the_model(finished_run: tuple[Path, object]) -> None:
     home, s = finished_run
     proc = subprocess.run(
-        [MODEL_SIGNING, "verify", "key", str(s.model_path), "--signature", str(s.model_path / "model.sig"), "--public_key", str(home / "keys" / "node.pub.pem")],
-        capture_output=True, text=True,
+        [
+            MODEL_SIGNING,
+            "verify",
+            "key",
+            str(s.model_path),
+            "--signature",
+            str(s.model_path / "model.sig"),
+            "--public_key",
+            str(home / "keys" / "node.pub.pem"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -69,8 +85,18 @@ def test_export_then_tamper_names_the_file(home_copy: tuple[Path, object], tmp_p
     code, out, err = cli(capsys, "--home", str(home), "model", "export", s.model_digest[:16], "--out", str(out_dir))
     assert code == 0, err
     proc = subprocess.run(
-        [MODEL_SIGNING, "verify", "key", str(out_dir / "model"), "--signature", str(out_dir / "model" / "model.sig"), "--public_key", str(out_dir / "signer.pub.pem")],
-        capture_output=True, text=True,
+        [
+            MODEL_SIGNING,
+            "verify",
+            "key",
+            str(out_dir / "model"),
+            "--signature",
+            str(out_dir / "model" / "model.sig"),
+            "--public_key",
+            str(out_dir / "signer.pub.pem"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     weights = out_dir / "model" / "model.safetensors"
@@ -80,8 +106,18 @@ def test_export_then_tamper_names_the_file(home_copy: tuple[Path, object], tmp_p
     code, _, err = cli(capsys, "--home", str(home), "model", "verify", str(out_dir / "model"))
     assert code == 2 and "model.safetensors" in err
     proc = subprocess.run(
-        [MODEL_SIGNING, "verify", "key", str(out_dir / "model"), "--signature", str(out_dir / "model" / "model.sig"), "--public_key", str(out_dir / "signer.pub.pem")],
-        capture_output=True, text=True,
+        [
+            MODEL_SIGNING,
+            "verify",
+            "key",
+            str(out_dir / "model"),
+            "--signature",
+            str(out_dir / "model" / "model.sig"),
+            "--public_key",
+            str(out_dir / "signer.pub.pem"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode != 0
 
@@ -193,7 +229,7 @@ def test_artifact_verify_checks_the_ledger_record_too(home_copy: tuple[Path, obj
     assert code == 0, err
     seq = json.loads(out)["seq"]
     con = duckdb.connect(str(home / "ledger.duckdb"))
-    con.execute(f"UPDATE events SET body = replace(body, '\"kind\":\"tokenizer\"', '\"kind\":\"dataset\"') WHERE seq = {seq}")
+    con.execute(f'UPDATE events SET body = replace(body, \'"kind":"tokenizer"\', \'"kind":"dataset"\') WHERE seq = {seq}')
     con.close()
     code, _, err = cli(capsys, "--home", str(home), "artifact", "verify", digest[:16])
     assert code == 2 and f"seq {seq}" in err

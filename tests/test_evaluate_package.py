@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from keys.errors import ConfigError, TrainingError
 from pipeline.config import from_mapping
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.evaluate import EvalConfig, run_evaluate
 from pipeline.model import load_checkpoint
 from pipeline.package import PackageConfig, run_package
@@ -66,8 +66,13 @@ def test_package_loads_in_transformers_with_matching_logits(checkpoint: Path, to
     model_dir = res.outputs["model"]
     assert model_dir == tmp_path / "model"
     assert sorted(p.name for p in model_dir.iterdir()) == [
-        "README.md", "config.json", "generation_config.json", "model.safetensors",
-        "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json",
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
     ]
     # Tied embeddings are stored once.
     assert "lm_head.weight" not in load_file(str(model_dir / "model.safetensors"))
@@ -89,7 +94,9 @@ def test_package_loads_in_transformers_with_matching_logits(checkpoint: Path, to
 
 
 def test_model_card_lists_provenance_and_architecture(checkpoint: Path, tokenizer_path: Path, tmp_path: Path) -> None:
-    res = run_package(checkpoint, tokenizer_path, tmp_path, PackageConfig(model_name="tiny-llama", license="apache-2.0", description="A test model."), PROVENANCE)
+    res = run_package(
+        checkpoint, tokenizer_path, tmp_path, PackageConfig(model_name="tiny-llama", license="apache-2.0", description="A test model."), PROVENANCE
+    )
     card = (res.outputs["model"] / "README.md").read_text()
     assert card.startswith("---\nlicense: apache-2.0\n")
     assert "# tiny-llama" in card and "A test model." in card

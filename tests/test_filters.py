@@ -14,8 +14,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from keys.errors import ConfigError
 from pipeline.config import from_mapping
+from pipeline.errors import ConfigError
 from pipeline.filters import (
     FILTER_NAMES,
     RULES,
@@ -86,9 +86,7 @@ def test_gopher_quality_max_avg_word_length() -> None:
     assert outcome(GQ, base + " " + "k" * 25) == (GQ_NAME, "above_avg_word_length")
 
 
-@pytest.mark.parametrize(
-    ("symbol", "rule"), [("#", "too_many_hashes"), ("…", "too_many_ellipsis"), ("...", "too_many_ellipsis")]
-)
+@pytest.mark.parametrize(("symbol", "rule"), [("#", "too_many_hashes"), ("…", "too_many_ellipsis"), ("...", "too_many_ellipsis")])
 def test_gopher_quality_symbol_word_ratio(symbol: str, rule: str) -> None:
     # 6 symbols among 60 tokens is 0.1 exactly; 7 among 61 is over.
     def doc(k: int) -> str:
@@ -337,9 +335,7 @@ def test_c4_max_word_length() -> None:
 def test_c4_citations_and_stripping() -> None:
     text = "\n".join(["  Water rose [1] fast[citation needed] today[edit].  ", *SENTENCES])
     assert C4.apply(text).text == "\n".join(["Water rose  fast today.", *SENTENCES])
-    assert only("c4", remove_citations=False).apply(text).text == "\n".join(
-        ["Water rose [1] fast[citation needed] today[edit].", *SENTENCES]
-    )
+    assert only("c4", remove_citations=False).apply(text).text == "\n".join(["Water rose [1] fast[citation needed] today[edit].", *SENTENCES])
 
 
 def test_c4_terminal_punctuation_switch() -> None:
@@ -500,9 +496,7 @@ def test_fineweb_sees_the_text_c4_kept() -> None:
     menu = [f"Menu{i} item" for i in range(20)]
     text = "\n".join(menu + SENTENCES)
     assert outcome(only("fineweb"), text) == (FW_NAME, "short_line_ratio")
-    cfg = FiltersConfig(
-        gopher_repetition=GopherRepetitionConfig(enabled=False), gopher_quality=GopherQualityConfig(enabled=False)
-    )
+    cfg = FiltersConfig(gopher_repetition=GopherRepetitionConfig(enabled=False), gopher_quality=GopherQualityConfig(enabled=False))
     verdict = FilterChain(cfg).apply(text)
     assert verdict == Verdict(text="\n".join(SENTENCES), filter=None, rule=None, lines_removed=20)
 
@@ -608,6 +602,35 @@ def test_words_split_like_spacy() -> None:
     from pipeline.filters import split_words
 
     assert split_words(line) == [
-        "sizeof(struct", "sockaddr_un)+1", "a", "=", "b", "foo.bar(x", ")", "x", "/", "y", "--flag", "3.5",
-        "e", "-", "mail", "(", "see", "utf-8", ")", ".", '"', "Hello", ",", '"', "/usr", "/", "share", "/", "doc", "end", ".",
+        "sizeof(struct",
+        "sockaddr_un)+1",
+        "a",
+        "=",
+        "b",
+        "foo.bar(x",
+        ")",
+        "x",
+        "/",
+        "y",
+        "--flag",
+        "3.5",
+        "e",
+        "-",
+        "mail",
+        "(",
+        "see",
+        "utf-8",
+        ")",
+        ".",
+        '"',
+        "Hello",
+        ",",
+        '"',
+        "/usr",
+        "/",
+        "share",
+        "/",
+        "doc",
+        "end",
+        ".",
     ]

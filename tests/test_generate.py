@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from keys.errors import ConfigError, TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.generate import (
     KVCache,
     SampleConfig,
@@ -279,8 +279,7 @@ def test_cli_generates_from_a_directory(package_dir: Path, checkpoint_dir: Path,
     assert code == 0, err
     expected = generate_text(load_for_generation(package_dir), ["the cat", "a dog sees"], SampleConfig(temperature=0, max_new_tokens=6))
     assert json.loads(out) == [
-        {"prompt": g.prompt, "text": g.text, "new_tokens": g.new_tokens, "prompt_tokens": g.prompt_tokens, "stopped_at_eos": g.stopped_at_eos}
-        for g in expected
+        {"prompt": g.prompt, "text": g.text, "new_tokens": g.new_tokens, "prompt_tokens": g.prompt_tokens, "stopped_at_eos": g.stopped_at_eos} for g in expected
     ]
     assert "package" in err and "new tokens" in err
     code, out, _ = cli(capsys, *args)
@@ -321,7 +320,9 @@ def test_cli_generates_from_a_model_in_the_store(finished_run: tuple[Path, objec
     home, summary = finished_run
     digest = summary.model_digest  # type: ignore[attr-defined]
     events_before = cli(capsys, "--home", str(home), "ledger", "query", "SELECT count(*) AS n FROM events", "--json")[1]
-    code, out, err = cli(capsys, "--home", str(home), "generate", digest[:12], "--prompt", "The module", "--temperature", "0", "--max-new-tokens", "5", "--json")
+    code, out, err = cli(
+        capsys, "--home", str(home), "generate", digest[:12], "--prompt", "The module", "--temperature", "0", "--max-new-tokens", "5", "--json"
+    )
     assert code == 0, err
     [g] = json.loads(out)
     assert g["prompt"] == "The module" and 0 <= g["new_tokens"] <= 5 and digest[:16] in err

@@ -8,8 +8,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,11 +18,11 @@ import pytest
 import zstandard
 
 from keys.digest import sha256_file
-from keys.errors import ConfigError, DataError
 from pipeline.config import from_mapping
+from pipeline.errors import ConfigError, DataError
+from pipeline.html_text import html_to_text
 from pipeline.ingest import IngestConfig, ParquetSink, glob_regex, iter_rows, open_parquet, run_ingest
 from pipeline.parquet_io import GROUP_TEXT_CHARS
-from pipeline.html_text import html_to_text
 from pipeline.readers import REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,19 +65,22 @@ def make_source(tmp_path: Path, files: dict[str, bytes | Callable[[Path], None]]
 
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
-    src = make_source(tmp_path, {
-        "a.txt": b"first document\nwith two lines\n",
-        "b/notes.md": b"# Title\n\n    indented code\n",
-        "b/deep/docs.jsonl": jsonl({"text": "line one", "id": 1}).replace(b"\n", b"\n\n", 1) + jsonl({"text": "line three"}),
-        "b/more.NDJSON": jsonl({"text": "nd"}),
-        "c.parquet": lambda p: write_parquet(p, {"text": ["row zero", "row one"], "other": [1, 2]}),
-        "d.jsonl.gz": gzip.compress(jsonl({"text": "gz one"}, {"text": "gz two"})),
-        "e.ndjson.zst": zstd_frames(jsonl({"text": "zst one"}), jsonl({"text": "zst two"})),
-        "f.csv": b'id,text\n1,"quoted, with comma\nand a second line"\n2,plain\n\n3,"say ""hi"""\n',
-        "g.html": b"<html><head><title>Page</title></head><body><p>Hello &amp; welcome</p></body></html>",
-        "ignored.pdf": b"%PDF",
-        ".hidden.txt": b"editor swap file",
-    })
+    src = make_source(
+        tmp_path,
+        {
+            "a.txt": b"first document\nwith two lines\n",
+            "b/notes.md": b"# Title\n\n    indented code\n",
+            "b/deep/docs.jsonl": jsonl({"text": "line one", "id": 1}).replace(b"\n", b"\n\n", 1) + jsonl({"text": "line three"}),
+            "b/more.NDJSON": jsonl({"text": "nd"}),
+            "c.parquet": lambda p: write_parquet(p, {"text": ["row zero", "row one"], "other": [1, 2]}),
+            "d.jsonl.gz": gzip.compress(jsonl({"text": "gz one"}, {"text": "gz two"})),
+            "e.ndjson.zst": zstd_frames(jsonl({"text": "zst one"}), jsonl({"text": "zst two"})),
+            "f.csv": b'id,text\n1,"quoted, with comma\nand a second line"\n2,plain\n\n3,"say ""hi"""\n',
+            "g.html": b"<html><head><title>Page</title></head><body><p>Hello &amp; welcome</p></body></html>",
+            "ignored.pdf": b"%PDF",
+            ".hidden.txt": b"editor swap file",
+        },
+    )
     return src
 
 
@@ -109,12 +113,21 @@ def test_every_format_in_sorted_order(source: Path, tmp_path: Path) -> None:
     assert (stats["files"], stats["files_read"], stats["files_skipped"], stats["files_ignored"]) == (9, 9, 0, 2)
     assert stats["documents"] == 15 and stats["records_skipped"] == 0 and stats["skipped_by_reason"] == {}
     assert stats["bytes"] == sum(x["bytes"] for x in result.inputs)
-    assert stats["by_format"]["jsonl"] == {"files": 2, "documents": 3, "bytes": sum(
-        (source / p).stat().st_size for p in ("b/deep/docs.jsonl", "b/more.NDJSON"))}
+    assert stats["by_format"]["jsonl"] == {
+        "files": 2,
+        "documents": 3,
+        "bytes": sum((source / p).stat().st_size for p in ("b/deep/docs.jsonl", "b/more.NDJSON")),
+    }
     assert sorted(stats["by_format"]) == ["csv", "html", "jsonl", "jsonl.gz", "jsonl.zst", "md", "parquet", "txt"]
     assert [(x["path"], x["format"], x["documents"]) for x in result.inputs] == [
-        ("a.txt", "txt", 1), ("b/deep/docs.jsonl", "jsonl", 2), ("b/more.NDJSON", "jsonl", 1), ("b/notes.md", "md", 1),
-        ("c.parquet", "parquet", 2), ("d.jsonl.gz", "jsonl.gz", 2), ("e.ndjson.zst", "jsonl.zst", 2), ("f.csv", "csv", 3),
+        ("a.txt", "txt", 1),
+        ("b/deep/docs.jsonl", "jsonl", 2),
+        ("b/more.NDJSON", "jsonl", 1),
+        ("b/notes.md", "md", 1),
+        ("c.parquet", "parquet", 2),
+        ("d.jsonl.gz", "jsonl.gz", 2),
+        ("e.ndjson.zst", "jsonl.zst", 2),
+        ("f.csv", "csv", 3),
         ("g.html", "html", 1),
     ]
     for entry in result.inputs:
@@ -204,13 +217,16 @@ def test_include_exclude_recursive_hidden(source: Path, tmp_path: Path) -> None:
 
 
 def test_fields_columns_and_other_text_suffixes(tmp_path: Path) -> None:
-    src = make_source(tmp_path, {
-        "x.jsonl": jsonl({"body": "b"}),
-        "y.parquet": lambda p: write_parquet(p, {"content": pa.array(["c"]).dictionary_encode()}),
-        "z.csv": b"content,n\nd,1\n",
-        "w.rst": b"Title\n=====\n",
-        "v.txt": b"not listed",
-    })
+    src = make_source(
+        tmp_path,
+        {
+            "x.jsonl": jsonl({"body": "b"}),
+            "y.parquet": lambda p: write_parquet(p, {"content": pa.array(["c"]).dictionary_encode()}),
+            "z.csv": b"content,n\nd,1\n",
+            "w.rst": b"Title\n=====\n",
+            "v.txt": b"not listed",
+        },
+    )
     cfg = IngestConfig(jsonl_field="body", parquet_column="content", csv_column="content", extensions=[".jsonl", ".parquet", ".csv", ".rst"])
     result = run_ingest(src, tmp_path / "o", cfg)
     assert [r["text"] for r in read_raw(tmp_path / "o")] == ["Title\n=====\n", "b", "c", "d"]
@@ -303,7 +319,11 @@ BAD_INPUTS: dict[str, tuple[str, Any, str, list[str], int]] = {
     "null_text": ("d.jsonl", b'{"text": null}\n{"text": "ok"}\n', "null_text", ["d.jsonl", "line 1", "null"], 1),
     "not_an_object": ("d.jsonl", b'["text"]\n{"text": "ok"}\n', "not_object", ["d.jsonl", "line 1", "object"], 1),
     "lone_surrogate": (
-        "d.jsonl", b'{"text": "ok \\ud83c\\udf89"}\n{"text": "bad \\ud800"}\n', "unpaired_surrogate", ["d.jsonl", "line 2", "surrogate"], 1,
+        "d.jsonl",
+        b'{"text": "ok \\ud83c\\udf89"}\n{"text": "bad \\ud800"}\n',
+        "unpaired_surrogate",
+        ["d.jsonl", "line 2", "surrogate"],
+        1,
     ),
     "truncated_gzip": ("d.jsonl.gz", _truncated_gzip, "truncated", ["d.jsonl.gz", "line", "gzip", "cut short"], -1),
     "bad_crc_gzip": ("d.jsonl.gz", _bad_crc_gzip, "truncated", ["d.jsonl.gz", "line 3", "CRC"], 2),
@@ -315,8 +335,12 @@ BAD_INPUTS: dict[str, tuple[str, Any, str, list[str], int]] = {
     "null_row": ("t.parquet", lambda p: write_parquet(p, {"text": ["a", None, "c"]}), "null_text", ["t.parquet", "row 1", "null"], 2),
     "bad_utf8_row": (
         "t.parquet",
-        lambda p: pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), 2, pa.array(["ok", "caf\u00e9"]).buffers()[:2] + [pa.py_buffer(b"okcaf\xe9\xe9")])}), p),
-        "not_utf8", ["t.parquet", "row 1", "UTF-8"], 1,
+        lambda p: pq.write_table(
+            pa.table({"text": pa.Array.from_buffers(pa.string(), 2, pa.array(["ok", "caf\u00e9"]).buffers()[:2] + [pa.py_buffer(b"okcaf\xe9\xe9")])}), p
+        ),
+        "not_utf8",
+        ["t.parquet", "row 1", "UTF-8"],
+        1,
     ),
     "not_parquet": ("t.parquet", b"PAR1 but not really", "not_parquet", ["t.parquet", "parquet"], 0),
     "csv_no_column": ("t.csv", b"body,n\nx,1\n", "wrong_schema", ["t.csv", "line 1", "'text'", "body"], 0),
@@ -331,8 +355,18 @@ BAD_INPUTS: dict[str, tuple[str, Any, str, list[str], int]] = {
 
 # Cases where nothing of the file can be used: the file is skipped whole (record -1).
 WHOLE_FILE = {
-    "latin1_text", "binary", "utf16", "binary_jsonl", "latin1_html", "no_column", "int_column", "not_parquet",
-    "csv_no_column", "csv_empty", "broken_link", "fifo",
+    "latin1_text",
+    "binary",
+    "utf16",
+    "binary_jsonl",
+    "latin1_html",
+    "no_column",
+    "int_column",
+    "not_parquet",
+    "csv_no_column",
+    "csv_empty",
+    "broken_link",
+    "fifo",
 }
 
 
@@ -440,19 +474,26 @@ def test_truncated_streams_keep_the_records_before_the_damage(tmp_path: Path) ->
 
 
 def test_too_large(tmp_path: Path) -> None:
-    src = make_source(tmp_path, {
-        "big.txt": b"x" * 100,
-        "small.txt": b"y" * 50,
-        "d.jsonl": jsonl({"text": "short"}, {"text": "z" * 100}, {"text": "after"}),
-        "t.csv": b'text\nshort\n"' + b"w" * 60 + b'\n' + b"w" * 60 + b'"\nafter\n',
-    })
+    src = make_source(
+        tmp_path,
+        {
+            "big.txt": b"x" * 100,
+            "small.txt": b"y" * 50,
+            "d.jsonl": jsonl({"text": "short"}, {"text": "z" * 100}, {"text": "after"}),
+            "t.csv": b'text\nshort\n"' + b"w" * 60 + b"\n" + b"w" * 60 + b'"\nafter\n',
+        },
+    )
     with pytest.raises(DataError) as info:
         run_ingest(src, tmp_path / "out", IngestConfig(max_document_bytes=80))
     assert "big.txt" in info.value.message and "[too_large]" in info.value.message
     assert "ingest.max_document_bytes" in info.value.hint
     result = run_ingest(src, tmp_path / "out", IngestConfig(max_document_bytes=80, on_error="skip"))
     assert [(r["source"], r["record"]) for r in read_raw(tmp_path / "out")] == [
-        ("d.jsonl", 1), ("d.jsonl", 3), ("small.txt", 0), ("t.csv", 2), ("t.csv", 5),
+        ("d.jsonl", 1),
+        ("d.jsonl", 3),
+        ("small.txt", 0),
+        ("t.csv", 2),
+        ("t.csv", 5),
     ]
     assert read_rejects(tmp_path / "out") == [("big.txt", -1, "too_large"), ("d.jsonl", 2, "too_large"), ("t.csv", 3, "too_large")]
     assert {x["path"]: x["sha256"] for x in result.inputs}["big.txt"] == sha256_file(src / "big.txt")
@@ -527,7 +568,8 @@ def test_config_from_recipe_table() -> None:
     cfg = from_mapping(
         IngestConfig,
         {"extensions": [".txt"], "recursive": False, "include": ["docs/**"], "exclude": ["**/draft*"], "on_error": "skip", "csv_column": "body"},
-        source="recipe.toml", prefix="ingest",
+        source="recipe.toml",
+        prefix="ingest",
     )
     assert cfg.extensions == [".txt"] and not cfg.recursive and cfg.on_error == "skip" and cfg.include == ["docs/**"]
     assert IngestConfig().max_document_bytes == 64 << 20 and IngestConfig().on_error == "fail"
@@ -576,7 +618,9 @@ def test_memory_stays_flat_on_a_big_compressed_jsonl(tmp_path: Path) -> None:
     for name, size in (("small", 25 << 20), ("large", 250 << 20)):
         proc = subprocess.run(
             [sys.executable, "-c", _PEAK_RSS, str(tmp_path / name / "src"), str(size)],
-            cwd=ROOT, capture_output=True, text=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         assert proc.returncode == 0, proc.stderr
         documents, peak_kb = map(int, proc.stdout.split())

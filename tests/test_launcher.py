@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.launcher import EventTail, LaunchOptions, Outcome, check_port, command, failure_message
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 
 # torchrun's own summary after a worker was killed with SIGKILL (torch 2.13), as it appears in
 # the launcher log; the survivor was sent SIGTERM by torchrun and is listed first.

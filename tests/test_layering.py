@@ -65,7 +65,9 @@ def test_core_imports_without_textual_in_a_fresh_interpreter() -> None:
 
 
 def test_pipeline_does_not_pull_in_upper_floors() -> None:
-    mods = _modules_after_import("import pipeline.ingest, pipeline.clean, pipeline.tokenizer, pipeline.shard, pipeline.train, pipeline.evaluate, pipeline.package")
+    mods = _modules_after_import(
+        "import pipeline.ingest, pipeline.clean, pipeline.tokenizer, pipeline.shard, pipeline.train, pipeline.evaluate, pipeline.package"
+    )
     assert not {"registry", "appliance", "policies", "textual"} & mods
 
 

@@ -7,8 +7,8 @@ import json
 import duckdb
 import pytest
 
-from keys.errors import LedgerError, LedgerIntegrityError
 from keys.keystore import create_key, key_id_of
+from registry.errors import LedgerError, LedgerIntegrityError
 from registry.ledger import GENESIS_HASH, Ledger, chain_hash
 
 PASS = b"ledger test passphrase"
@@ -96,9 +96,7 @@ def test_known_kinds_are_checked(tmp_path, key):
         with pytest.raises(LedgerError, match="missing field"):
             ledger.append("run.started", "alice", {"run_id": "r1"})
         with pytest.raises(LedgerError, match="allowed"):
-            ledger.append("authz.decision", "alice", {"identity": "a", "action": "x",
-                                                      "subject": "s", "allowed": "yes",
-                                                      "reason": ""})
+            ledger.append("authz.decision", "alice", {"identity": "a", "action": "x", "subject": "s", "allowed": "yes", "reason": ""})
         assert ledger.events() == []
 
 
@@ -239,66 +237,72 @@ def test_redefined_view_is_caught_and_repaired(tmp_path, key, trusted):
 
 
 def _artifact(digest, kind, parents, run_id="r1", stage="s"):
-    return ("artifact.recorded", "svc", {
-        "digest": digest, "kind": kind, "name": f"{kind}-{digest}", "size_bytes": 10,
-        "files": 1, "store_path": None, "run_id": run_id, "stage": stage,
-        "parents": parents, "meta": {},
-    })
+    return (
+        "artifact.recorded",
+        "svc",
+        {
+            "digest": digest,
+            "kind": kind,
+            "name": f"{kind}-{digest}",
+            "size_bytes": 10,
+            "files": 1,
+            "store_path": None,
+            "run_id": run_id,
+            "stage": stage,
+            "parents": parents,
+            "meta": {},
+        },
+    )
 
 
 def test_views_and_lineage_macros(tmp_path, key, trusted):
     path = tmp_path / "ledger.duckdb"
     # raw a -> dataset b -> tokenizer c; (b, c) -> shards d -> model e
     with Ledger.open(path, key) as ledger:
-        ledger.append_many([
-            ("key.registered", "root", {"key_id": key.key_id,
-                                        "public_key_pem": key.public_pem().decode(),
-                                        "role": "node"}),
-            ("authz.decision", "alice", {"identity": "alice", "action": "run.start",
-                                         "subject": "r1", "allowed": True, "reason": "role"}),
-            ("authz.decision", "eve", {"identity": "eve", "action": "purge",
-                                       "subject": "a", "allowed": False, "reason": "no role"}),
-            ("run.started", "alice", {"run_id": "r1", "recipe_name": "tiny",
-                                      "recipe_digest": "f" * 64, "recipe": {"x": 1},
-                                      "environment": {}}),
-            ("run.started", "alice", {"run_id": "r2", "recipe_name": "tiny",
-                                      "recipe_digest": "f" * 64, "recipe": {},
-                                      "environment": {}}),
-            _artifact("a", "source", []),
-            _artifact("b", "dataset", ["a"]),
-            _artifact("c", "tokenizer", ["b"]),
-            _artifact("d", "shards", ["b", "c"]),
-            _artifact("e", "model", ["d"]),
-            _artifact("e", "model", ["d"], run_id="r2"),  # recorded again by another run
-            ("stage.finished", "svc", {"run_id": "r1", "stage": "train", "stats": {}}),
-            ("stage.failed", "svc", {"run_id": "r2", "stage": "train", "error": "oom"}),
-            ("metrics.recorded", "svc", {"run_id": "r1", "stage": "train", "points": [
-                {"step": 1, "name": "loss", "value": 3.5},
-                {"step": 2, "name": "loss", "value": 3}]}),
-            ("run.finished", "svc", {"run_id": "r1", "status": "succeeded", "error": None,
-                                     "summary": {}}),
-            ("model.signed", "svc", {"digest": "e", "key_id": key.key_id,
-                                     "signature_file": "model.sig"}),
-        ])
+        ledger.append_many(
+            [
+                ("key.registered", "root", {"key_id": key.key_id, "public_key_pem": key.public_pem().decode(), "role": "node"}),
+                ("authz.decision", "alice", {"identity": "alice", "action": "run.start", "subject": "r1", "allowed": True, "reason": "role"}),
+                ("authz.decision", "eve", {"identity": "eve", "action": "purge", "subject": "a", "allowed": False, "reason": "no role"}),
+                ("run.started", "alice", {"run_id": "r1", "recipe_name": "tiny", "recipe_digest": "f" * 64, "recipe": {"x": 1}, "environment": {}}),
+                ("run.started", "alice", {"run_id": "r2", "recipe_name": "tiny", "recipe_digest": "f" * 64, "recipe": {}, "environment": {}}),
+                _artifact("a", "source", []),
+                _artifact("b", "dataset", ["a"]),
+                _artifact("c", "tokenizer", ["b"]),
+                _artifact("d", "shards", ["b", "c"]),
+                _artifact("e", "model", ["d"]),
+                _artifact("e", "model", ["d"], run_id="r2"),  # recorded again by another run
+                ("stage.finished", "svc", {"run_id": "r1", "stage": "train", "stats": {}}),
+                ("stage.failed", "svc", {"run_id": "r2", "stage": "train", "error": "oom"}),
+                (
+                    "metrics.recorded",
+                    "svc",
+                    {"run_id": "r1", "stage": "train", "points": [{"step": 1, "name": "loss", "value": 3.5}, {"step": 2, "name": "loss", "value": 3}]},
+                ),
+                ("run.finished", "svc", {"run_id": "r1", "status": "succeeded", "error": None, "summary": {}}),
+                ("model.signed", "svc", {"digest": "e", "key_id": key.key_id, "signature_file": "model.sig"}),
+            ]
+        )
         q = ledger.query
         assert q("SELECT * FROM ancestors('e')")[1] == [
-            ("d", 1, "shards", "shards-d"), ("b", 2, "dataset", "dataset-b"),
-            ("c", 2, "tokenizer", "tokenizer-c"), ("a", 3, "source", "source-a")]
+            ("d", 1, "shards", "shards-d"),
+            ("b", 2, "dataset", "dataset-b"),
+            ("c", 2, "tokenizer", "tokenizer-c"),
+            ("a", 3, "source", "source-a"),
+        ]
         cols, rows = q("SELECT * FROM descendants('a')")
         assert cols == ["digest", "depth", "kind", "name"]
         assert [(r[0], r[1]) for r in rows] == [("b", 1), ("c", 2), ("d", 2), ("e", 3)]
         assert q("SELECT digest, run_id FROM artifacts WHERE digest = 'e'")[1] == [("e", "r1")]
         assert q("SELECT count(*) FROM lineage WHERE child = 'e'")[1] == [(2,)]
-        assert q("SELECT child, parent FROM lineage WHERE child = 'd' ORDER BY parent")[1] == [
-            ("d", "b"), ("d", "c")]
-        assert q("SELECT run_id, recipe_name, actor, status, error FROM runs ORDER BY run_id")[1] \
-            == [("r1", "tiny", "alice", "succeeded", None), ("r2", "tiny", "alice", "running", None)]
-        assert q("SELECT run_id, stage, status FROM stages ORDER BY run_id")[1] == [
-            ("r1", "train", "finished"), ("r2", "train", "failed")]
-        assert q("SELECT step, name, value FROM metrics ORDER BY step")[1] == [
-            (1, "loss", 3.5), (2, "loss", 3.0)]
-        assert q("SELECT identity, allowed FROM decisions ORDER BY seq")[1] == [
-            ("alice", True), ("eve", False)]
+        assert q("SELECT child, parent FROM lineage WHERE child = 'd' ORDER BY parent")[1] == [("d", "b"), ("d", "c")]
+        assert q("SELECT run_id, recipe_name, actor, status, error FROM runs ORDER BY run_id")[1] == [
+            ("r1", "tiny", "alice", "succeeded", None),
+            ("r2", "tiny", "alice", "running", None),
+        ]
+        assert q("SELECT run_id, stage, status FROM stages ORDER BY run_id")[1] == [("r1", "train", "finished"), ("r2", "train", "failed")]
+        assert q("SELECT step, name, value FROM metrics ORDER BY step")[1] == [(1, "loss", 3.5), (2, "loss", 3.0)]
+        assert q("SELECT identity, allowed FROM decisions ORDER BY seq")[1] == [("alice", True), ("eve", False)]
         assert q("SELECT key_id, role FROM ledger_keys")[1] == [(key.key_id, "node")]
         assert ledger.verify(trusted).events == 16
     # The macros are stored in the file: they work for a read-only reader too.

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.shard_format import ShardSet, open_shards, write_manifest, write_shard
 from pipeline.training.loader import TokenLoader
 

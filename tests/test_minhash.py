@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keys.errors import ConfigError
 from pipeline.config import from_mapping
+from pipeline.errors import ConfigError
 from pipeline.minhash import (
     DedupConfig,
     MinHasher,
@@ -130,10 +130,7 @@ def test_normalise_examples(raw: str, normal: str) -> None:
 
 # Characters where the steps interact: marks, odd whitespace, digits of other scripts,
 # letters whose lowercase or decomposition changes length.
-_TRICKY = (
-    "aZ\u00e9\u0301 \t\n\r\x0b\x1f\x85\u00a0\u2003.,;:!?'\"-_()[]{}\u2019\u201c\u2014\u3002\uff0c"
-    "0123\u0663\uff11\u00b2\u0130\u1e9e\u00df\u01c5"
-)
+_TRICKY = "aZ\u00e9\u0301 \t\n\r\x0b\x1f\x85\u00a0\u2003.,;:!?'\"-_()[]{}\u2019\u201c\u2014\u3002\uff0c0123\u0663\uff11\u00b2\u0130\u1e9e\u00df\u01c5"
 
 
 @settings(max_examples=300, deadline=None)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from keys.errors import ConfigError, TrainingError
 from pipeline.config import from_mapping
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.model import (
     PRESETS,
     LlamaModel,
@@ -164,7 +164,9 @@ def test_every_preset_is_covered_by_the_parameter_table() -> None:
 def test_preset_builds_with_stated_size_and_hf_parameter_layout(name: str) -> None:
     transformers = pytest.importorskip("transformers")
     cfg = ModelConfig(preset=name).resolved(vocab_size=32000)
-    assert {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "max_seq_len")} == {k: PRESETS[name][k] for k in ("dim", "n_layers", "n_heads", "max_seq_len")}
+    assert {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "max_seq_len")} == {
+        k: PRESETS[name][k] for k in ("dim", "n_layers", "n_heads", "max_seq_len")
+    }
     with torch.device("meta"):
         ours = LlamaModel(cfg)
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(cfg, 1, 2)))

@@ -24,7 +24,7 @@ CLI = Path(sys.executable).with_name("model_signing")
 def keys(tmp_path_factory):
     base = tmp_path_factory.mktemp("keys")
     key = create_key(base / "node.key", b"model passphrase")
-    other = create_key(base / "other.key", b"model passphrase")
+    create_key(base / "other.key", b"model passphrase")  # its public key is the wrong-key fixture
     return key, public_key_path(base / "node.key"), public_key_path(base / "other.key")
 
 
@@ -63,16 +63,18 @@ def test_signature_verifies_and_key_never_left_on_disk(signed_model, keys, tmp_p
 def test_standard_cli_verifies(signed_model, keys):
     _, pub, other = keys
     ok = subprocess.run(
-        [str(CLI), "verify", "key", str(signed_model), "--signature",
-         str(signed_model / "model.sig"), "--public_key", str(pub)],
-        capture_output=True, text=True, timeout=120,
+        [str(CLI), "verify", "key", str(signed_model), "--signature", str(signed_model / "model.sig"), "--public_key", str(pub)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
     assert "Verification succeeded" in ok.stdout
     bad = subprocess.run(
-        [str(CLI), "verify", "key", str(signed_model), "--signature",
-         str(signed_model / "model.sig"), "--public_key", str(other)],
-        capture_output=True, text=True, timeout=120,
+        [str(CLI), "verify", "key", str(signed_model), "--signature", str(signed_model / "model.sig"), "--public_key", str(other)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode != 0
 

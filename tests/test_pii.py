@@ -7,16 +7,16 @@ import ast
 import dataclasses
 import ipaddress
 import re
-import warnings
 import sysconfig
+import warnings
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keys.errors import ConfigError
 from pipeline.config import from_mapping
+from pipeline.errors import ConfigError
 from pipeline.pii import PII_TYPES, PLACEHOLDERS, PiiConfig, Redaction, Redactor
 
 # Redact everything (nothing dropped), so that the output can be checked for leftovers.
@@ -74,15 +74,12 @@ POSITIVES = [
     (
         "private_key",
         # Escaped line breaks, as in a JSON file or an env variable.
-        '{"key": "-----BEGIN PRIVATE KEY-----\\n'
-        + PEM_BODY.replace("\n", "\\n")
-        + '-----END PRIVATE KEY-----\\n"}',
+        '{"key": "-----BEGIN PRIVATE KEY-----\\n' + PEM_BODY.replace("\n", "\\n") + '-----END PRIVATE KEY-----\\n"}',
         '{"key": "<PRIVATE_KEY>\\n"}',
     ),
     (
         "private_key",
-        f"-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: GnuPG v2\n\n{PEM_BODY}=AbCd\n"
-        "-----END PGP PRIVATE KEY BLOCK-----",
+        f"-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: GnuPG v2\n\n{PEM_BODY}=AbCd\n-----END PGP PRIVATE KEY BLOCK-----",
         "<PRIVATE_KEY>",
     ),
     ("cloud_key", "AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE", "AWS_ACCESS_KEY_ID=<SECRET>"),
@@ -181,9 +178,7 @@ def test_defaults_drop_a_document_holding_a_private_key() -> None:
 
 def test_redact_counts_every_type() -> None:
     result = REDACT_ALL.apply(DOC)
-    assert result.text == (
-        "Contact <EMAIL> or <PHONE>.\n<PRIVATE_KEY>\nServer <IP_ADDRESS>, card <CARD_NUMBER>, home 192.168.1.1.\n"
-    )
+    assert result.text == ("Contact <EMAIL> or <PHONE>.\n<PRIVATE_KEY>\nServer <IP_ADDRESS>, card <CARD_NUMBER>, home 192.168.1.1.\n")
     assert result.counts == {
         "private_key": 1,
         "email": 1,

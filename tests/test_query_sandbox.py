@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from keys.errors import LedgerError
 from keys.keystore import create_key
+from registry.errors import LedgerError
 from registry.ledger import Ledger
 from registry.query import query
 
@@ -39,13 +39,27 @@ def ledger_file(tmp_path_factory):
     key = create_key(tmp / "node.key", b"sandbox passphrase")
     path = tmp / "ledger.duckdb"
     with Ledger.open(path, key) as ledger:
-        ledger.append_many([
-            ("artifact.recorded", "svc", {
-                "digest": d, "kind": k, "name": k, "size_bytes": 1, "files": 1,
-                "store_path": None, "run_id": "r1", "stage": "s", "parents": p, "meta": {}})
-            for d, k, p in [("a" * 64, "source", []), ("b" * 64, "dataset", ["a" * 64]),
-                            ("c" * 64, "model", ["b" * 64])]
-        ])
+        ledger.append_many(
+            [
+                (
+                    "artifact.recorded",
+                    "svc",
+                    {
+                        "digest": d,
+                        "kind": k,
+                        "name": k,
+                        "size_bytes": 1,
+                        "files": 1,
+                        "store_path": None,
+                        "run_id": "r1",
+                        "stage": "s",
+                        "parents": p,
+                        "meta": {},
+                    },
+                )
+                for d, k, p in [("a" * 64, "source", []), ("b" * 64, "dataset", ["a" * 64]), ("c" * 64, "model", ["b" * 64])]
+            ]
+        )
     return path, key
 
 
@@ -55,8 +69,7 @@ def test_select_and_macros_work_by_path(ledger_file):
     assert cols == ["digest", "depth", "kind", "name"]
     assert [(r[0][0], r[1]) for r in rows] == [("b", 1), ("a", 2)]
     assert query(path, "WITH x AS (SELECT count(*) AS n FROM events) SELECT n FROM x")[1] == [(3,)]
-    assert query(path, "FROM artifacts SELECT kind ORDER BY seq")[1] == [
-        ("source",), ("dataset",), ("model",)]
+    assert query(path, "FROM artifacts SELECT kind ORDER BY seq")[1] == [("source",), ("dataset",), ("model",)]
 
 
 @pytest.mark.parametrize("sql", REFUSED)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from appliance.recipe import PACKAGED_RECIPES, load_recipe, packaged_recipe, parse_recipe
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 
 ASSETS = Path(__file__).with_name("assets")
 SHIPPED = sorted(PACKAGED_RECIPES.glob("*.toml")) + sorted(ASSETS.glob("*.toml"))

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from keys.digest import dir_manifest, sha256_file
-from keys.errors import ConfigError, DataError, ShardIntegrityError
 from pipeline.config import from_mapping
+from pipeline.errors import ConfigError, DataError, ShardIntegrityError
 from pipeline.shard import ShardConfig, assign_splits, run_shard
 from pipeline.shard_format import open_shards
 from pipeline.tokenizer import TokenizerConfig, load_tokenizer, run_tokenizer
@@ -24,10 +24,7 @@ WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega rive
 def documents(n: int, seed: int = 3) -> list[str]:
     rng = random.Random(seed)
     return [
-        "\n".join(
-            ("    " if rng.random() < 0.3 else "") + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-            for _ in range(rng.randint(1, 6))
-        )
+        "\n".join(("    " if rng.random() < 0.3 else "") + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(1, 6)))
         + f" {i}"  # every document distinct
         for i in range(n)
     ]

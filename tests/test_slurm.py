@@ -14,7 +14,7 @@ import pytest
 
 from appliance.recipe import load_recipe
 from appliance.slurm import SlurmConfig, render_script, write_script
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 from tests.conftest import PASSPHRASE, cli
 
 BASH = shutil.which("bash")
@@ -101,8 +101,7 @@ def test_script_for_two_nodes_of_four_gpus(recipe: Path, tmp_path: Path) -> None
         'if [ "$SLURM_NODEID" -eq 0 ]; then',
         '  exec appliance --home "$APP_HOME" train "$RECIPE" --data "$DATA_RUN" --nnodes "$SLURM_NNODES" --node-rank 0'
         ' --nproc-per-node 4 --rdzv-endpoint "$HEAD_NODE:29600" --job-file "$JOBFILE"',
-        '  exec appliance train --join "$JOBFILE" --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID"'
-        ' --nproc-per-node 4 --rdzv-endpoint "$HEAD_NODE:29600"',
+        '  exec appliance train --join "$JOBFILE" --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --nproc-per-node 4 --rdzv-endpoint "$HEAD_NODE:29600"',
     ):
         assert line in text.splitlines(), line
     assert text.startswith("#!/bin/bash\n")
@@ -139,8 +138,19 @@ def test_fake_cluster_runs_node_zero_and_the_worker(recipe: Path, tmp_path: Path
     jobfile = f"{tmp_path}/submit dir/appliance-job-4242.json"
     endpoint = ["--nproc-per-node", "4", "--rdzv-endpoint", "gpu-a01:29501"]
     assert _argv(log / "appliance.0") == [
-        "--home", str(home), "train", str(recipe.resolve()), "--data", "run 'a b'",
-        "--nnodes", "2", "--node-rank", "0", *endpoint, "--job-file", jobfile,
+        "--home",
+        str(home),
+        "train",
+        str(recipe.resolve()),
+        "--data",
+        "run 'a b'",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "0",
+        *endpoint,
+        "--job-file",
+        jobfile,
     ]
     assert _argv(log / "appliance.1") == ["train", "--join", jobfile, "--nnodes", "2", "--node-rank", "1", *endpoint]
     srun = _argv(log / "srun.args")

@@ -9,8 +9,8 @@ import stat
 import pytest
 
 from keys.digest import sha256_path
-from keys.errors import StoreError
 from keys.keystore import create_key
+from registry.errors import StoreError
 from registry.store import Store
 
 

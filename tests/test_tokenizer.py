@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-from keys.errors import ConfigError, DataError
 from pipeline.config import from_mapping
+from pipeline.errors import ConfigError, DataError
 from pipeline.tokenizer import TokenizerConfig, load_tokenizer, run_tokenizer, split_long_line
 
 SYLLABLES = "ka ri to mu ne sa lo pi de vu ha zo in en ar st qu".split()

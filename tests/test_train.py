@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from keys.digest import dir_manifest, sha256_file
-from keys.errors import ConfigError, ShardIntegrityError, TrainingError
 from pipeline.config import from_mapping
+from pipeline.errors import ConfigError, ShardIntegrityError, TrainingError
 from pipeline.model import load_checkpoint
 from pipeline.shard_format import open_shards
 from pipeline.train import DistConfig, TrainConfig, lr_at, run_train

@@ -52,7 +52,11 @@ def test_train_on_an_earlier_runs_data_with_two_ranks(home_copy: tuple[Path, obj
     assert run_id != first.run_id
     reused = query(home, capsys, f"SELECT data ->> '$.stage' AS stage FROM signed_events WHERE kind = 'stage.reused' AND data ->> '$.run_id' = '{run_id}'")
     assert sorted(r["stage"] for r in reused) == sorted(["ingest", "curate", "tokenizer", "shard", "card"])
-    started = query(home, capsys, f"SELECT data ->> '$.world' AS world, data ->> '$.engine' AS engine FROM signed_events WHERE kind = 'train.started' AND data ->> '$.run_id' = '{run_id}'")
+    started = query(
+        home,
+        capsys,
+        f"SELECT data ->> '$.world' AS world, data ->> '$.engine' AS engine FROM signed_events WHERE kind = 'train.started' AND data ->> '$.run_id' = '{run_id}'",
+    )
     assert started == [{"world": "2", "engine": "ddp"}]
     saved = query(home, capsys, f"SELECT step, status, digest FROM checkpoints WHERE run_id = '{run_id}' ORDER BY seq")
     assert [(r["step"], r["status"]) for r in saved] == [(4, "saved"), (8, "saved")]
@@ -78,9 +82,15 @@ def test_deepspeed_zero2_recipe_trains_through_the_service(home_copy: tuple[Path
     code, out, err = cli(capsys, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--nproc-per-node", "2", "--json")
     assert code == 0, err
     run_id = json.loads(out)["run_id"]
-    started = query(home, capsys, f"SELECT data ->> '$.engine' AS engine, data ->> '$.world' AS world FROM signed_events WHERE kind = 'train.started' AND data ->> '$.run_id' = '{run_id}'")
+    started = query(
+        home,
+        capsys,
+        f"SELECT data ->> '$.engine' AS engine, data ->> '$.world' AS world FROM signed_events WHERE kind = 'train.started' AND data ->> '$.run_id' = '{run_id}'",
+    )
     assert started == [{"engine": "deepspeed", "world": "2"}]
-    config = query(home, capsys, f"SELECT data ->> '$.sha256' AS sha FROM signed_events WHERE kind = 'train.deepspeed_config' AND data ->> '$.run_id' = '{run_id}'")
+    config = query(
+        home, capsys, f"SELECT data ->> '$.sha256' AS sha FROM signed_events WHERE kind = 'train.deepspeed_config' AND data ->> '$.run_id' = '{run_id}'"
+    )
     assert len(config) == 1
     assert [r["step"] for r in query(home, capsys, f"SELECT step FROM checkpoints WHERE run_id = '{run_id}' AND status = 'saved' ORDER BY step")] == [2, 4]
 
@@ -111,7 +121,13 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_skips_a_tampered_one(home_co
     text = recipe.read_text().replace("dim = 32\n", "dim = 128\n").replace("n_layers = 2\n", "n_layers = 4\n")
     recipe.write_text(text)
     env = dict(os.environ, APPLIANCE_PASSPHRASE=PASSPHRASE, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([APPLIANCE, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [APPLIANCE, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while sum(e["event"] == "checkpoint" for e in _events(home, first.run_id)) < 2:
         assert proc.poll() is None, proc.communicate()
@@ -145,10 +161,14 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_skips_a_tampered_one(home_co
     # A straight run of the same recipe on the same data ends with the very same weights: the
     # final checkpoint artifact (weights + configs) has the same digest.
     env["OMP_NUM_THREADS"] = "1"
-    straight = subprocess.run([APPLIANCE, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--json"], env=env, capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(
+        [APPLIANCE, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--json"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert straight.returncode == 0, straight.stderr
     straight_id = json.loads(straight.stdout)["run_id"]
-    finals = query(home, capsys, f"SELECT run_id, digest FROM artifacts WHERE kind = 'checkpoint' AND name LIKE '%/checkpoint' AND run_id IN ('{run_id}', '{straight_id}')")
+    finals = query(
+        home, capsys, f"SELECT run_id, digest FROM artifacts WHERE kind = 'checkpoint' AND name LIKE '%/checkpoint' AND run_id IN ('{run_id}', '{straight_id}')"
+    )
     assert len(finals) == 1 or len({r["digest"] for r in finals}) == 1, finals
 
 
@@ -167,11 +187,17 @@ def test_two_nodes_on_loopback_node_0_records_and_node_1_joins(home_copy: tuple[
     endpoint = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, APPLIANCE_PASSPHRASE=PASSPHRASE, OMP_NUM_THREADS="1")
     flags = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
-    head = subprocess.Popen([APPLIANCE, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--job-file", str(job_file), "--json", *flags],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    head = subprocess.Popen(
+        [APPLIANCE, "--home", str(home), "train", str(recipe), "--data", first.run_id, "--job-file", str(job_file), "--json", *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # Node 1 never opens the home: it waits for the job file, then runs its rank.
-    worker = subprocess.run([APPLIANCE, "train", "--join", str(job_file), "--node-rank", "1", "--join-timeout", "120", *flags],
-                            env=env, capture_output=True, text=True, timeout=300)
+    worker = subprocess.run(
+        [APPLIANCE, "train", "--join", str(job_file), "--node-rank", "1", "--join-timeout", "120", *flags], env=env, capture_output=True, text=True, timeout=300
+    )
     out, err = head.communicate(timeout=300)
     assert head.returncode == 0, err
     assert worker.returncode == 0, worker.stderr
@@ -192,7 +218,22 @@ def test_train_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 2 and "--rdzv-endpoint" in err
     code, _, err = cli(capsys, "--home", str(tmp_path / "h"), "train", str(recipe), "--node-rank", "1", "--nnodes", "2")
     assert code == 2 and "--join" in err
-    code, _, err = cli(capsys, "--home", str(tmp_path / "h"), "train", "--join", str(tmp_path / "none.json"), "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "127.0.0.1:29999", "--join-timeout", "0.5")
+    code, _, err = cli(
+        capsys,
+        "--home",
+        str(tmp_path / "h"),
+        "train",
+        "--join",
+        str(tmp_path / "none.json"),
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--rdzv-endpoint",
+        "127.0.0.1:29999",
+        "--join-timeout",
+        "0.5",
+    )
     assert code == 2 and "did not appear" in err
     code, _, err = cli(capsys, "--home", str(tmp_path / "h"), "train")
     assert code == 2 and "RECIPE" in err

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keys.digest import dir_manifest, manifest_text, sha256_bytes, sha256_file
-from keys.errors import TrainingError
+from pipeline.errors import TrainingError
 from pipeline.training import dist
 from pipeline.training.dist import DistContext
 

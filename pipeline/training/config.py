@@ -120,4 +120,4 @@ class DistConfig:
         check(self.nproc_per_node > 0, f"nproc_per_node must be positive, got {self.nproc_per_node}")
         check(self.nnodes > 0, f"nnodes must be positive, got {self.nnodes}")
         check(self.timeout_s > 0, f"timeout_s must be positive, got {self.timeout_s}")
-        check(self.engine != "deepspeed" or bool(self.deepspeed_config), "engine = \"deepspeed\" needs deepspeed_config = \"path/to/ds_config.json\"")
+        check(self.engine != "deepspeed" or bool(self.deepspeed_config), 'engine = "deepspeed" needs deepspeed_config = "path/to/ds_config.json"')

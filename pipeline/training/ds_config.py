@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.training.config import TrainConfig
 
 SUPPORTED_STAGES = (1, 2, 3)
@@ -75,11 +75,15 @@ TOP_LEVEL: Schema = {
 # Where HF-style templates write "auto". The first five come from the recipe here; the three
 # bucket sizes scale with the model's width, so resolve_model_autos fills them once the model exists.
 AUTO_FROM_RECIPE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "fp16.enabled", "bf16.enabled")
-AUTO_FROM_MODEL = ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold")
+AUTO_FROM_MODEL = (
+    "zero_optimization.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+)
 
 _REFUSED = {
-    "optimizer": "the appliance passes its own torch AdamW (lr, betas and weight decay from the recipe's [train] table); delete the \"optimizer\" section",
-    "scheduler": "the appliance sets the learning rate every step from [train] schedule/lr/min_lr/warmup_steps; delete the \"scheduler\" section",
+    "optimizer": 'the appliance passes its own torch AdamW (lr, betas and weight decay from the recipe\'s [train] table); delete the "optimizer" section',
+    "scheduler": 'the appliance sets the learning rate every step from [train] schedule/lr/min_lr/warmup_steps; delete the "scheduler" section',
 }
 
 
@@ -106,7 +110,10 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "fix the JSON syntax (trailing commas and comments are not JSON)") from None
+        raise ConfigError(
+            f"DeepSpeed config {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            "fix the JSON syntax (trailing commas and comments are not JSON)",
+        ) from None
     if not isinstance(body, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, got {type(body).__name__}", "write the config as { ... }")
     return body
@@ -121,9 +128,15 @@ def resolve_deepspeed_config(raw: Mapping[str, Any], train: TrainConfig, world: 
     notes: list[str] = []
     zero = cfg.get("zero_optimization")
     if not isinstance(zero, dict) or "stage" not in zero:
-        raise ConfigError(f"{source}: 'zero_optimization.stage' is missing", f"set it to one of {', '.join(map(str, SUPPORTED_STAGES))} (engine = \"ddp\" is the unsharded choice)")
+        raise ConfigError(
+            f"{source}: 'zero_optimization.stage' is missing",
+            f'set it to one of {", ".join(map(str, SUPPORTED_STAGES))} (engine = "ddp" is the unsharded choice)',
+        )
     if zero["stage"] not in SUPPORTED_STAGES:
-        raise ConfigError(f"{source}: 'zero_optimization.stage' is {zero['stage']}, not one of {', '.join(map(str, SUPPORTED_STAGES))}", "use 1, 2 or 3, or engine = \"ddp\" for no sharding")
+        raise ConfigError(
+            f"{source}: 'zero_optimization.stage' is {zero['stage']}, not one of {', '.join(map(str, SUPPORTED_STAGES))}",
+            'use 1, 2 or 3, or engine = "ddp" for no sharding',
+        )
     _fill_from_recipe(cfg, train, world, source)
     _resolve_precision(cfg, train, device_type, source, notes)
     _resolve_offload(zero, device_type, source, notes, cfg)
@@ -155,11 +168,13 @@ def _validated(section: Mapping[str, Any], schema: Schema, source: str, prefix: 
             raise ConfigError(f"{source}: unknown or unsupported key '{dotted}'", f"remove it; supported {where}: {', '.join(sorted(schema))}")
         if isinstance(kind, dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: '{dotted}' must be an object, got {value!r}", f"write it as \"{key}\": {{ ... }}")
+                raise ConfigError(f"{source}: '{dotted}' must be an object, got {value!r}", f'write it as "{key}": {{ ... }}')
             out[key] = _validated(value, kind, source, prefix=f"{dotted}.")
         elif value == "auto":
             if dotted not in AUTO_FROM_RECIPE + AUTO_FROM_MODEL:
-                raise ConfigError(f"{source}: '{dotted}' cannot be \"auto\"", f"give it a value; \"auto\" is understood for {', '.join(AUTO_FROM_RECIPE + AUTO_FROM_MODEL)}")
+                raise ConfigError(
+                    f"{source}: '{dotted}' cannot be \"auto\"", f'give it a value; "auto" is understood for {", ".join(AUTO_FROM_RECIPE + AUTO_FROM_MODEL)}'
+                )
             out[key] = value
         else:
             out[key] = _typed(value, kind, dotted, source)
@@ -174,7 +189,10 @@ def _typed(value: Any, kind: str, dotted: str, source: str) -> Any:
     if kind == "device":
         if value in ("cpu", "none"):
             return value
-        raise ConfigError(f"{source}: '{dotted}' is {value!r}; only \"cpu\" and \"none\" are supported", "NVMe offload needs the async_io op, which the appliance does not build: offload to \"cpu\"")
+        raise ConfigError(
+            f'{source}: \'{dotted}\' is {value!r}; only "cpu" and "none" are supported',
+            'NVMe offload needs the async_io op, which the appliance does not build: offload to "cpu"',
+        )
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     if kind == "num" and numeric:
         return value
@@ -198,7 +216,9 @@ def _fill_from_recipe(cfg: dict[str, Any], train: TrainConfig, world: int, sourc
     for key, (value, recipe) in wanted.items():
         given = cfg.get(key, "auto")
         if given != "auto" and not math.isclose(given, value, rel_tol=1e-9, abs_tol=1e-12):
-            raise ConfigError(f"{source}: {key} = {given} but the recipe has {recipe}", f"make them agree, or write \"{key}\": \"auto\" to take the recipe's value")
+            raise ConfigError(
+                f"{source}: {key} = {given} but the recipe has {recipe}", f'make them agree, or write "{key}": "auto" to take the recipe\'s value'
+            )
         cfg[key] = value
 
 
@@ -216,9 +236,15 @@ def _resolve_precision(cfg: dict[str, Any], train: TrainConfig, device_type: str
     if fp16_on and bf16_on:
         raise ConfigError(f"{source}: fp16.enabled and bf16.enabled are both true", "enable at most one of them")
     if train.precision == "fp32" and (fp16_on or bf16_on):
-        raise ConfigError(f"{source}: {'fp16' if fp16_on else 'bf16'}.enabled = true but the recipe has train.precision = \"fp32\"", "make them agree: set train.precision = \"bf16\"/\"auto\", or disable it in the JSON")
+        raise ConfigError(
+            f'{source}: {"fp16" if fp16_on else "bf16"}.enabled = true but the recipe has train.precision = "fp32"',
+            'make them agree: set train.precision = "bf16"/"auto", or disable it in the JSON',
+        )
     if train.precision == "bf16" and not bf16_on:
-        raise ConfigError(f"{source}: the JSON {'enables fp16' if fp16_on else 'sets bf16.enabled = false'} but the recipe has train.precision = \"bf16\"", "make them agree: set bf16.enabled to true or \"auto\", or change train.precision")
+        raise ConfigError(
+            f'{source}: the JSON {"enables fp16" if fp16_on else "sets bf16.enabled = false"} but the recipe has train.precision = "bf16"',
+            'make them agree: set bf16.enabled to true or "auto", or change train.precision',
+        )
     if fp16_on and device_type == "cpu":
         # DeepSpeed's CPU accelerator has no fp16 kernels on most CPUs (it asks oneDNN, which says no
         # on this class of machine), and fp16 exists to halve GPU memory, which a CPU run does not
@@ -234,7 +260,10 @@ def _resolve_precision(cfg: dict[str, Any], train: TrainConfig, device_type: str
 
 def _resolve_offload(zero: dict[str, Any], device_type: str, source: str, notes: list[str], cfg: dict[str, Any]) -> None:
     if zero.get("offload_param", {}).get("device", "none") != "none" and zero["stage"] != 3:
-        raise ConfigError(f"{source}: zero_optimization.offload_param needs stage 3, got stage {zero['stage']}", "use stage 3, or offload only the optimizer (offload_optimizer)")
+        raise ConfigError(
+            f"{source}: zero_optimization.offload_param needs stage 3, got stage {zero['stage']}",
+            "use stage 3, or offload only the optimizer (offload_optimizer)",
+        )
     offloaded = [k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") != "none"]
     if device_type == "cpu":
         # Offloading to the CPU from the CPU moves nothing; DeepSpeed would still demand its

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from keys.errors import ConfigError, TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.model import LlamaModel
 from pipeline.training.config import TrainConfig
 from pipeline.training.ds_config import resolve_model_autos
@@ -120,7 +120,10 @@ class DeepSpeedEngine:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise TrainingError(f"{directory} holds no DeepSpeed checkpoint ({META} is missing)", "resume from a checkpoint written by the deepspeed engine, or switch engines to match the one that wrote it") from None
+            raise TrainingError(
+                f"{directory} holds no DeepSpeed checkpoint ({META} is missing)",
+                "resume from a checkpoint written by the deepspeed engine, or switch engines to match the one that wrote it",
+            ) from None
         except (OSError, ValueError) as exc:
             raise TrainingError(f"{meta_path} cannot be read ({exc})", "the checkpoint is damaged: resume from an earlier one") from None
         if meta.get("world") != self.world:
@@ -208,7 +211,9 @@ def _import_deepspeed(device: torch.device) -> Any:
         import deepspeed.ops
         from deepspeed.accelerator import get_accelerator
     except ImportError as exc:
-        raise TrainingError(f"engine = \"deepspeed\" needs the deepspeed package ({exc})", "install deepspeed into the appliance's environment, or choose engine = \"fsdp\"") from None
+        raise TrainingError(
+            f'engine = "deepspeed" needs the deepspeed package ({exc})', 'install deepspeed into the appliance\'s environment, or choose engine = "fsdp"'
+        ) from None
     accelerator = get_accelerator().device_name()
     if accelerator != device.type:
         raise TrainingError(

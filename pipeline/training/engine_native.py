@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
-from keys.errors import TrainingError
+from pipeline.errors import TrainingError
 from pipeline.model import LlamaModel
 from pipeline.training.config import TrainConfig
 from pipeline.training.dist import DistContext
@@ -35,9 +35,7 @@ class NativeEngine:
         self.wrapped = self._wrap(model)
         # fused AdamW is one kernel on CUDA. On CPU it would save ~7 ms of a ~720 ms step (1 %),
         # not worth an optimizer path the CPU tests have not covered under FSDP's DTensors.
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
-        )
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
         self.module: nn.Module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
 
     def _wrap(self, model: LlamaModel) -> nn.Module:
@@ -80,7 +78,10 @@ class NativeEngine:
             with _quiet_single_process():
                 dcp.load(state, checkpoint_id=Path(directory))
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise TrainingError(f"cannot load the training state in {directory}: {exc}", "resume with the model and optimizer settings that wrote it, or start in a fresh output directory") from None
+            raise TrainingError(
+                f"cannot load the training state in {directory}: {exc}",
+                "resume with the model and optimizer settings that wrote it, or start in a fresh output directory",
+            ) from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def full_weights(self) -> dict[str, torch.Tensor] | None:

@@ -123,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_train(
-            Path(spec.shards), out_dir, spec.model, spec.train,
-            dist_cfg=spec.distributed, deepspeed_config=spec.deepspeed,
+            Path(spec.shards),
+            out_dir,
+            spec.model,
+            spec.train,
+            dist_cfg=spec.distributed,
+            deepspeed_config=spec.deepspeed,
             resume_from=Path(spec.resume_from) if spec.resume_from else None,
-            stop_at_step=spec.stop_at_step, should_stop=stop, on_event=events,
+            stop_at_step=spec.stop_at_step,
+            should_stop=stop,
+            on_event=events,
         )
     except ApplianceError as exc:
         _write_error(out_dir, rank, exc.diagnostics(), traceback.format_exc())

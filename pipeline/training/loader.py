@@ -16,12 +16,10 @@ epoch's permutation lives in memory (4 bytes per window: 16 MB for 1B tokens at 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from keys.errors import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.shard_format import ShardSet, read_shard
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from keys.digest import sha256_file
-from keys.errors import ConfigError, TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.evaluate import windows_loss
 from pipeline.model import MODEL_CONFIG, WEIGHTS, LlamaModel, ModelConfig, model_flops_per_token, read_model_config, save_model_config
 from pipeline.result import ProgressFn, StageResult, no_progress, write_json
@@ -89,7 +89,9 @@ def run_train(
     device = _device(cfg, dist.from_env().local_rank)
     ctx = dist.init(_backend(dist_cfg, device), dist_cfg.timeout_s)
     try:
-        return _train(shards_dir, out_dir, model_cfg, cfg, dist_cfg, deepspeed_config, device, ctx, progress, resume_from, stop_at_step, should_stop, on_event, t0)
+        return _train(
+            shards_dir, out_dir, model_cfg, cfg, dist_cfg, deepspeed_config, device, ctx, progress, resume_from, stop_at_step, should_stop, on_event, t0
+        )
     finally:
         dist.shutdown(ctx)
 
@@ -123,7 +125,10 @@ def _train(
     shards = open_shards(shards_dir, verify_digests=False)
     manifest_sha = sha256_file(Path(shards_dir) / MANIFEST)
     if model_cfg.vocab_size and model_cfg.vocab_size < shards.vocab_size:
-        raise ConfigError(f"model.vocab_size is {model_cfg.vocab_size} but the shard set's tokenizer has {shards.vocab_size} ids", "set model.vocab_size = 0 to take it from the shard set")
+        raise ConfigError(
+            f"model.vocab_size is {model_cfg.vocab_size} but the shard set's tokenizer has {shards.vocab_size} ids",
+            "set model.vocab_size = 0 to take it from the shard set",
+        )
     mcfg = model_cfg.resolved(vocab_size=shards.vocab_size)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"train.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({mcfg.max_seq_len})", "lower train.seq_len or raise model.max_seq_len")
@@ -157,7 +162,18 @@ def _train(
     # The peak is per device; the job's tokens/s come from all of them.
     job_peak = peak * ctx.world if peak else None
     if ctx.is_main:
-        on_event({"event": "started", "step": start, "steps": cfg.steps, "world": ctx.world, "engine": engine.name, "device": str(device), "peak": peak_name, "parameters": model.num_parameters()})
+        on_event(
+            {
+                "event": "started",
+                "step": start,
+                "steps": cfg.steps,
+                "world": ctx.world,
+                "engine": engine.name,
+                "device": str(device),
+                "peak": peak_name,
+                "parameters": model.num_parameters(),
+            }
+        )
 
     def log(step: int, values: dict[str, float]) -> None:
         points = [{"step": step, "name": k, "value": float(v)} for k, v in values.items()]
@@ -181,8 +197,13 @@ def _train(
         def main_files(tmp: Path) -> list[Path]:
             files = _write_model_dir(tmp, weights, mcfg, cfg, extra)
             trainer = {
-                "step": step, "loader": loader.state_dict(), "tokens_seen": tokens_seen, "recent_losses": recent,
-                "world": ctx.world, "engine": engine.name, **extra,
+                "step": step,
+                "loader": loader.state_dict(),
+                "tokens_seen": tokens_seen,
+                "recent_losses": recent,
+                "world": ctx.world,
+                "engine": engine.name,
+                **extra,
             }
             return [*files, write_json(tmp / ckpt.TRAINER_JSON, trainer)]
 
@@ -281,7 +302,7 @@ def _train(
 
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available", "set train.device = \"auto\" or \"cpu\"")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available", 'set train.device = "auto" or "cpu"')
     if cfg.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
@@ -304,7 +325,10 @@ def _engine_name(dist_cfg: DistConfig, ctx: dist.DistContext) -> str:
     if dist_cfg.engine == "ddp" and not ctx.initialised:
         return "single"  # DDP over one process is the plain loop
     if dist_cfg.engine == "fsdp" and not ctx.initialised:
-        raise ConfigError("distributed.engine = \"fsdp\" needs a torchrun launch", "run it through `appliance train` / `appliance run`, which launch torchrun, or set engine = \"single\"")
+        raise ConfigError(
+            'distributed.engine = "fsdp" needs a torchrun launch',
+            'run it through `appliance train` / `appliance run`, which launch torchrun, or set engine = "single"',
+        )
     return dist_cfg.engine
 
 
@@ -313,7 +337,9 @@ def _build_engine(name: str, model: LlamaModel, cfg: TrainConfig, ds_config: dic
         from pipeline.training.engine_deepspeed import build_deepspeed_engine  # lazy: DeepSpeed is optional
 
         if ds_config is None:
-            raise ConfigError("distributed.engine = \"deepspeed\" but no DeepSpeed config was given", "set distributed.deepspeed_config = \"path/to/ds_config.json\"")
+            raise ConfigError(
+                'distributed.engine = "deepspeed" but no DeepSpeed config was given', 'set distributed.deepspeed_config = "path/to/ds_config.json"'
+            )
         return build_deepspeed_engine(model, cfg, ds_config, device)
     from pipeline.training.engine_native import build_native_engine
 
@@ -342,7 +368,15 @@ def _diverged(loss: float, step: int, cfg: TrainConfig, out_dir: Path) -> None:
 
 def _validate(engine: Engine, val_tokens: np.ndarray, cfg: TrainConfig, device: torch.device) -> float:
     # Every rank runs the same windows: under FSDP/ZeRO-3 the forward pass is collective.
-    loss, _ = windows_loss(engine.model, val_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_batches=cfg.eval_batches, device=device, autocast=lambda: autocast(device, cfg.precision))
+    loss, _ = windows_loss(
+        engine.model,
+        val_tokens,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        max_batches=cfg.eval_batches,
+        device=device,
+        autocast=lambda: autocast(device, cfg.precision),
+    )
     engine.model.train()
     return loss
 
@@ -416,7 +450,14 @@ def _resume(
             # checkpoint of another model or data order is the user's to sort out, so that raises.
             info, rejected = ckpt.find_resumable(out_dir)
             for path, reason in rejected:
-                on_event({"event": "checkpoint_rejected", "step": ckpt.step_of(Path(path).name.removeprefix(ckpt.REJECTED_PREFIX)), "path": str(path), "reason": reason})
+                on_event(
+                    {
+                        "event": "checkpoint_rejected",
+                        "step": ckpt.step_of(Path(path).name.removeprefix(ckpt.REJECTED_PREFIX)),
+                        "path": str(path),
+                        "reason": reason,
+                    }
+                )
             chosen = str(info.path) if info else None
         if chosen is not None:
             _check_fits(Path(chosen), cfg, mcfg, manifest_sha)
@@ -426,7 +467,10 @@ def _resume(
     path = Path(chosen)
     state = json.loads((path / ckpt.TRAINER_JSON).read_text(encoding="utf-8"))
     if (state.get("engine") == "deepspeed") != (engine.name == "deepspeed"):
-        raise TrainingError(f"{path} was written by the {state.get('engine')} engine, which cannot be loaded by {engine.name}", f"set distributed.engine = \"{state.get('engine')}\" to resume it")
+        raise TrainingError(
+            f"{path} was written by the {state.get('engine')} engine, which cannot be loaded by {engine.name}",
+            f'set distributed.engine = "{state.get("engine")}" to resume it',
+        )
     engine.load(path / ckpt.STATE_DIR)
     loader.load_state_dict(state["loader"])
     rng_file = path / ckpt.RNG_DIR / f"rank_{ctx.rank:05d}.pt"
@@ -444,14 +488,22 @@ def _check_fits(path: Path, cfg: TrainConfig, mcfg: ModelConfig, manifest_sha: s
     """Refuse to resume a checkpoint of another model, shard set or data order (TrainingError/ConfigError)."""
     saved_cfg, _ = read_model_config(path)
     if saved_cfg != mcfg:
-        raise TrainingError(f"{path} holds a different model ({saved_cfg}) than the one configured ({mcfg})", f"use a fresh output directory, or restore the model settings that produced {path}")
+        raise TrainingError(
+            f"{path} holds a different model ({saved_cfg}) than the one configured ({mcfg})",
+            f"use a fresh output directory, or restore the model settings that produced {path}",
+        )
     state = json.loads((path / ckpt.TRAINER_JSON).read_text(encoding="utf-8"))
     if state.get("shards_manifest_sha256") != manifest_sha:
-        raise TrainingError(f"{path} was trained on a different shard set than the one given", "resume with the same shards, or start in a fresh output directory")
+        raise TrainingError(
+            f"{path} was trained on a different shard set than the one given", "resume with the same shards, or start in a fresh output directory"
+        )
     saved_train = json.loads((path / TRAIN_CONFIG).read_text(encoding="utf-8"))
     for key in RESUME_LOCKED:
         if saved_train.get(key) != getattr(cfg, key):
-            raise ConfigError(f"train.{key} is {getattr(cfg, key)!r} but {path} was trained with {saved_train.get(key)!r}", f"set train.{key} back to {saved_train.get(key)!r} to resume, or use a fresh output directory")
+            raise ConfigError(
+                f"train.{key} is {getattr(cfg, key)!r} but {path} was trained with {saved_train.get(key)!r}",
+                f"set train.{key} back to {saved_train.get(key)!r} to resume, or use a fresh output directory",
+            )
 
 
 def _load_metrics(path: Path, upto: int) -> list[dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from keys.errors import TrainingError
+from pipeline.errors import TrainingError
 from pipeline.model import LlamaModel, ModelConfig
 from pipeline.training import dist
 from pipeline.training.config import TrainConfig
@@ -39,7 +39,9 @@ def model_config() -> ModelConfig:
 
 
 def train_config(batch_size: int, grad_accum: int, steps: int) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=SEQ_LEN, lr=3e-3, min_lr=3e-4, warmup_steps=0, grad_clip=1.0, device="cpu")
+    return TrainConfig(
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=SEQ_LEN, lr=3e-3, min_lr=3e-4, warmup_steps=0, grad_clip=1.0, device="cpu"
+    )
 
 
 def lr_at(step: int, train: TrainConfig) -> float:

@@ -1,0 +1,24 @@
+"""Errors of the ledger and the artifact store."""
+
+from __future__ import annotations
+
+from keys.errors import ApplianceError
+
+
+class LedgerError(ApplianceError):
+    """The provenance ledger could not be read or written, or a query was refused."""
+
+
+class LedgerIntegrityError(LedgerError):
+    """The ledger's hash chain, a signature or the signed head does not check out.
+
+    ``seq`` is the first event that is broken (or missing).
+    """
+
+    def __init__(self, seq: int, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
+        self.seq = seq
+
+
+class StoreError(ApplianceError):
+    """An artifact in the content-addressed store is missing or does not match its digest."""
