@@ -14,16 +14,16 @@ from keys.digest import sha256_bytes
 from pipeline.clean import CleanConfig
 from pipeline.config import check, from_mapping
 from pipeline.errors import ConfigError
-from pipeline.evaluate import EvalConfig
 from pipeline.filters import FiltersConfig
-from pipeline.ingest import IngestConfig
 from pipeline.minhash import DedupConfig
-from pipeline.model import ModelConfig
-from pipeline.package import PackageConfig
 from pipeline.pii import PiiConfig
-from pipeline.shard import ShardConfig
-from pipeline.tokenizer import TokenizerConfig
-from pipeline.train import DistConfig, TrainConfig
+from pipeline.settings.evaluate import EvalConfig
+from pipeline.settings.ingest import IngestConfig
+from pipeline.settings.model import ModelConfig
+from pipeline.settings.package import PackageConfig
+from pipeline.settings.shard import ShardConfig
+from pipeline.settings.tokenizer import TokenizerConfig
+from pipeline.training.config import DistConfig, TrainConfig
 
 PACKAGED_RECIPES = Path(__file__).with_name("recipes")
 

@@ -28,20 +28,22 @@ Ingest stays faithful to its sources; normalising and filtering are the clean st
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import check
 from pipeline.errors import DataError
+from pipeline.globs import glob_regex
 from pipeline.parquet_io import PARQUET_OPTIONS, ROWS_PER_GROUP, ParquetSink, iter_rows, open_parquet
-from pipeline.readers import FORMATS, Problem, ReadOptions, SourceFile, format_of
+from pipeline.readers import Problem, ReadOptions, SourceFile, format_of
 from pipeline.result import ProgressFn, StageResult, no_progress
+
+# The [ingest] table lives in a module without pyarrow, so a recipe loads without it; its names stay importable from here.
+from pipeline.settings.ingest import IngestConfig
 
 __all__ = [
     "PARQUET_OPTIONS",
@@ -73,108 +75,6 @@ REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("record", pa.int64()), ("rea
 MAX_EXAMPLES = 20
 # Records between progress reports inside a file: often enough for a live bar, rare enough to cost nothing.
 PROGRESS_EVERY = 1000
-_COMPRESSED = (".gz", ".zst", ".bz2", ".xz", ".zip", ".7z")
-
-
-@dataclass(kw_only=True)
-class IngestConfig:
-    # Every format the appliance reads; another suffix here (".rst") is read as plain UTF-8 text.
-    extensions: list[str] = field(default_factory=lambda: list(FORMATS))
-    # Everything under the source folder; narrow it ("docs/**", "**/*.md") rather than moving files.
-    include: list[str] = field(default_factory=lambda: ["**"])
-    # Nothing by default: what is not wanted is better removed from the folder, where others see it.
-    exclude: list[str] = field(default_factory=list)
-    # "text" is the field name most JSONL corpora (and HF dataset exports) use.
-    jsonl_field: str = "text"
-    # Same convention as jsonl_field, for parquet exports of the same datasets.
-    parquet_column: str = "text"
-    # Same convention again, for spreadsheet and database exports.
-    csv_column: str = "text"
-    # Corpora are usually trees (one folder per team or source); flat folders work either way.
-    recursive: bool = True
-    # Dotfiles are editor, VCS and OS artefacts (.git, macOS "._x.txt" forks), not corpus.
-    include_hidden: bool = False
-    # A document over 64 MiB is almost always a misplaced dump or log, and whole-file formats
-    # are held in memory while read. 0 = no limit.
-    max_document_bytes: int = 64 << 20
-    # Fail: a steward looks at bad data before training on the rest. Skip: big, messy corpora,
-    # where every skipped item is still listed in rejects.parquet and the ledger.
-    on_error: Literal["fail", "skip"] = "fail"
-
-    def __post_init__(self) -> None:
-        check(len(self.extensions) > 0, 'extensions must list at least one extension, e.g. [".txt"]')
-        for ext in self.extensions:
-            check(ext.startswith(".") and len(ext) > 1, f'extension {ext!r} must start with a dot, e.g. ".txt"')
-            check(
-                ext.lower() in FORMATS or not ext.lower().endswith(_COMPRESSED),
-                f"extension {ext!r}: compressed files are read only as .jsonl.gz, .ndjson.gz, .jsonl.zst or .ndjson.zst",
-            )
-        check(len(self.include) > 0, 'include must list at least one glob, e.g. ["**"] for everything')
-        for key, globs in (("include", self.include), ("exclude", self.exclude)):
-            for glob in globs:
-                check(bool(glob) and not glob.startswith("/"), f"{key} glob {glob!r} must be a path relative to the source folder")
-                check(not glob.endswith("/"), f"{key} glob {glob!r} ends with '/': write {glob + '**'!r} for everything under a folder")
-                try:
-                    glob_regex(glob)
-                except re.error as exc:
-                    check(False, f"{key} glob {glob!r} is not a valid pattern ({exc})")
-        check(bool(self.jsonl_field), "jsonl_field must not be empty")
-        check(bool(self.parquet_column), "parquet_column must not be empty")
-        check(bool(self.csv_column), "csv_column must not be empty")
-        check(self.max_document_bytes >= 0, "max_document_bytes must be >= 0 (0 = no limit)")
-        check(self.on_error in ("fail", "skip"), f'on_error is {self.on_error!r}: use "fail" or "skip"')
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A compiled regex that fully matches the POSIX relative paths ``pattern`` selects.
-
-    ``*`` and ``?`` never match ``/``; a ``**`` segment matches any number of folders
-    (``**/x`` also matches a top-level ``x``; a final ``**`` matches everything below);
-    ``[abc]`` and ``[!abc]`` are character classes.
-    """
-    parts = pattern.split("/")
-    out: list[str] = []
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "**":
-            out.append(".*" if last else "(?:.*/)?")
-        else:
-            out.append(_segment_regex(part) + ("" if last else "/"))
-    return re.compile("".join(out), re.DOTALL)
-
-
-def _segment_regex(part: str) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(part):
-        c = part[i]
-        if c == "*":
-            while i + 1 < len(part) and part[i + 1] == "*":
-                i += 1
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[" and (close := _class_end(part, i)) > 0:
-            negate = part[i + 1] in "!^"
-            body = part[i + 2 if negate else i + 1 : close]
-            escaped = "".join("\\" + ch if ch in "\\^[]" else ch for ch in body)
-            out.append(f"[^/{escaped}]" if negate else f"(?!/)[{escaped}]")
-            i = close
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return "".join(out)
-
-
-def _class_end(part: str, start: int) -> int:
-    """Index of the ``]`` closing the class opened at ``start`` (-1: none, so ``[`` is literal).
-
-    As in POSIX globs, a ``]`` right after ``[`` or ``[!`` belongs to the class.
-    """
-    first = start + 1
-    if part[first : first + 1] in ("!", "^"):
-        first += 1
-    return part.find("]", first + 1)
 
 
 def find_sources(source_dir: Path, cfg: IngestConfig) -> tuple[list[tuple[str, Path, str]], int]:

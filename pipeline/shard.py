@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,33 +22,18 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from keys.digest import sha256_file
-from pipeline.config import check
 from pipeline.errors import DataError
 from pipeline.parallel import ordered_map, resolve_workers
 from pipeline.parquet_io import iter_rows, open_parquet
 from pipeline.result import ProgressFn, StageResult, no_progress
+
+# The [shard] table lives in a torch-free module, so a recipe loads without pyarrow; its names stay importable from here.
+from pipeline.settings.shard import ShardConfig
 from pipeline.shard_format import dtype_for_vocab, write_manifest, write_shard
 from pipeline.tokenizer import load_tokenizer
 
 SPLITS = ("train", "val")
 _HINT = "point at the clean stage's dataset.parquet"
-
-
-@dataclass(kw_only=True)
-class ShardConfig:
-    # 5 % held out measures generalisation while leaving small corpora 95 % to learn from.
-    val_fraction: float = 0.05
-    # 16M ids = 32 MiB per file as uint16: cheap to hash, copy and memory-map one at a time.
-    shard_tokens: int = 1 << 24
-    # Changes which documents are held out, e.g. for a second, independent validation split.
-    seed: int = 0
-    # Encoding processes; 0 = one per core. The shards are the same for any value.
-    workers: int = 0
-
-    def __post_init__(self) -> None:
-        check(self.workers >= 0, "workers must be >= 0 (0 = one per core)")
-        check(0.0 < self.val_fraction < 1.0, "val_fraction must be between 0 and 1 (exclusive)")
-        check(self.shard_tokens >= 1, "shard_tokens must be >= 1")
 
 
 def split_key(doc_sha256: str, seed: int) -> float:

@@ -22,47 +22,22 @@ import os
 import random
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import sentencepiece as spm
 
-from pipeline.config import check
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import iter_rows, open_parquet
 from pipeline.result import ProgressFn, StageResult, no_progress
+
+# The [tokenizer] table lives in a torch-free module, so a recipe loads without sentencepiece; its names stay importable from here.
+from pipeline.settings.tokenizer import TokenizerConfig
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, -1
 # Pieces every model has whatever the corpus: newline and tab survive encoding as themselves.
 USER_SYMBOLS = ["\n", "\t"]
 # Split before whitespace that follows a non-space: each piece is (leading spaces + word).
 _WORD_BOUNDARY = re.compile(r"(?<=\S)(?=\s)")
-
-
-@dataclass(kw_only=True)
-class TokenizerConfig:
-    # Small private corpora and small models: 4k pieces keeps the embedding table a modest
-    # share of the parameters and is learnable from a few MB of text.
-    vocab_size: int = 4000
-    # BPE: byte-identical reruns measured; unigram is offered for users who prefer it.
-    model_type: Literal["bpe", "unigram"] = "bpe"
-    # Seeds our own line sampling (and SentencePiece's generator, used by unigram).
-    seed: int = 0
-    # ~1M lines (~100 MB) trains in well under a minute on one core and is plenty for 4k–32k pieces.
-    sample_sentences: int = 1_000_000
-    # SentencePiece's recommendation for mixed-script text; rarer characters use byte pieces.
-    character_coverage: float = 0.9995
-    # Unknown characters become UTF-8 byte pieces instead of <unk>: no text is ever lost.
-    byte_fallback: bool = True
-    # SentencePiece's own default (bytes); longer lines are split at whitespace to fit.
-    max_sentence_length: int = 4192
-
-    def __post_init__(self) -> None:
-        check(self.vocab_size > 0, "vocab_size must be > 0")
-        check(self.sample_sentences > 0, "sample_sentences must be > 0")
-        check(0.0 < self.character_coverage <= 1.0, "character_coverage must be in (0, 1]")
-        check(self.max_sentence_length >= 16, "max_sentence_length must be >= 16 bytes")
 
 
 def split_long_line(line: str, limit: int) -> list[str]:

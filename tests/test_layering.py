@@ -74,3 +74,9 @@ def test_pipeline_does_not_pull_in_upper_floors() -> None:
 def test_ledger_and_keys_do_not_need_torch() -> None:
     mods = _modules_after_import("import registry.ledger, registry.store, registry.query, keys.keystore, policies, airgap.attest")
     assert "torch" not in mods and "textual" not in mods
+
+
+def test_recipe_loads_without_the_heavy_libraries() -> None:
+    # The service and the CLI read recipes; the stage configs they need live in torch-free modules.
+    mods = _modules_after_import("import appliance.recipe")
+    assert not {"torch", "sentencepiece", "pyarrow", "safetensors", "textual"} & mods

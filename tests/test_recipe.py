@@ -74,3 +74,37 @@ def test_missing_corpus_folder_is_named_before_anything_runs(tmp_path: Path) -> 
     assert "nope" in err.value.message and "recipe.source" in err.value.message
     with pytest.raises(ConfigError, match="--source"):
         load_recipe(p).source_dir(tmp_path / "also-nope")
+
+
+def test_ingest_formats_agree_with_the_readers() -> None:
+    # The [ingest] table keeps the suffix list without importing pyarrow; the readers must read exactly those.
+    from pipeline.readers import FORMATS
+    from pipeline.settings.ingest import FORMATS as CONFIG_FORMATS
+
+    assert CONFIG_FORMATS == FORMATS
+
+
+def test_stage_configs_are_the_recipe_configs() -> None:
+    # Code that imports a config from its stage module gets the very class the recipe builds.
+    import pipeline.evaluate
+    import pipeline.ingest
+    import pipeline.model
+    import pipeline.package
+    import pipeline.shard
+    import pipeline.tokenizer
+    import pipeline.train
+    from appliance.recipe import Recipe
+
+    recipe = parse_recipe('[recipe]\nname = "x"\n', source="r.toml")
+    assert isinstance(recipe, Recipe)
+    for name, cls in [
+        ("ingest", pipeline.ingest.IngestConfig),
+        ("tokenizer", pipeline.tokenizer.TokenizerConfig),
+        ("shard", pipeline.shard.ShardConfig),
+        ("model", pipeline.model.ModelConfig),
+        ("train", pipeline.train.TrainConfig),
+        ("distributed", pipeline.train.DistConfig),
+        ("evaluate", pipeline.evaluate.EvalConfig),
+        ("package", pipeline.package.PackageConfig),
+    ]:
+        assert type(getattr(recipe, name)) is cls, name
