@@ -1,8 +1,10 @@
-"""Checkpoints: atomic saves, COMPLETE manifests, verification, fallback on resume, retention."""
+"""Checkpoints: atomic saves, COMPLETE manifests, verification, fallback on resume, retention, record markers."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from pipeline.training import checkpoint as ckpt
 from pipeline.training.dist import DistContext
 
 ONE = DistContext()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -194,3 +197,63 @@ def test_retention_is_exactly_newest_plus_multiples(steps: set[int], keep_last: 
     newest = set(sorted(steps)[-keep_last:])
     multiples = {s for s in steps if keep_every and s % keep_every == 0}
     assert keep == newest | multiples
+
+
+# -- retention with the service's records ---------------------------------------------------
+
+
+@given(st.sets(st.integers(1, 500), max_size=30), st.sets(st.integers(1, 500), max_size=30), st.integers(1, 5), st.integers(0, 50))
+def test_only_recorded_checkpoints_are_ever_prunable(steps: set[int], recorded: set[int], keep_last: int, keep_every: int) -> None:
+    gone = ckpt.prunable(steps, keep_last, keep_every, recorded)
+    assert gone == sorted(gone) and set(gone) <= steps & recorded
+    # Retention is applied among the recorded ones: the ledger always keeps its newest keep_last.
+    assert set(gone) == (steps & recorded) - ckpt.retained(sorted(steps & recorded), keep_last, keep_every)
+    # Without records (no service watching), and once everything is recorded, it is plain retention.
+    plain = sorted(steps - ckpt.retained(sorted(steps), keep_last, keep_every))
+    assert ckpt.prunable(steps, keep_last, keep_every) == plain == ckpt.prunable(steps, keep_last, keep_every, steps)
+
+
+def test_the_service_killed_mid_run_leaves_its_recorded_checkpoints_in_place(tmp_path: Path) -> None:
+    records = tmp_path / "records"
+    for step in (2, 4, 6, 8):
+        save(tmp_path, step)
+    ckpt.mark_recorded(records, 2)
+    ckpt.mark_recorded(records, 4)
+    # 6 and 8 are newer but unrecorded: they do not push the recorded 2 and 4 out of keep_last = 2.
+    assert ckpt.prune(tmp_path, keep_last=2, keep_every=0, recorded=ckpt.recorded_steps(records)) == []
+    assert steps_on_disk(tmp_path) == [2, 4, 6, 8]
+    ckpt.mark_recorded(records, 6)
+    assert ckpt.prune(tmp_path, keep_last=2, keep_every=0, recorded=ckpt.recorded_steps(records)) == [2]
+    # After the job, the service prunes with what its ledger holds.
+    assert ckpt.prune(tmp_path, keep_last=2, keep_every=0, recorded={4, 6, 8}) == [4]
+    assert steps_on_disk(tmp_path) == [6, 8]
+
+
+def test_record_markers_are_named_like_the_checkpoint_and_read_back(tmp_path: Path) -> None:
+    records = tmp_path / "records"
+    assert ckpt.recorded_steps(records) == set()  # the service has not written any yet
+    marker = ckpt.mark_recorded(records, 200)
+    assert marker == ckpt.record_marker(records, 200) == records / "step_000200" and marker.name == ckpt.step_name(200)
+    assert marker.is_file() and marker.read_bytes() == b""
+    ckpt.mark_recorded(records, 200)  # idempotent
+    ckpt.mark_recorded(str(records), 1_000_000)
+    (records / "notes.txt").write_text("not a marker")
+    (records / "step_12x").write_text("not a marker either")
+    assert ckpt.recorded_steps(records) == {200, 1_000_000}
+    ckpt.forget_record(records, 200)
+    ckpt.forget_record(records, 300)  # nothing to forget
+    assert ckpt.recorded_steps(records) == {1_000_000}
+
+
+def test_checkpoint_files_import_without_torch() -> None:
+    # The service verifies, records and prunes checkpoints, and must never import torch.
+    code = "import pipeline.training, pipeline.training.ckpt_files; import sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
+def test_checkpoint_reexports_the_file_functions() -> None:
+    from pipeline.training import ckpt_files
+
+    for name in ckpt_files.__all__:
+        assert getattr(ckpt, name) is getattr(ckpt_files, name), name

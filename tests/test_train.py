@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError, ShardIntegrityError, TrainingError
 from pipeline.model import load_checkpoint
 from pipeline.shard_format import open_shards
 from pipeline.train import DistConfig, TrainConfig, lr_at, run_train
+from pipeline.training import checkpoint as ckpt
 from pipeline.training.job import read_spec
 from pipeline.training.loader import TokenLoader
 from tests.training_fixtures import shards_dir, tiny_model, tiny_train, tokenizer_path  # noqa: F401  (fixtures)
@@ -256,6 +257,10 @@ def test_job_spec_keys_are_named(tmp_path: Path) -> None:
     spec.write_text(json.dumps({"shards": "s", "out_dir": "o", "events": "e", "distributed": {"engine": "fsdp", "nnodes": 0}}))
     with pytest.raises(ConfigError, match="nnodes"):
         read_spec(spec)
+    spec.write_text(json.dumps({"shards": "s", "out_dir": "o", "events": "e"}))
+    assert read_spec(spec).records_dir is None  # no service watching: retention as configured
+    spec.write_text(json.dumps({"shards": "s", "out_dir": "o", "events": "e", "records_dir": "/srv/run/records"}))
+    assert read_spec(spec).records_dir == "/srv/run/records"
 
 
 def test_fsdp_without_a_launcher_is_a_config_error(shards_dir: Path, tmp_path: Path) -> None:
@@ -297,6 +302,61 @@ def test_retention_keeps_the_last_two_and_every_fourth(shards_dir: Path, tmp_pat
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004", "step_000008", "step_000010", "step_000012"]
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4, 6, 8, 10, 12]
     assert [e["step"] for e in events if e["event"] == "checkpoint_pruned"] == [2, 6]
+
+
+class LaggingService:
+    """Records each checkpoint one save late, as a service busy hashing would; stops recording after ``dies_after``."""
+
+    def __init__(self, records: Path, dies_after: int | None = None) -> None:
+        self.records, self.dies_after = records, dies_after
+        self.seen: list[int] = []
+        self.pruned_unrecorded: list[int] = []
+        self.events: list[dict] = []
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+        if event["event"] == "checkpoint":
+            if self.seen and (self.dies_after is None or self.seen[-1] <= self.dies_after):
+                ckpt.mark_recorded(self.records, self.seen[-1])
+            self.seen.append(event["step"])
+        elif event["event"] == "checkpoint_pruned" and event["step"] not in ckpt.recorded_steps(self.records):
+            self.pruned_unrecorded.append(event["step"])
+
+
+def test_retention_prunes_only_what_the_service_has_recorded(shards_dir: Path, tmp_path: Path) -> None:
+    service = LaggingService(tmp_path / "records")
+    run_train(shards_dir, tmp_path / "out", tiny_model(), cfg(steps=12, checkpoint_every=2, keep_last=2), on_event=service, records_dir=service.records)
+    assert service.pruned_unrecorded == []
+    # Each save finds the one before it recorded: keep_last counts recorded checkpoints, and the newest waits.
+    assert [e["step"] for e in service.events if e["event"] == "checkpoint_pruned"] == [2, 4, 6]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step_000008", "step_000010", "step_000012"]
+    # After the job the service prunes what is left, with every step recorded.
+    assert ckpt.prune(tmp_path / "out", 2, 0, recorded={8, 10, 12}) == [8]
+
+
+def test_a_dead_service_keeps_every_checkpoint_from_its_ledger_on_disk(shards_dir: Path, tmp_path: Path) -> None:
+    service = LaggingService(tmp_path / "records", dies_after=4)
+    run_train(shards_dir, tmp_path / "out", tiny_model(), cfg(steps=12, checkpoint_every=2, keep_last=2), on_event=service, records_dir=service.records)
+    # Recorded: 2 and 4. The job went on saving 6..12, none of them recorded: nothing may be deleted.
+    assert ckpt.recorded_steps(service.records) == {2, 4}
+    assert [e for e in service.events if e["event"] == "checkpoint_pruned"] == []
+    assert steps_on_disk(tmp_path / "out") == [2, 4, 6, 8, 10, 12]
+
+
+def test_a_stale_record_does_not_cover_a_checkpoint_saved_again(shards_dir: Path, tmp_path: Path) -> None:
+    records = tmp_path / "records"
+    # Markers of an earlier attempt's checkpoints at the same steps; nobody records this attempt's.
+    for step in (2, 4, 6):
+        ckpt.mark_recorded(records, step)
+    events: list[dict] = []
+    run_train(shards_dir, tmp_path / "out", tiny_model(), cfg(steps=6, checkpoint_every=2, keep_last=1), on_event=events.append, records_dir=records)
+    assert ckpt.recorded_steps(records) == set()
+    assert [e for e in events if e["event"] == "checkpoint_pruned"] == []
+    assert steps_on_disk(tmp_path / "out") == [2, 4, 6]
+
+
+def steps_on_disk(out: Path) -> list[int]:
+    return [s for p in ckpt.list_checkpoints(out) if (s := ckpt.step_of(p)) is not None]
 
 
 @pytest.mark.gpu

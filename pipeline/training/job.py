@@ -11,6 +11,9 @@ which rank died and why.
 
 SIGTERM and SIGINT ask the loop to stop: it finishes the current step, saves a checkpoint
 and exits 0 with a ``stopped`` event. A second signal exits at once.
+
+With ``records_dir`` in the spec, retention deletes only checkpoints the service has marked
+as recorded (see ``ckpt_files``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class JobSpec:
     resume_from: str | None = None
     # Stop (with a checkpoint) after this step; for tests and staged runs.
     stop_at_step: int | None = None
+    # Where the service marks each checkpoint it has recorded (``ckpt_files.mark_recorded``);
+    # retention then deletes only marked ones. None: no service watches, retention as configured.
+    records_dir: str | None = None
 
 
 def read_spec(path: Path) -> JobSpec:
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_at_step=spec.stop_at_step,
             should_stop=stop,
             on_event=events,
+            records_dir=Path(spec.records_dir) if spec.records_dir else None,
         )
     except ApplianceError as exc:
         _write_error(out_dir, rank, exc.diagnostics(), traceback.format_exc())

@@ -74,6 +74,7 @@ def run_train(
     stop_at_step: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_event: EventFn = _no_event,
+    records_dir: Path | None = None,
 ) -> StageResult:
     """Train (or resume training) a model on a verified shard set.
 
@@ -82,6 +83,10 @@ def run_train(
     ``checkpoint_rejected`` events). ``stop_at_step`` and ``should_stop`` end the run early
     with a checkpoint; then ``stats["completed"]`` is False and ``outputs["checkpoint"]`` is
     that checkpoint. Under torchrun every rank calls this; rank 0 returns the full result.
+
+    ``records_dir``: the folder where the service marks each checkpoint it has recorded
+    (``ckpt.mark_recorded``); retention then deletes only marked checkpoints. None: retention
+    deletes whatever it does not keep (no service is watching).
     """
     t0 = time.perf_counter()
     dist_cfg = dist_cfg or DistConfig()
@@ -90,7 +95,21 @@ def run_train(
     ctx = dist.init(_backend(dist_cfg, device), dist_cfg.timeout_s)
     try:
         return _train(
-            shards_dir, out_dir, model_cfg, cfg, dist_cfg, deepspeed_config, device, ctx, progress, resume_from, stop_at_step, should_stop, on_event, t0
+            shards_dir,
+            out_dir,
+            model_cfg,
+            cfg,
+            dist_cfg,
+            deepspeed_config,
+            device,
+            ctx,
+            progress,
+            resume_from,
+            stop_at_step,
+            should_stop,
+            on_event,
+            Path(records_dir) if records_dir is not None else None,
+            t0,
         )
     finally:
         dist.shutdown(ctx)
@@ -110,6 +129,7 @@ def _train(
     stop_at_step: int | None,
     should_stop: Callable[[], bool],
     on_event: EventFn,
+    records_dir: Path | None,
     t0: float,
 ) -> StageResult:
     from pipeline.training import monitor  # tensorboard and friends load only when training
@@ -185,6 +205,9 @@ def _train(
         on_event({"event": "metrics", "points": points})
 
     def save(step: int) -> Path | None:
+        if ctx.is_main and records_dir is not None:
+            # A marker for this step describes a checkpoint this save replaces (a re-run past a crash).
+            ckpt.forget_record(records_dir, step)
         weights = engine.full_weights()  # collective: FSDP/ZeRO-3 gather on rank 0
 
         def rank_files(tmp: Path) -> list[Path]:
@@ -211,7 +234,9 @@ def _train(
         if info is None:
             return None
         on_event({"event": "checkpoint", "step": step, "path": str(info.path), "files": info.files, "manifest_sha256": info.manifest_sha256})
-        for gone in ckpt.prune(out_dir, cfg.keep_last, cfg.keep_every):
+        # With a service watching, only what it has recorded may go: the others wait for a later save.
+        recorded = ckpt.recorded_steps(records_dir) if records_dir is not None else None
+        for gone in ckpt.prune(out_dir, cfg.keep_last, cfg.keep_every, recorded):
             on_event({"event": "checkpoint_pruned", "step": gone})
         return info.path
 
