@@ -1,0 +1,113 @@
+"""The one atomic file write of the project: readers see the old bytes or the new, never a torn file.
+
+``atomic_write`` writes a temporary file beside the target, fsyncs it, renames it over the
+target and fsyncs the directory. After a crash at any point the name holds either the old
+content or the new, and once the call returns the new content and its name are on disk.
+
+The temporary file is created with ``O_CREAT | O_EXCL`` and the requested mode, then
+``fchmod``-ed to that mode: the umask can narrow a mode given to ``open`` (a 0644 public key
+would come out 0600 under umask 077) but never widen it, so the file is never more open than
+asked, not even for a moment, and ends exactly as asked whatever the umask. The rename keeps
+that mode: the target's old mode and owner do not carry over.
+
+`keys` is the lowest floor, so every package may use this; errors are the OS's own
+(``OSError`` naming the file): the caller knows what the file is for and wraps it in its
+package's error with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+# A temporary name is ".<name>.<12 hex>.tmp"; long target names are cut so that it stays
+# under NAME_MAX (255 bytes on every Linux file system).
+_TMP_NAME_MAX = 200
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by name, so that a rename after it cannot expose unwritten data."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, making the names created, renamed or removed in it durable.
+
+    Raises ``NotADirectoryError`` if ``path`` is not a directory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _create_temp(directory: Path, name: str, mode: int) -> tuple[Path, int]:
+    stem = name.encode("utf-8", "surrogateescape")[:_TMP_NAME_MAX].decode("utf-8", "ignore")
+    for _ in range(16):
+        tmp = directory / f".{stem}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        except FileExistsError:
+            continue
+        return tmp, fd
+    raise FileExistsError(f"could not create a temporary file beside {directory / name}: every name tried exists")
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, exclusive: bool = False) -> None:
+    """Replace ``path`` with ``data`` atomically and durably; the file ends with exactly ``mode``.
+
+    ``exclusive=True`` refuses to replace an existing file (``FileExistsError``, nothing
+    changed): the complete temporary file is hard-linked to the name, so the name never
+    holds a partial file, even after a crash (what ``O_EXCL`` on the name itself cannot
+    give). The parent directory must exist. On any failure the temporary file is removed
+    and ``path`` keeps its old content.
+    """
+    path = Path(path)
+    directory = path.parent
+    tmp, fd = _create_temp(directory, path.name, mode)
+    placed = False
+    try:
+        try:
+            os.fchmod(fd, mode)  # undo the umask's narrowing; the file never had more than mode
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if exclusive:
+            os.link(tmp, path)  # FileExistsError if the name is taken; never replaces
+        else:
+            os.replace(tmp, path)
+        placed = True
+    finally:
+        if exclusive or not placed:
+            tmp.unlink(missing_ok=True)
+    fsync_dir(directory)
+
+
+def atomic_write_text(path: Path, text: str, *, mode: int = 0o600, exclusive: bool = False) -> None:
+    """``atomic_write`` of ``text`` encoded as UTF-8."""
+    atomic_write(path, text.encode("utf-8"), mode=mode, exclusive=exclusive)
+
+
+def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o600, indent: int | None = 2, ensure_ascii: bool = False) -> None:
+    """``atomic_write`` of ``obj`` as stable JSON: sorted keys, fixed indent, one final newline.
+
+    Equal objects give equal bytes, so a file's digest follows its content. This is the
+    readable form for files people open; signatures and hash chains use `registry.canonical`.
+    """
+    text = json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=ensure_ascii) + "\n"
+    atomic_write(path, text.encode("utf-8"), mode=mode)
