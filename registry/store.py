@@ -14,7 +14,9 @@ to the digest, then uses it to name the file that differs, is extra or is missin
 Imports are staged: the source is moved (or copied) into ``root/tmp`` first and the *staged*
 copy is hashed, so what is stored is exactly what was hashed even if the source changes
 meanwhile. The signature file is written before the object is renamed into place, so an
-object is never visible without its signature.
+object is never visible without its signature. Both are durable before the import returns
+(and the ledger records the object): the signature through `keys.files.atomic_write_json`,
+the object's files fsynced before its rename and its directory after.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keys.digest import dir_manifest, manifest_text, sha256_bytes, sha256_file
 from keys.errors import SigningError
+from keys.files import atomic_write_json, fsync_dir, fsync_path
 from keys.keystore import NodeKey, verify_signature
 from registry.canonical import canonical_json
 from registry.errors import StoreError
@@ -98,6 +102,17 @@ def _make_writable(path: Path) -> None:
                 os.chmod(Path(root) / name, 0o644)
     elif path.exists():
         os.chmod(path, 0o644)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and directory of ``path``, children first, so its rename exposes only written data."""
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                fsync_path(Path(root) / name)
+            fsync_path(Path(root))
+    else:
+        fsync_path(path)
 
 
 def _remove(path: Path) -> None:
@@ -171,7 +186,7 @@ class Store:
                 self.verify_signature_file(digest)
                 self.verify_content(digest)
                 return StoredArtifact(digest, final, size, count)
-            record = {
+            record: dict[str, Any] = {
                 "digest": digest,
                 "kind": kind,
                 "name": name,
@@ -185,27 +200,22 @@ class Store:
             # Moving a directory to another parent rewrites its "..", which needs write
             # permission on it: lock its top level only once it is in place.
             _make_read_only(staged, top=False)
+            _fsync_tree(staged)  # the ledger will say the object is here: it must be on disk, whole
             os.rename(staged, final)
             os.chmod(final, 0o555 if final.is_dir() else 0o444)
+            fsync_dir(final.parent)
             return StoredArtifact(digest, final, size, count)
         finally:
             if staged.exists():
                 _remove(staged)
             stage_dir.rmdir()
 
-    def _write_sig(self, digest: str, record: dict) -> None:
-        sig = self.sig_path_of(digest)
-        fd, tmp = tempfile.mkstemp(prefix=f".{digest[:12]}.", suffix=".tmp", dir=sig.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(record, sort_keys=True, indent=1).encode("utf-8") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, sig)
+    def _write_sig(self, digest: str, record: dict[str, Any]) -> None:
+        atomic_write_json(self.sig_path_of(digest), record, mode=0o444, indent=1, ensure_ascii=True)
 
     # ------------------------------------------------------------------ verify
 
-    def _read_sig(self, digest: str) -> dict:
+    def _read_sig(self, digest: str) -> dict[str, Any]:
         sig = self.sig_path_of(digest)
         try:
             record = json.loads(sig.read_text(encoding="utf-8"))
@@ -217,11 +227,11 @@ class Store:
             raise StoreError(f"signature file of artifact {digest} is for another digest", _FIX)
         return record
 
-    def verify_signature_file(self, digest: str, trusted: dict[str, ec.EllipticCurvePublicKey] | None = None) -> dict:
+    def verify_signature_file(self, digest: str, trusted: dict[str, ec.EllipticCurvePublicKey] | None = None) -> dict[str, Any]:
         """Check the signature file's form and (if ``trusted`` is given) its signature."""
         record = self._read_sig(digest)
         kind, name, key_id = record.get("kind"), record.get("name"), record.get("key_id")
-        if not all(isinstance(v, str) for v in (kind, name, key_id)):
+        if not (isinstance(kind, str) and isinstance(name, str) and isinstance(key_id, str)):
             raise StoreError(f"signature file of artifact {digest} lacks kind, name or key_id", _FIX)
         if trusted is not None:
             public_key = trusted.get(key_id)

@@ -177,3 +177,20 @@ def test_refusals(tmp_path, key):
         store.sig_path_of(missing).parent.mkdir(parents=True)
         store._write_sig(missing, {"digest": missing, "kind": "k", "name": "n", "key_id": "x"})
         store.verify_content(missing)
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_modes_are_explicit_whatever_the_umask(tmp_path, key, trusted, umask):
+    old = os.umask(umask)
+    try:
+        store = Store(tmp_path / "store")
+        art = store.import_path(_model_dir(tmp_path), kind="model", name="tiny", signer=key)
+    finally:
+        os.umask(old)
+    sig = store.sig_path_of(art.digest)
+    assert stat.S_IMODE(sig.stat().st_mode) == 0o444
+    assert stat.S_IMODE(art.path.stat().st_mode) == 0o555
+    assert stat.S_IMODE((art.path / "weights.bin").stat().st_mode) == 0o444
+    assert sig.read_text().endswith("}\n") and json.loads(sig.read_text())["digest"] == art.digest
+    assert sorted(p.name for p in sig.parent.iterdir()) == sorted([art.digest, sig.name])  # no temporary file left
+    store.verify(art.digest, trusted)
