@@ -15,21 +15,23 @@ weakness as PKCS#8's 2,048 rounds. The key file is instead a small JSON envelope
 ``ciphertext`` is the PKCS#8 DER private key sealed with AES-256-GCM under a key derived by
 Argon2id (memory-hard: 64 MiB, 3 passes) from the passphrase; every other field is bound
 as associated data, so nothing in the header can be changed without the tag failing. The
-only way to test a guess is to run Argon2id. The file is created with mode 0600 and
-``O_EXCL``: no unencrypted or world-readable byte is ever written.
+only way to test a guess is to run Argon2id. The file is written through
+`keys.files.atomic_write` with mode 0600 whatever the umask, and exclusively: it appears
+whole or not at all and never replaces a key. No unencrypted or world-readable byte is ever
+written. Reading it, `keys.passphrase.read_private_file` refuses a file that anyone but its
+owner (this user or root) could read or write, as ssh does with private keys.
 """
 
 from __future__ import annotations
 
 import base64
-import getpass
 import hashlib
 import json
 import os
 import secrets
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,21 +40,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from keys.errors import KeyStoreError, SigningError
+from keys.files import atomic_write
+
+# Where the passphrase comes from is keys.passphrase's concern; ENV_PASSPHRASE,
+# ENV_PASSPHRASE_FILE and read_passphrase are re-exported ("as") for callers that import them here.
+from keys.passphrase import ENV_PASSPHRASE as ENV_PASSPHRASE
+from keys.passphrase import ENV_PASSPHRASE_FILE as ENV_PASSPHRASE_FILE
+from keys.passphrase import MIN_PASSPHRASE_LEN, PASSPHRASE_HINT, read_private_file
+from keys.passphrase import read_passphrase as read_passphrase
 
 FORMAT = "appliance-node-key/v1"
-ENV_PASSPHRASE = "APPLIANCE_PASSPHRASE"
-ENV_PASSPHRASE_FILE = "APPLIANCE_PASSPHRASE_FILE"
-MIN_PASSPHRASE_LEN = 8
 
 # Argon2id parameters: RFC 9106's second recommendation (64 MiB, t=3) — about 0.1 s on the
 # reference CPU, so an unlock is unnoticeable and each offline guess costs the same.
 _KDF_ITERATIONS = 3
 _KDF_LANES = 4
 _KDF_MEMORY_KIB = 64 * 1024
-_PASSPHRASE_HINT = (
-    f"set {ENV_PASSPHRASE} (or {ENV_PASSPHRASE_FILE} naming a file that holds it) to the "
-    "passphrase chosen at `appliance init`, or run the command on a terminal to be asked"
-)
 
 
 def public_key_path(path: Path) -> Path:
@@ -146,7 +149,7 @@ def _corrupt(path: Path, detail: str) -> KeyStoreError:
     )
 
 
-def _kek(passphrase: bytes, salt: bytes, kdf: dict) -> bytes:
+def _kek(passphrase: bytes, salt: bytes, kdf: dict[str, Any]) -> bytes:
     try:
         return Argon2id(
             salt=salt,
@@ -162,22 +165,9 @@ def _kek(passphrase: bytes, salt: bytes, kdf: dict) -> bytes:
         ) from None
 
 
-def _aad(header: dict) -> bytes:
+def _aad(header: dict[str, Any]) -> bytes:
     # Canonical (sorted, compact) JSON of every field but the ciphertext.
     return json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to a file that must not exist yet, created with ``mode`` from the start."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it; never widened
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create_key(path: Path, passphrase: bytes) -> NodeKey:
@@ -209,32 +199,35 @@ def create_key(path: Path, passphrase: bytes) -> NodeKey:
         serialization.NoEncryption(),
     )
     salt, nonce = os.urandom(16), os.urandom(12)
-    header = {
+    kdf: dict[str, Any] = {
+        "name": "argon2id",
+        "salt": _b64(salt),
+        "iterations": _KDF_ITERATIONS,
+        "lanes": _KDF_LANES,
+        "memory_cost_kib": _KDF_MEMORY_KIB,
+    }
+    header: dict[str, Any] = {
         "format": FORMAT,
-        "kdf": {
-            "name": "argon2id",
-            "salt": _b64(salt),
-            "iterations": _KDF_ITERATIONS,
-            "lanes": _KDF_LANES,
-            "memory_cost_kib": _KDF_MEMORY_KIB,
-        },
+        "kdf": kdf,
         "cipher": {"name": "aes-256-gcm", "nonce": _b64(nonce)},
         "key_id": key.key_id,
         "public_key_pem": key.public_pem().decode("ascii"),
     }
-    sealed = AESGCM(_kek(passphrase, salt, header["kdf"])).encrypt(nonce, der, _aad(header))
+    sealed = AESGCM(_kek(passphrase, salt, kdf)).encrypt(nonce, der, _aad(header))
     document = dict(header, ciphertext=_b64(sealed))
     blob = (json.dumps(document, sort_keys=True, indent=1) + "\n").encode("utf-8")
 
+    # Both files appear whole or not at all (a crash never leaves a torn key file that would
+    # block the next `appliance init`), with their modes set explicitly whatever the umask.
     try:
-        _write_new(path, blob, 0o600)
+        atomic_write(path, blob, mode=0o600, exclusive=True)
     except FileExistsError:
         raise KeyStoreError(
             f"refusing to overwrite existing key file {path}",
             "another process created it at the same moment; use that key",
         ) from None
     try:
-        _write_new(pub_path, key.public_pem(), 0o644)
+        atomic_write(pub_path, key.public_pem(), mode=0o644, exclusive=True)  # public: others may read it
     except FileExistsError:
         path.unlink()
         raise KeyStoreError(
@@ -247,24 +240,12 @@ def create_key(path: Path, passphrase: bytes) -> NodeKey:
 def load_key(path: Path, passphrase: bytes) -> NodeKey:
     """Unlock the key file at ``path``; raise KeyStoreError on a wrong passphrase or bad file."""
     path = Path(path)
-    try:
-        st = path.stat()
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists():
         raise KeyStoreError(
             f"key file {path} does not exist",
             "run `appliance init` to create the appliance's node key",
-        ) from None
-    except PermissionError:
-        raise KeyStoreError(
-            f"key file {path} cannot be read by this user",
-            "run the command as the appliance's service user",
-        ) from None
-    if st.st_mode & 0o077:
-        raise KeyStoreError(
-            f"key file {path} is accessible by other users (mode {st.st_mode & 0o777:04o})",
-            f"run `chmod 600 {path}`",
         )
+    raw = read_private_file(path, label=f"key file {path}")  # owner, mode and ACL checked as for ssh keys
     try:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -284,13 +265,13 @@ def load_key(path: Path, passphrase: bytes) -> NodeKey:
     nonce = _unb64(cipher.get("nonce"), path, "cipher.nonce")
     sealed = _unb64(document.get("ciphertext"), path, "ciphertext")
     if not isinstance(passphrase, bytes) or not passphrase:
-        raise KeyStoreError(f"no passphrase given for key file {path}", _PASSPHRASE_HINT)
+        raise KeyStoreError(f"no passphrase given for key file {path}", PASSPHRASE_HINT)
     try:
         der = AESGCM(_kek(passphrase, salt, kdf)).decrypt(nonce, sealed, _aad(header))
     except InvalidTag:
         raise KeyStoreError(
             f"wrong passphrase for key file {path} (or the file was altered)",
-            _PASSPHRASE_HINT,
+            PASSPHRASE_HINT,
         ) from None
     private_key = serialization.load_der_private_key(der, password=None)
     if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(private_key.curve, ec.SECP256R1):
@@ -326,53 +307,3 @@ def public_key_from_pem(data: bytes, *, source: str = "PEM data") -> ec.Elliptic
             "the appliance signs with P-256 only; pass the `.pub.pem` of a node key",
         )
     return key
-
-
-def _read_secret_file(name: str) -> bytes:
-    path = Path(name)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyStoreError(
-            f"cannot read passphrase file {path} named by {ENV_PASSPHRASE_FILE}: {exc.strerror}",
-            f"point {ENV_PASSPHRASE_FILE} at a readable file (mode 0600) holding the passphrase",
-        ) from None
-    if data.endswith(b"\r\n"):
-        return data[:-2]
-    if data.endswith(b"\n"):
-        return data[:-1]
-    return data
-
-
-def read_passphrase(*, purpose: str, confirm: bool = False) -> bytes:
-    """The passphrase for ``purpose`` (e.g. "unlock the node key").
-
-    Taken from ``$APPLIANCE_PASSPHRASE``, else from the file named by
-    ``$APPLIANCE_PASSPHRASE_FILE`` (one trailing newline stripped), else asked on the
-    terminal. ``confirm=True`` is for choosing a new passphrase: it is asked twice and must
-    be at least 8 bytes, whatever its source.
-    """
-    if ENV_PASSPHRASE in os.environ:
-        passphrase = os.environ[ENV_PASSPHRASE].encode("utf-8")
-        source = f"${ENV_PASSPHRASE}"
-    elif ENV_PASSPHRASE_FILE in os.environ:
-        passphrase = _read_secret_file(os.environ[ENV_PASSPHRASE_FILE])
-        source = f"the file named by ${ENV_PASSPHRASE_FILE}"
-    elif sys.stdin is not None and sys.stdin.isatty():
-        source = "the prompt"
-        passphrase = getpass.getpass(f"Passphrase to {purpose}: ").encode("utf-8")
-        if confirm and getpass.getpass("Repeat it: ").encode("utf-8") != passphrase:
-            raise KeyStoreError("the two passphrases differ", "run the command again and type the same twice")
-    else:
-        raise KeyStoreError(
-            f"a passphrase is needed to {purpose}, and there is no terminal to ask on",
-            f"set {ENV_PASSPHRASE}, or {ENV_PASSPHRASE_FILE} naming a file that holds it",
-        )
-    if not passphrase:
-        raise KeyStoreError(f"the passphrase from {source} is empty", _PASSPHRASE_HINT)
-    if confirm and len(passphrase) < MIN_PASSPHRASE_LEN:
-        raise KeyStoreError(
-            f"the new passphrase from {source} is shorter than {MIN_PASSPHRASE_LEN} bytes",
-            "choose a longer passphrase (a few random words work well)",
-        )
-    return passphrase

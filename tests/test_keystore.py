@@ -11,13 +11,11 @@ from cryptography.hazmat.primitives import serialization
 from keys.errors import KeyStoreError, SigningError
 from keys.keystore import (
     ENV_PASSPHRASE,
-    ENV_PASSPHRASE_FILE,
     create_key,
     key_id_of,
     load_key,
     load_public_key,
     public_key_path,
-    read_passphrase,
     verify_signature,
 )
 
@@ -121,49 +119,3 @@ def test_load_public_key_rejects_garbage(tmp_path):
     bad.write_text("not a key")
     with pytest.raises(KeyStoreError, match="not a PEM public key"):
         load_public_key(bad)
-
-
-def test_read_passphrase_from_env(monkeypatch):
-    monkeypatch.setenv(ENV_PASSPHRASE, "from the environment")
-    assert read_passphrase(purpose="test") == b"from the environment"
-
-
-def test_read_passphrase_from_file_strips_one_newline(monkeypatch, tmp_path):
-    monkeypatch.delenv(ENV_PASSPHRASE, raising=False)
-    secret = tmp_path / "pass"
-    secret.write_bytes(b"from a file \n\n")
-    monkeypatch.setenv(ENV_PASSPHRASE_FILE, str(secret))
-    assert read_passphrase(purpose="test") == b"from a file \n"
-
-
-def test_read_passphrase_without_terminal(monkeypatch):
-    monkeypatch.delenv(ENV_PASSPHRASE, raising=False)
-    monkeypatch.delenv(ENV_PASSPHRASE_FILE, raising=False)
-    monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
-    with pytest.raises(KeyStoreError) as err:
-        read_passphrase(purpose="unlock the node key")
-    assert ENV_PASSPHRASE in err.value.hint and ENV_PASSPHRASE_FILE in err.value.hint
-
-
-def test_read_passphrase_prompt_confirms(monkeypatch):
-    monkeypatch.delenv(ENV_PASSPHRASE, raising=False)
-    monkeypatch.delenv(ENV_PASSPHRASE_FILE, raising=False)
-
-    class TTY:
-        def isatty(self):
-            return True
-
-    monkeypatch.setattr("sys.stdin", TTY())
-    answers = iter(["long enough one", "long enough two"])
-    monkeypatch.setattr("getpass.getpass", lambda prompt: next(answers))
-    with pytest.raises(KeyStoreError, match="differ"):
-        read_passphrase(purpose="protect the new key", confirm=True)
-    answers = iter(["long enough", "long enough"])
-    assert read_passphrase(purpose="protect", confirm=True) == b"long enough"
-
-
-def test_new_passphrase_minimum_length(monkeypatch):
-    monkeypatch.setenv(ENV_PASSPHRASE, "short")
-    assert read_passphrase(purpose="unlock") == b"short"
-    with pytest.raises(KeyStoreError, match="shorter than 8"):
-        read_passphrase(purpose="protect the new key", confirm=True)
