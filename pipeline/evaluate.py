@@ -19,7 +19,8 @@ import sentencepiece as spm
 import torch
 
 from pipeline.errors import ConfigError, DataError, TrainingError
-from pipeline.model import LlamaModel, generate, load_checkpoint
+from pipeline.generate import GenerationModel, SampleConfig, generate_text
+from pipeline.model import LlamaModel, load_checkpoint
 from pipeline.result import ProgressFn, StageResult, no_progress
 
 # The [evaluate] table lives in a torch-free module, so a recipe loads without torch; its names stay importable from here.
@@ -68,16 +69,10 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def _samples(model: LlamaModel, sp: spm.SentencePieceProcessor, cfg: EvalConfig, bos_id: int, eos_id: int, device: torch.device) -> list[dict[str, str]]:
-    out = []
-    for i, prompt in enumerate(cfg.prompts):
-        # One generator per prompt, so adding a prompt does not change the others' samples.
-        gen = torch.Generator().manual_seed(cfg.seed + i)
-        ids = [bos_id] + sp.encode(prompt)
-        res = generate(model, torch.tensor([ids], device=device), cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, gen, eos_id=eos_id)
-        new = [t for t in res[0, len(ids) :].tolist() if t != eos_id]
-        out.append({"prompt": prompt, "completion": sp.decode(new)})
-    return out
+def _samples(bundle: GenerationModel, cfg: EvalConfig) -> list[dict[str, str]]:
+    # The sampler of `appliance generate`, so a report's samples read as that command would print them.
+    sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+    return [{"prompt": g.prompt, "completion": g.text} for g in generate_text(bundle, cfg.prompts, sample)]
 
 
 def run_evaluate(
@@ -118,7 +113,11 @@ def run_evaluate(
         autocast=autocast,
         progress=progress,
     )
-    samples = _samples(model, sp, cfg, int(meta.get("bos_id", shards.bos_id)), int(meta.get("eos_id", shards.eos_id)), device)
+    bos_id, eos_id = int(meta.get("bos_id", shards.bos_id)), int(meta.get("eos_id", shards.eos_id))
+    bundle = GenerationModel(
+        model=model, tokenizer=sp, bos_id=bos_id, eos_id=eos_id, path=Path(checkpoint_dir), kind="checkpoint", tokenizer_path=Path(tokenizer_model)
+    )
+    samples = _samples(bundle, cfg)
     stats = {
         "val_loss": val_loss,
         # exp of a huge loss overflows; None (not inf) keeps the report strict JSON for the ledger.

@@ -5,10 +5,11 @@ Two kinds of model directory load here: a training checkpoint (``model_config.js
 (Hugging Face ``config.json`` + ``model.safetensors`` + ``tokenizer.model``), whose
 ``ModelConfig`` is rebuilt from the HF config.
 
-The KV cache is built from the model's own modules (projections, norms, RoPE tables), so
-the cached path computes what ``LlamaModel.forward`` computes; once the context is full it
-recomputes the last ``max_seq_len`` tokens each step, exactly as ``pipeline.model.generate``
-does, so both give the same greedy tokens at any length.
+This is the one sampler: ``appliance generate`` and the evaluate stage's samples both go
+through ``generate_text``. Greedy at temperature 0, else temperature, top-k, then top-p, drawn
+with a seeded CPU generator; it stops at the end-of-sequence token. Decoding feeds one token at
+a time through the model's own KV cache (``pipeline.model.KVCache``); once the context is full
+it recomputes the last ``max_seq_len`` tokens from position 0 each step, a sliding window.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.config import from_mapping
 from pipeline.errors import ConfigError, TrainingError
-from pipeline.model import MODEL_CONFIG, WEIGHTS, Attention, LlamaModel, ModelConfig, load_checkpoint, load_weights, rotate_half
+from pipeline.model import MODEL_CONFIG, WEIGHTS, KVCache, LlamaModel, ModelConfig, load_checkpoint, load_weights
 from pipeline.settings.generate import SampleConfig
 
 HF_CONFIG = "config.json"
@@ -185,7 +186,7 @@ def load_for_generation(path: Path, *, tokenizer: Path | None = None, device: st
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """True for the k largest logits (ties with the k-th are kept, as in ``pipeline.model.generate``); k = 0 keeps all."""
+    """True for the k largest logits (ties with the k-th are kept); k = 0 keeps all."""
     if k <= 0 or k >= logits.size(-1):
         return torch.ones_like(logits, dtype=torch.bool)
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -218,54 +219,6 @@ def next_token(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generat
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-# -- the cached forward pass --------------------------------------------------------------------
-
-
-class KVCache:
-    """Keys and values of every layer for positions 0..length-1 of one sequence."""
-
-    def __init__(self, model: LlamaModel) -> None:
-        self.capacity = model.cfg.max_seq_len
-        self.length = 0
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-
-
-def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-    b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, attn.n_heads, attn.hd).transpose(1, 2)
-    k = attn.k_proj(x).view(b, t, attn.n_kv, attn.hd).transpose(1, 2)
-    v = attn.v_proj(x).view(b, t, attn.n_kv, attn.hd).transpose(1, 2)
-    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    if layer == len(cache.k):  # first call for this layer: allocate the whole context once
-        cache.k.append(k.new_zeros(b, attn.n_kv, cache.capacity, attn.hd))
-        cache.v.append(v.new_zeros(b, attn.n_kv, cache.capacity, attn.hd))
-    cache.k[layer][:, :, start : start + t] = k
-    cache.v[layer][:, :, start : start + t] = v
-    k, v = cache.k[layer][:, :, : start + t], cache.v[layer][:, :, : start + t]
-    if attn.n_kv != attn.n_heads:
-        rep = attn.n_heads // attn.n_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    # A prefill starts at position 0, where SDPA's top-left causal mask is the right one; a single
-    # new token attends to everything cached, so it needs no mask.
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-    return attn.o_proj(y.transpose(1, 2).reshape(b, t, attn.n_heads * attn.hd))
-
-
-def _forward(model: LlamaModel, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Logits of the last position after feeding ``idx`` at positions cache.length…; fills the cache."""
-    backbone, start, t = model.model, cache.length, idx.shape[1]
-    x = backbone.embed_tokens(idx)
-    cos, sin = backbone.rope_cos[start : start + t], backbone.rope_sin[start : start + t]
-    for i, layer in enumerate(backbone.layers):
-        x = x + _attend(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, start)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    cache.length = start + t
-    return model.lm_head(backbone.norm(x[:, -1:, :]))[:, -1, :]
-
-
 @torch.no_grad()
 def generate_ids(
     model: LlamaModel, prompt_ids: list[int], cfg: SampleConfig, *, eos_id: int | None, generator: torch.Generator | None = None
@@ -273,20 +226,22 @@ def generate_ids(
     """(new token ids without the eos, whether eos stopped it) continuing ``prompt_ids``."""
     if not prompt_ids:
         raise TrainingError("cannot generate from an empty prompt", "start the prompt with the BOS token")
-    device = model.lm_head.weight.device
+    device, context = model.lm_head.weight.device, model.cfg.max_seq_len
     ids, new = list(prompt_ids), []
-    cache = KVCache(model)
+    cache = KVCache(context)
     was_training = model.training
     model.eval()
     try:
         for _ in range(cfg.max_new_tokens):
-            if cache.length == 0 or cache.length >= cache.capacity:
-                # Prefill, or the context is full: recompute the last max_seq_len tokens from position 0.
-                cache = KVCache(model)
-                logits = _forward(model, torch.tensor([ids[-cache.capacity :]], device=device), cache)
+            if cache.length == 0 or cache.length == context:
+                # Prefill, or the context is full: start again from the last max_seq_len tokens at
+                # position 0 (a sliding window: the model never saw positions beyond its context).
+                cache = KVCache(context)
+                feed = ids[-context:]
             else:
-                logits = _forward(model, torch.tensor([ids[-1:]], device=device), cache)
-            nxt = next_token(logits[0], cfg, generator)
+                feed = ids[-1:]
+            logits, _ = model(torch.tensor([feed], device=device), cache=cache)
+            nxt = next_token(logits[0, -1], cfg, generator)
             if eos_id is not None and nxt == eos_id:
                 return new, True
             ids.append(nxt)

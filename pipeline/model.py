@@ -63,16 +63,44 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class KVCache:
+    """Keys and values of every layer for positions 0..length-1, so generation feeds each new token alone.
+
+    ``LlamaModel.forward(idx, cache=cache)`` fills it: each layer's attention stores the keys and
+    values of the positions it is given and attends to all stored so far; the model then advances
+    ``length``. A layer's buffers are allocated for the whole context on its first call.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` (batch, kv_heads, t, head_dim) at positions length…length+t-1; return all stored."""
+        start, end = self.length, self.length + k.shape[2]
+        if layer == len(self.k):
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.k.append(k.new_zeros(shape))
+            self.v.append(v.new_zeros(shape))
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # Which of a KVCache's layers is this one's.
+        self.layer = layer
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.hd, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
@@ -80,12 +108,21 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        causal, mask = True, None
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(self.layer, k, v)
+            # SDPA's causal mask is aligned top-left: right for a prefill from position 0. One new
+            # token attends to everything cached (no mask); a later block needs the diagonal moved.
+            causal = t > 1 and start == 0
+            if t > 1 and start > 0:
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=q.device).tril(start)
         if self.n_kv != self.n_heads:
             # repeat_interleave rather than SDPA's enable_gqa: the latter needs torch >= 2.5 (GPU
             # sites may bring 2.4), and the copy measured no slower at the sizes trained here.
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
 
 
@@ -101,15 +138,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -119,26 +156,36 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         cos, sin = rope_tables(cfg)
         # Not persistent: derived from the config, and HF's state dict has no such keys.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, recompute: bool = False, cache: KVCache | None = None) -> torch.Tensor:
         t = idx.shape[1]
+        start = 0 if cache is None else cache.length
+        if cache is not None and start + t > cache.capacity:
+            raise TrainingError(
+                f"{t} more positions do not fit the KV cache ({start} of {cache.capacity} used)", "start a new KVCache with the last max_seq_len tokens"
+            )
         x = self.embed_tokens(idx)
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         for layer in self.layers:
             # Non-reentrant, as PyTorch recommends: the reentrant variant needs an input that
             # requires grad and does not mix with DDP/FSDP's backward hooks.
-            x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False) if recompute else layer(x, cos, sin)
+            x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False) if recompute else layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.length = start + t
         return self.norm(x)
 
 
 class LlamaModel(nn.Module):
-    """The causal LM. ``forward(idx, targets)`` returns (logits, mean cross-entropy or None)."""
+    """The causal LM. ``forward(idx, targets)`` returns (logits, mean cross-entropy or None).
+
+    With ``cache`` (generation), ``idx`` continues the positions the cache holds and extends it.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -170,9 +217,9 @@ class LlamaModel(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        logits = self.lm_head(self.model(idx, recompute))
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        logits = self.lm_head(self.model(idx, recompute, cache))
         if targets is None:
             return logits, None
         # Loss in float32: cross-entropy over a large vocabulary loses precision in bf16.
@@ -200,49 +247,6 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     attn = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
     n = c.n_layers * (attn + 3 * c.dim * c.ffn_dim) + c.dim * c.vocab_size
     return float(6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len)
-
-
-@torch.no_grad()
-def generate(
-    model: LlamaModel,
-    ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-    *,
-    eos_id: int | None = None,
-) -> torch.Tensor:
-    """Sample ``max_new_tokens`` continuations of ``ids`` (B, T); temperature 0 means greedy.
-
-    No KV cache: the whole window is recomputed per token, which is simple and fast enough for
-    evaluation samples from the small models this appliance trains. Stops early once every row
-    has produced ``eos_id``.
-    """
-    was_training = model.training
-    model.eval()
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        window = ids[:, -model.cfg.max_seq_len :]
-        logits, _ = model(window)
-        logits = logits[:, -1, :].float()
-        if temperature <= 0:
-            nxt = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(ids.device)
-        if eos_id is not None:
-            nxt = nxt.masked_fill(done[:, None], eos_id)
-            done |= nxt[:, 0] == eos_id
-        ids = torch.cat([ids, nxt], dim=1)
-        if eos_id is not None and bool(done.all()):
-            break
-    model.train(was_training)
-    return ids
 
 
 def hf_config(model_cfg: ModelConfig, bos_id: int, eos_id: int, dtype: str = "float32") -> dict[str, Any]:

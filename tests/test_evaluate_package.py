@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from pipeline.config import from_mapping
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.evaluate import EvalConfig, run_evaluate
+from pipeline.generate import SampleConfig, generate_text, load_for_generation
 from pipeline.model import load_checkpoint
 from pipeline.package import PackageConfig, run_package
 from pipeline.train import run_train
@@ -49,6 +50,10 @@ def test_evaluate_reports_loss_perplexity_and_seeded_samples(checkpoint: Path, s
     assert report["val_loss"] == s["val_loss"] and report["samples"] == s["samples"]
     again = run_evaluate(checkpoint, shards_dir, tokenizer_path, tmp_path / "b", cfg)
     assert again.stats == s  # same checkpoint, same seed: same numbers and samples
+    # The samples come from the sampler `appliance generate` uses, with the same settings.
+    bundle = load_for_generation(checkpoint, tokenizer=tokenizer_path)
+    expected = generate_text(bundle, cfg.prompts, SampleConfig(max_new_tokens=6, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed))
+    assert [x["completion"] for x in s["samples"]] == [g.text for g in expected]
 
 
 def test_evaluate_seq_len_defaults_to_model_and_is_bounded(checkpoint: Path, shards_dir: Path, tokenizer_path: Path, tmp_path: Path) -> None:

@@ -12,9 +12,7 @@ import torch
 
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.generate import (
-    KVCache,
     SampleConfig,
-    _forward,
     generate_ids,
     generate_text,
     load_for_generation,
@@ -23,7 +21,7 @@ from pipeline.generate import (
     top_k_mask,
     top_p_mask,
 )
-from pipeline.model import LlamaModel, ModelConfig, generate, hf_config, save_model_config, save_weights
+from pipeline.model import KVCache, LlamaModel, ModelConfig, hf_config, save_model_config, save_weights
 from pipeline.package import PackageConfig, run_package
 from registry.store import Store
 from tests.conftest import cli
@@ -103,26 +101,39 @@ def test_sample_config_rejects_bad_values() -> None:
 def test_cached_logits_match_the_full_forward(kv_heads: int) -> None:
     model = _model(n_kv_heads=kv_heads)
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(1))
-    cache = KVCache(model)
+    cache = KVCache(model.cfg.max_seq_len)
     with torch.no_grad():
         full, _ = model(ids)
-        prefill = _forward(model, ids[:, :8], cache)
-        torch.testing.assert_close(prefill, full[:, 7], atol=1e-5, rtol=1e-5)
-        for t in range(8, 20):
-            step = _forward(model, ids[:, t : t + 1], cache)
-            torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=1e-5)
+        prefill, _ = model(ids[:, :8], cache=cache)
+        torch.testing.assert_close(prefill, full[:, :8], atol=1e-5, rtol=1e-5)
+        for t in range(8, 14):
+            step, _ = model(ids[:, t : t + 1], cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+        # A block after position 0 (a chunked prefill) sees the cache and itself, causally.
+        block, _ = model(ids[:, 14:20], cache=cache)
+        torch.testing.assert_close(block, full[:, 14:20], atol=1e-5, rtol=1e-5)
     assert cache.length == 20
+    with pytest.raises(TrainingError, match="do not fit the KV cache"):
+        model(ids[:, :13], cache=cache)  # 20 + 13 > the 32-token context
+
+
+def _uncached_greedy(model: LlamaModel, ids: list[int], n: int) -> list[int]:
+    # The reference: the whole window (the last max_seq_len tokens) through the plain forward, per token.
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids[-model.cfg.max_seq_len :]]))[0][0, -1].argmax()))
+    return ids[-n:]
 
 
 @pytest.mark.parametrize("prompt_len", [1, 6, 31, 40])
-def test_cached_greedy_equals_uncached_generate(prompt_len: int) -> None:
+def test_cached_greedy_equals_uncached_forward(prompt_len: int) -> None:
     model = _model(seed=prompt_len)
     prompt = torch.randint(3, 300, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
     # 45 new tokens run past the 32-token context, where both paths slide the window.
     cfg = SampleConfig(temperature=0, max_new_tokens=45)
     ours, stopped = generate_ids(model, prompt, cfg, eos_id=None)
-    reference = generate(model, torch.tensor([prompt]), 45, temperature=0)[0, prompt_len:].tolist()
-    assert not stopped and ours == reference
+    assert not stopped and ours == _uncached_greedy(model, prompt, 45)
     assert len(set(ours)) > 3  # a real path, not one token repeated
 
 

@@ -1,5 +1,5 @@
 """The Llama-style model: shapes, causality, GQA, HF equivalence, config rules, presets,
-initialisation, activation checkpointing, FLOPs, generation."""
+initialisation, activation checkpointing, FLOPs. The KV cache and sampling: test_generate.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from pipeline.model import (
     PRESETS,
     LlamaModel,
     ModelConfig,
-    generate,
     hf_config,
     load_checkpoint,
     model_flops_per_token,
@@ -104,27 +103,6 @@ def test_config_rejects_bad_shapes_naming_the_key() -> None:
         from_mapping(ModelConfig, {"width": 3}, source="recipe.toml", prefix="model")
     with pytest.raises(TrainingError, match="resolved"):
         LlamaModel(ModelConfig())  # vocab_size 0 has not been resolved
-
-
-def test_generate_is_seeded_and_greedy_is_deterministic() -> None:
-    model = build()
-    prompt = torch.tensor([[1, 5, 7]])
-    a = generate(model, prompt, 8, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
-    b = generate(model, prompt, 8, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
-    assert a.shape == (1, 11) and torch.equal(a, b) and torch.equal(a[:, :3], prompt)
-    g = generate(model, prompt, 5, temperature=0)
-    expected = model(prompt)[0][0, -1].argmax()
-    assert g[0, 3] == expected
-    # Longer than max_seq_len: the window slides instead of failing.
-    assert generate(model, prompt, 30, temperature=0).shape == (1, 33)
-
-
-def test_generate_stops_at_eos() -> None:
-    model = build()
-    prompt = torch.tensor([[1, 5]])
-    first = int(generate(model, prompt, 1, temperature=0)[0, -1])
-    out = generate(model, prompt, 10, temperature=0, eos_id=first)
-    assert out.shape == (1, 3)
 
 
 def test_checkpoint_round_trip_and_tied_weights_stored_once(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ class EvalConfig:
     seq_len: int = 0
     # Generic openings that any English corpus can continue; replace with domain prompts in a recipe.
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    # Long enough to judge fluency, short enough to generate on a CPU without a KV cache.
+    # Long enough to judge fluency, short enough that sampling adds little to the evaluation's time.
     max_new_tokens: int = 64
     # 0.8 / top-50: the usual "readable but not greedy-repetitive" sampling settings.
     temperature: float = 0.8
