@@ -64,7 +64,9 @@ def sign_model_dir(model_dir: Path, key: NodeKey, sig_name: str = DEFAULT_SIG_NA
             signing.Config()
             .use_elliptic_key_signer(
                 private_key=key_path,
-                password=password,  # bytes: the library's str hint is wrong
+                # model_signing annotates password as str, but hands it to cryptography's
+                # load_pem_private_key, which takes bytes only: its stub is wrong, bytes are right.
+                password=password,  # type: ignore[arg-type]
             )
             .set_hashing_config(hashing.Config().set_ignored_paths(paths=[sig_name], ignore_git_paths=True))
         )
