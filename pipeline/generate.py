@@ -152,10 +152,22 @@ def _open_tokenizer(path: Path, vocab_size: int, model_path: Path) -> spm.Senten
 
 
 def load_for_generation(path: Path, *, tokenizer: Path | None = None, device: str | torch.device = "cpu") -> GenerationModel:
-    """Load a checkpoint directory (needs ``tokenizer``) or a packaged model directory (eval mode)."""
+    """Load a checkpoint directory (needs ``tokenizer``) or a packaged model directory (eval mode).
+
+    ``path`` is the directory itself, already resolved (and, for a stored model, verified) by the
+    caller. Only files inside it are read, plus ``tokenizer`` when one is given.
+    """
     path = Path(path)
     if not path.is_dir():
         raise TrainingError(f"model directory {path} does not exist", "point at a packaged model/ directory or a checkpoint directory")
+    # A link leading out of the directory would load bytes that were not checked with it (a stored,
+    # verified model holds no links at all).
+    for name in (WEIGHTS, MODEL_CONFIG, HF_CONFIG, TOKENIZER):
+        target = (path / name).resolve()
+        if not target.is_relative_to(path.resolve()):
+            raise TrainingError(
+                f"{path / name} links to {target}, outside the model directory", "copy the file into the directory, or pass a tokenizer with --tokenizer"
+            )
     if not (path / WEIGHTS).is_file():
         raise TrainingError(f"no {WEIGHTS} in {path}", "point at a packaged model/ directory or a checkpoint directory (final/, step_*)")
     if (path / MODEL_CONFIG).is_file():

@@ -264,6 +264,25 @@ def test_loading_errors_say_what_to_do(checkpoint_dir: Path, package_dir: Path, 
         load_for_generation(checkpoint_dir, tokenizer=tmp_path / "model.safetensors")
 
 
+def test_files_linked_from_outside_the_directory_are_refused(package_dir: Path, tokenizer_path: Path, tmp_path: Path) -> None:  # noqa: F811
+    linked = tmp_path / "pkg"
+    shutil.copytree(package_dir, linked)
+    (linked / "tokenizer.model").unlink()
+    (linked / "tokenizer.model").symlink_to(tokenizer_path)
+    with pytest.raises(TrainingError, match="outside the model directory"):
+        load_for_generation(linked)
+    (linked / "model.safetensors").unlink()
+    (linked / "model.safetensors").symlink_to(package_dir / "model.safetensors")
+    with pytest.raises(TrainingError, match="model.safetensors links to"):
+        load_for_generation(linked, tokenizer=tokenizer_path)
+    # A link that stays inside is just another name for a file of the model.
+    inside = tmp_path / "inside"
+    shutil.copytree(package_dir, inside)
+    (inside / "tokenizer.model").rename(inside / "spm.model")
+    (inside / "tokenizer.model").symlink_to("spm.model")
+    assert load_for_generation(inside).kind == "package"
+
+
 def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path: Path, tokenizer_path: Path) -> None:  # noqa: F811
     torch.manual_seed(0)
     small = LlamaModel(tiny_model().resolved(vocab_size=100))
