@@ -12,13 +12,22 @@ from dataclasses import dataclass
 # The actions the service knows; a policy deciding on anything else is a programming error.
 ACTIONS = frozenset(
     {
-        "home.init",
+        "service.info",
         "run.start",
         "run.resume",
+        "run.cancel",
+        "run.list",
+        "run.show",
+        "artifact.list",
         "artifact.verify",
         "model.export",
+        "model.generate",
         "ledger.verify",
         "ledger.query",
+        "ledger.head",
+        "data.card",
+        "data.dropped",
+        "data.skipped",
     }
 )
 

@@ -318,6 +318,27 @@ class Ledger:
             cur.close()
         return [_row_event(r) for r in rows]
 
+    def select(self, sql: str, params: list | tuple = ()) -> list[tuple]:
+        """The service's own parameterised read over the ledger's tables and views.
+
+        For internal lookups only (``sql`` is the service's constant text, values are bound
+        as ``?`` parameters); auditor SQL goes through `query` and its sandbox instead.
+        """
+        cur = self._con.cursor()
+        try:
+            return cur.execute(sql, list(params)).fetchall()
+        except duckdb.Error as exc:
+            raise LedgerError(f"internal read of ledger {self.path} failed: {exc}", "report this: it is a bug in the appliance") from None
+        finally:
+            cur.close()
+
+    def event(self, seq: int) -> Event:
+        """The event at ``seq`` (LedgerError if there is none)."""
+        rows = self.select(f"SELECT {_COLUMNS} FROM events WHERE seq = ?", [int(seq)])
+        if not rows:
+            raise LedgerError(f"ledger {self.path} has no event {seq}", "list events with `appliance ledger query \"SELECT seq, kind FROM events\"`")
+        return _row_event(rows[0])
+
     def recorded(self, digest: str, trusted: dict[str, ec.EllipticCurvePublicKey]) -> Event:
         """The event that first recorded artifact ``digest``, its hash and signature checked.
 

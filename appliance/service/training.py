@@ -9,7 +9,6 @@ the service signed when it was written. A checkpoint that fails either check is 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -17,18 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.launcher import LaunchOptions, require_success, run_job
+from appliance.jobs.launch import LaunchOptions, failure_message
+from appliance.jobs.runner import Job, RunLock
 from keys.errors import ApplianceError
 from pipeline.config import to_mapping
 from pipeline.errors import TrainingError
 from pipeline.result import ProgressFn, StageResult
-from pipeline.training import checkpoint as ckpt
+from pipeline.training import ckpt_files as ckpt
 
 # Metrics reach the ledger in batches: one signed event per interval, not one per point.
 METRICS_FLUSH_S = 2.0
-JOB_SPEC = "job.json"
-EVENTS = "events.jsonl"
-LAUNCH_LOG = "launcher.log"
+TRAIN_MODULE = "pipeline.training.job"
+# Where the service marks each checkpoint it has recorded; the job prunes only marked ones.
+RECORDS_DIR = "recorded"
 
 
 class TrainingStopped(ApplianceError):
@@ -52,6 +52,11 @@ class StageContext:
     launch: LaunchOptions = field(default_factory=LaunchOptions)
     # Where to write the job spec (shared storage, for other nodes); default: the work dir.
     job_file: Path | None = None
+    # The run's lock, handed to the job so it stays held while any job process lives.
+    lock: RunLock | None = None
+    # Tell the run which job is current (so a cancel reaches it), and whether one was asked for.
+    set_job: Callable[[Job | None], None] = lambda job: None
+    cancelled: Callable[[], bool] = lambda: False
 
 
 def select_resume(work: Path, ctx: StageContext) -> Path | None:
@@ -112,38 +117,44 @@ def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: P
     if recipe.distributed.engine in ("fsdp", "deepspeed"):
         launch = LaunchOptions(**{**to_mapping(launch), "force_torchrun": True})
     resume_from = select_resume(work, ctx)
-    events_file, log_file = work / EVENTS, work / LAUNCH_LOG
-    events_file.unlink(missing_ok=True)
     shutil.rmtree(work / "errors", ignore_errors=True)
+    records = work / RECORDS_DIR
+    records.mkdir(parents=True, exist_ok=True)
     spec = {
         "shards": str(artifacts["shards"]),
         "out_dir": str(work),
-        "events": str(events_file),
         "model": to_mapping(recipe.model),
         "train": to_mapping(recipe.train),
         "distributed": to_mapping(recipe.distributed),
         "deepspeed": deepspeed,
         "resume_from": str(resume_from) if resume_from else None,
+        "records_dir": str(records),
     }
-    spec_file = ctx.job_file or work / JOB_SPEC
-    spec_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = spec_file.with_name(spec_file.name + ".tmp")
-    tmp.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(spec_file)  # workers on other nodes wait for this file: it must appear whole
-
+    job = Job(TRAIN_MODULE, spec, work, launch=launch, spec_file=ctx.job_file, lock=ctx.lock)
     follower = _Follower(work, ctx, progress, recipe.train.steps)
-    outcome = run_job(spec_file, events_file, log_file, launch, follower)
+    ctx.set_job(job)
+    try:
+        outcome = job.run(follower)
+    finally:
+        ctx.set_job(None)
     follower.flush()
     finished = outcome.last("finished")
     stopped = outcome.last("stopped")
-    if stopped is None:
-        require_success(work, log_file, outcome)
+    if stopped is None and outcome.returncode != 0:
+        raise TrainingError(
+            failure_message(work, job.log_file, outcome.returncode),
+            f"see {job.log_file}; fix the cause, then `appliance resume {ctx.run_id}` continues from the last verified checkpoint",
+        )
     if finished is None or not finished["stats"].get("completed"):
         step = (finished or {}).get("stats", {}).get("steps") or (stopped or {}).get("step")
+        how = "cancelled" if outcome.cancelled else (stopped or {}).get("signal") or "on request"
         raise TrainingStopped(
-            f"training of run {ctx.run_id} stopped at step {step} ({outcome.cancelled_by or (stopped or {}).get('signal') or 'on request'}); its checkpoint is saved and recorded",
+            f"training of run {ctx.run_id} stopped at step {step} ({how}); its checkpoint is saved and recorded",
             f"continue with `appliance resume {ctx.run_id}`",
         )
+    # Every checkpoint is recorded now: retention may drop what the job had to keep waiting.
+    for gone in ckpt.prune(work, recipe.train.keep_last, recipe.train.keep_every):
+        ctx.note("checkpoint.pruned", {"step": gone})
     outputs: dict[str, Path] = {"checkpoint": work / "final", "logs": work / "logs"}
     # Intermediate checkpoints that retention kept are provenance too.
     for path in ckpt.list_checkpoints(work):
@@ -192,6 +203,9 @@ class _Follower:
         except TrainingError as exc:
             self.ctx.note("checkpoint.rejected", {"step": event.get("step"), "path": str(path), "reason": exc.message})
             return
+        except OSError as exc:
+            self.ctx.note("checkpoint.rejected", {"step": event.get("step"), "path": str(path), "reason": f"unreadable: {exc}"})
+            return
         size = sum((path / rel).stat().st_size for rel in info.files)
         self.ctx.note(
             "checkpoint.saved",
@@ -204,6 +218,8 @@ class _Follower:
                 "size_bytes": size,
             },
         )
+        # Only now may the job's retention delete it: the ledger holds its digest.
+        ckpt.mark_recorded(self.work / RECORDS_DIR, info.step)
 
     def flush(self) -> None:
         if self.points:

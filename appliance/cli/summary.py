@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.home import Home
-
 
 def _n(value: Any) -> str:
     if not isinstance(value, (int, float)):
@@ -16,16 +14,17 @@ def _n(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def render_summary(summary: Any, home: Home, context: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """(JSON payload, text) for a finished run."""
-    s = summary.stats
+def render_summary(summary: dict[str, Any], *, local: bool) -> tuple[dict[str, Any], str]:
+    """(JSON payload, text) for a finished run; ``local``: name --home in the commands shown."""
+    s = summary["stats"]
+    context = summary.get("context") or {}
     clean, shard, train, ev = s.get("curate", {}), s.get("shard", {}), s.get("train", {}), s.get("evaluate", {})
     tokens = shard.get("train_tokens", 0) + shard.get("val_tokens", 0)
     payload = {
-        "run_id": summary.run_id,
-        "recipe": summary.recipe_name,
-        "recipe_sha256": summary.recipe_digest,
-        "wall_s": round(summary.wall_s, 2),
+        "run_id": summary["run_id"],
+        "recipe": summary["recipe_name"],
+        "recipe_sha256": summary["recipe_digest"],
+        "wall_s": round(summary["wall_s"], 2),
         "documents_in": clean.get("documents_in"),
         "documents": clean.get("documents_out"),
         "tokens": tokens,
@@ -35,21 +34,21 @@ def render_summary(summary: Any, home: Home, context: dict[str, Any]) -> tuple[d
         "val_loss": ev.get("val_loss"),
         "perplexity": ev.get("perplexity"),
         "samples": ev.get("samples", []),
-        "artifacts_recorded": summary.artifacts_recorded,
-        "model_id": f"sha256:{summary.model_digest}",
-        "model_path": str(summary.model_path),
-        "public_key": str(home.public_key_file),
+        "artifacts_recorded": summary["artifacts_recorded"],
+        "model_id": f"sha256:{summary['model_digest']}",
+        "model_path": str(summary["model_path"]),
+        "public_key": str(summary["public_key_file"]),
         "context": context,
     }
-    mp = summary.model_path
-    h = f" --home {home.root}"
+    mp = summary["model_path"]
+    h = f" --home {summary['home']}" if local else ""
     lines = [
-        f"run {summary.run_id} ({summary.recipe_name}) succeeded in {summary.wall_s:.0f} s",
+        f"run {summary['run_id']} ({summary['recipe_name']}) succeeded in {summary['wall_s']:.0f} s",
         f"  documents   {clean.get('documents_in')} in, {clean.get('documents_out')} kept ({_drops(clean)})",
         f"  tokens      {_n(tokens)} (train {_n(shard.get('train_tokens', 0))}, val {_n(shard.get('val_tokens', 0))})",
         f"  training    {train.get('steps')} steps, final loss {_n(train.get('final_loss'))}, {_n(train.get('tokens_per_s'))} tokens/s",
         f"  evaluation  val loss {_n(ev.get('val_loss'))}, perplexity {_n(ev.get('perplexity'))}",
-        f"  provenance  {summary.artifacts_recorded} artifacts recorded in {home.ledger_file}",
+        f"  provenance  {summary['artifacts_recorded']} artifacts recorded in {summary['ledger_file']}",
     ]
     for sample in ev.get("samples", [])[:2]:
         text = " ".join((sample["prompt"] + sample["completion"]).split())
@@ -59,15 +58,15 @@ def render_summary(summary: Any, home: Home, context: dict[str, Any]) -> tuple[d
         lines.append(f"  corpus      Python {c['python']} stdlib docs, sha256 {c['sha256'][:16]}…")
     lines += [
         "",
-        f"model id: sha256:{summary.model_digest}",
+        f"model id: sha256:{summary['model_digest']}",
         "",
         "verify it:",
         f"  appliance{h} ledger verify",
-        f"  appliance{h} artifact verify {summary.model_digest[:16]}",
-        f"  model_signing verify key {mp} --signature {mp}/model.sig --public_key {home.public_key_file}",
-        f"  appliance{h} ledger query \"SELECT kind, name, depth FROM ancestors('{summary.model_digest}') ORDER BY depth\"",
-        f"  appliance{h} data card {summary.run_id}",
-        f"  appliance{h} model export {summary.model_digest[:16]} --out ./exported-model",
+        f"  appliance{h} artifact verify {summary['model_digest'][:16]}",
+        f"  model_signing verify key {mp} --signature {mp}/model.sig --public_key {summary['public_key_file']}",
+        f"  appliance{h} ledger query \"SELECT kind, name, depth FROM ancestors('{summary['model_digest']}') ORDER BY depth\"",
+        f"  appliance{h} data card {summary['run_id']}",
+        f"  appliance{h} model export {summary['model_digest'][:16]} --out ./exported-model",
     ]
     return payload, "\n".join(lines)
 

@@ -1,0 +1,186 @@
+"""A stage job: ``python -m appliance.jobs.stage_job SPEC.json`` runs one stage in a child process.
+
+The service writes the spec (the stage, the recipe text, the paths of the earlier outputs it
+reads, the source folder, the work folder, the events file) and follows the events this
+job appends (`pipeline.events`): ``progress`` while it works, then one ``result`` with the
+files it produced and its figures — or ``error``, or ``stopped`` after a SIGTERM. The
+service, not the job, hashes, stores, signs and records what the job produced, so a job
+cannot misreport its own output; a crash or an OOM here takes down this process only.
+
+Also ``op = "generate"``: sample from a model directory the service has verified.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from keys.errors import ApplianceError
+from pipeline.events import EventWriter
+from pipeline.lifeline import die_with_parent
+from pipeline.result import ProgressFn, StageResult
+
+EXIT_ERROR = 2
+EXIT_STOPPED = 130
+# Progress events at most this often: the service only needs enough to move a bar.
+PROGRESS_EVERY_S = 0.25
+
+StageFn = Callable[[Any, dict[str, Path], Path, Path, ProgressFn, dict[str, Any]], StageResult]
+
+
+def _ingest(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.card import write_ingest_report
+    from pipeline.ingest import run_ingest
+
+    result = run_ingest(src, work, r.ingest, progress)
+    # The figures and every skipped file as an artifact too: the dataset card is built from it.
+    result.outputs["ingest_report"] = write_ingest_report(result, work)
+    return result
+
+
+def _curate(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.curate import CurateSettings, run_curate
+
+    return run_curate(a["raw"], work, CurateSettings(clean=r.clean, filters=r.filters, pii=r.pii, dedup=r.dedup), progress)
+
+
+def _tokenizer(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.tokenizer import run_tokenizer
+
+    return run_tokenizer(a["dataset"], work, r.tokenizer, progress)
+
+
+def _shard(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.shard import run_shard
+
+    return run_shard(a["dataset"], a["tokenizer"], work, r.shard, progress)
+
+
+def _card(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.card import run_card
+
+    return run_card(a["ingest_report"], a["curation"], a["shards"], work)
+
+
+def _evaluate(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.evaluate import run_evaluate
+
+    return run_evaluate(a["checkpoint"], a["shards"], a["tokenizer"], work, r.evaluate, progress)
+
+
+def _package(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.package import run_package
+
+    return run_package(a["checkpoint"], a["tokenizer"], work, r.package, prov)
+
+
+FUNCTIONS: dict[str, StageFn] = {
+    "ingest": _ingest,
+    "curate": _curate,
+    "tokenizer": _tokenizer,
+    "shard": _shard,
+    "card": _card,
+    "evaluate": _evaluate,
+    "package": _package,
+}
+
+
+def _progress(emit: EventWriter) -> ProgressFn:
+    last = [0.0]
+
+    def progress(done: int, total: int, fields: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY_S or (total and done >= total):
+            last[0] = now
+            emit({"event": "progress", "done": int(done), "total": int(total or 0), "fields": fields})
+
+    return progress
+
+
+def _run_stage(spec: dict[str, Any], emit: EventWriter) -> None:
+    from appliance.recipe import parse_recipe
+
+    recipe = parse_recipe(spec["recipe_text"], source=spec["recipe_source"])
+    fn = FUNCTIONS[spec["stage"]]
+    work = Path(spec["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    artifacts = {k: Path(v) for k, v in spec["artifacts"].items()}
+    result = fn(recipe, artifacts, Path(spec["source"]), work, _progress(emit), spec.get("provenance") or {})
+    emit(
+        {
+            "event": "result",
+            "outputs": {k: str(v) for k, v in result.outputs.items()},
+            "stats": result.stats,
+            "metrics": result.metrics,
+            "inputs": result.inputs,
+            "skipped": result.skipped,
+        }
+    )
+
+
+def _generate(spec: dict[str, Any], emit: EventWriter) -> None:
+    from pipeline.generate import SampleConfig, generate_text, load_for_generation, resolve_device
+
+    cfg = SampleConfig(**spec["sample"])
+    tokenizer = Path(spec["tokenizer"]) if spec.get("tokenizer") else None
+    bundle = load_for_generation(Path(spec["model_dir"]), tokenizer=tokenizer, device=resolve_device(spec.get("device", "auto")))
+    start = time.perf_counter()
+    results = generate_text(bundle, list(spec["prompts"]), cfg)
+    emit(
+        {
+            "event": "generated",
+            "kind": bundle.kind,
+            "device": str(bundle.model.lm_head.weight.device),
+            "seconds": time.perf_counter() - start,
+            "results": [
+                {"prompt": r.prompt, "text": r.text, "new_tokens": r.new_tokens, "prompt_tokens": r.prompt_tokens, "stopped_at_eos": r.stopped_at_eos}
+                for r in results
+            ],
+        }
+    )
+
+
+def _stop(signum: int, frame: object) -> None:
+    # A data stage has no checkpoint to write: stopping is unwinding, and the stage re-runs on resume.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m appliance.jobs.stage_job SPEC.json", file=sys.stderr)
+        return EXIT_ERROR
+    signal.signal(signal.SIGTERM, _stop)
+    spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    emit = EventWriter(Path(spec["events"]))
+    try:
+        if spec.get("op") == "generate":
+            _generate(spec, emit)
+        else:
+            _run_stage(spec, emit)
+    except KeyboardInterrupt:
+        emit({"event": "stopped"})
+        return EXIT_STOPPED
+    except ApplianceError as exc:
+        emit({"event": "error", "message": exc.diagnostics(), "type": type(exc).__name__})
+        return EXIT_ERROR
+    except MemoryError:
+        emit({"event": "error", "message": "the stage ran out of memory", "type": "MemoryError"})
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - the job's last line of defence: report it, the traceback goes to the log
+        import traceback
+
+        traceback.print_exc()
+        emit({"event": "error", "message": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__})
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

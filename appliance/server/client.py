@@ -1,0 +1,198 @@
+"""The client every command uses: the service over its socket, or the same service in-process.
+
+Both clients take an operation name from the API table (`appliance.service.api`) and its
+parameters, and return the operation's result (``call``) or its stream (``stream``: run
+events for ``ndjson`` operations, byte chunks for ``tar``). Errors the service raises arrive
+as the same `ApplianceError` classes, with the same message and hint, either way.
+
+Which one a command gets (`connect`): ``--socket``/``APPLIANCE_SOCKET`` → the socket;
+``--home``/``APPLIANCE_HOME`` → local mode; neither → the default socket if a service
+listens there, else local mode on the default home.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from appliance.service.api import BY_NAME, Op
+from keys.errors import ApplianceError
+
+ENV_SOCKET = "APPLIANCE_SOCKET"
+DEFAULT_SOCKET = Path("/run/appliance/appliance.sock")
+# A run can stream for days; only connecting and each read of a plain answer are bounded.
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 3600.0
+
+
+class Client(Protocol):
+    def call(self, op: str, **params: Any) -> Any: ...
+    def stream(self, op: str, **params: Any) -> Iterator[Any]: ...
+    def close(self) -> None: ...
+
+
+class ServiceUnavailable(ApplianceError):
+    """The service's socket cannot be reached."""
+
+
+def error_from(body: dict[str, Any]) -> ApplianceError:
+    """Rebuild the service's error on the client side: the same class where we know it."""
+    from airgap.errors import AirgapError
+    from keys.errors import KeyStoreError, SigningError
+    from pipeline.errors import ConfigError, DataError, ShardIntegrityError, TrainingError
+    from policies.errors import PolicyError
+    from registry.errors import LedgerError, StoreError
+
+    known: dict[str, type[ApplianceError]] = {
+        c.__name__: c
+        for c in (ConfigError, DataError, ShardIntegrityError, TrainingError, PolicyError, LedgerError, StoreError, KeyStoreError, SigningError, AirgapError)
+    }
+    err = body.get("error") or {}
+    cls = known.get(str(err.get("type")), ApplianceError)
+    exc = cls(str(err.get("message", "the service failed")), str(err.get("hint", "")))
+    exc.exit_code = int(err.get("exit_code", 2))
+    return exc
+
+
+class LocalClient:
+    """Local mode: the same `Service` in this process, acting for this process's user."""
+
+    def __init__(self, svc: Any) -> None:
+        from appliance.service.caller import Caller
+
+        self.svc, self.caller = svc, Caller.current()
+
+    def call(self, op: str, **params: Any) -> Any:
+        from appliance.service.api import dispatch
+
+        return _plain(dispatch(self.svc, self.caller, op, params))
+
+    def stream(self, op: str, **params: Any) -> Iterator[Any]:
+        from appliance.service.api import dispatch
+
+        return iter(dispatch(self.svc, self.caller, op, params))
+
+    def close(self) -> None:
+        self.svc.close()
+
+
+def _plain(value: Any) -> Any:
+    # What the socket client would get back: JSON types only (tuples become lists, and so on).
+    return json.loads(json.dumps(value, default=str))
+
+
+class ServiceClient:
+    """The service over its Unix socket: HTTP/1.1 with JSON bodies and NDJSON streams (httpx)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        import httpx
+
+        self.socket_path = Path(socket_path)
+        transport = httpx.HTTPTransport(uds=str(self.socket_path))
+        timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        self._http = httpx.Client(transport=transport, base_url="http://appliance", timeout=timeout)
+
+    def _request(self, op: Op, params: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        path_params = {k: params.pop(k) for k in list(params) if "{" + k + "}" in op.path}
+        path = op.path.format(**{k: quote(str(v), safe="") for k, v in path_params.items()})
+        params = {k: v for k, v in params.items() if v is not None}
+        if "POST" in op.methods and (op.methods == ("POST",) or any(isinstance(v, (list, dict)) for v in params.values())):
+            return "POST", path, {"json": params}
+        return "GET", path, {"params": params}
+
+    def call(self, op: str, **params: Any) -> Any:
+        import httpx
+
+        method, path, kw = self._request(BY_NAME[op], dict(params))
+        try:
+            response = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise self._unavailable(exc) from None
+        return self._body(response)
+
+    def stream(self, op: str, **params: Any) -> Iterator[Any]:
+        import httpx
+
+        spec = BY_NAME[op]
+        method, path, kw = self._request(spec, dict(params))
+        try:
+            with self._http.stream(method, path, **kw) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._body(response)
+                if spec.result == "ndjson":
+                    for line in response.iter_lines():
+                        if line.strip():
+                            yield json.loads(line)
+                else:
+                    yield from response.iter_bytes()
+        except httpx.TransportError as exc:
+            raise self._unavailable(exc) from None
+
+    def _body(self, response: Any) -> Any:
+        try:
+            body = response.json()
+        except ValueError:
+            raise ApplianceError(f"the service answered HTTP {response.status_code} without JSON", "check the service's log") from None
+        if response.status_code >= 400:
+            raise error_from(body)
+        return body.get("result")
+
+    def _unavailable(self, exc: Exception) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"cannot reach the appliance service at {self.socket_path}: {exc}",
+            "start it (`appliance serve`, or `systemctl start appliance`), check --socket / APPLIANCE_SOCKET, or use local mode with --home DIR",
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def socket_from(args_socket: str | None) -> Path | None:
+    """The socket a command should talk to, or None for local mode."""
+    if args_socket:
+        return Path(args_socket)
+    env = os.environ.get(ENV_SOCKET)
+    if env:
+        return Path(env)
+    return None
+
+
+def unpack_export(stream: Iterator[bytes], out: Path) -> Path:
+    """Client side of `model_export`: unpack the tar stream into a new folder ``out``."""
+    out = Path(out)
+    if out.exists():
+        raise ApplianceError(f"export target {out} already exists", "choose a new --out folder")
+    out.mkdir(parents=True)
+    buffer = _StreamReader(stream)
+    with tarfile.open(fileobj=buffer, mode="r|") as tar:
+        # The data filter refuses absolute paths, .. and links: a stream cannot write outside out/.
+        tar.extractall(out, filter="data")
+    return out
+
+
+class _StreamReader(io.RawIOBase):
+    """A file object over an iterator of byte chunks (what tarfile's stream mode reads)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks, self._buf = iter(chunks), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n

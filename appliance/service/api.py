@@ -1,0 +1,204 @@
+"""The service's API: one table of operations, served over the socket and called in-process.
+
+Each operation has a name, an HTTP method and a versioned path (``/v1/…``), typed
+parameters, and the service function that performs it. The socket server registers one
+route per row; local mode (``--home``) calls `dispatch` directly. So there is one code path:
+the same parameter checks, the same authorization, the same functions, whichever way a
+request arrives. Who is asking is never a parameter: the caller comes from the kernel
+(socket) or from the process itself (local mode).
+
+Functions are named as ``module:function`` and imported on first use, so a client can read
+this table (paths, parameters) without importing the service.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+API_VERSION = "v1"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    methods: tuple[str, ...]
+    path: str
+    fn: str  # "module:function", called as fn(svc, caller, **params)
+    params: tuple[Param, ...] = ()
+    # json: one JSON value; ndjson: a stream of JSON objects, one per line; tar: a byte stream.
+    result: str = "json"
+    summary: str = ""
+
+
+def info(svc: Any, caller: Any) -> dict[str, Any]:
+    svc.authorize(caller, "service.info", "service")
+    return {
+        "api": API_VERSION,
+        "home": str(svc.home.root),
+        "node_key": svc.key.key_id,
+        "owner": svc.owner,
+        "caller": caller.as_record(),
+        "max_jobs": svc.config.max_jobs,
+    }
+
+
+S, I, B, L, D = str, int, bool, list, dict
+OPS: tuple[Op, ...] = (
+    Op("service.info", ("GET",), "/v1/info", "appliance.service.api:info", summary="who the service is, and who it thinks you are"),
+    Op(
+        "run.start",
+        ("POST",),
+        "/v1/runs",
+        "appliance.service.runs:op_start",
+        (Param("recipe", S, True), Param("source", S), Param("data_from", S), Param("launch", D), Param("job_file", S), Param("context", D)),
+        summary="accept a run of a recipe and queue it",
+    ),
+    Op("run.list", ("GET",), "/v1/runs", "appliance.service.runs:op_list", summary="every run and its status"),
+    Op("run.show", ("GET",), "/v1/runs/{run}", "appliance.service.runs:op_show", (Param("run", S, True),), summary="one run"),
+    Op(
+        "run.resume",
+        ("POST",),
+        "/v1/runs/{run}/resume",
+        "appliance.service.runs:op_resume",
+        (Param("run", S, True), Param("launch", D), Param("job_file", S)),
+        summary="continue a stopped, failed or interrupted run",
+    ),
+    Op("run.cancel", ("POST",), "/v1/runs/{run}/cancel", "appliance.service.runs:op_cancel", (Param("run", S, True),), summary="stop a run"),
+    Op(
+        "run.events",
+        ("GET",),
+        "/v1/runs/{run}/events",
+        "appliance.service.runs:op_follow",
+        (Param("run", S, True), Param("since", I)),
+        result="ndjson",
+        summary="a run's events as they happen (NDJSON)",
+    ),
+    Op(
+        "ledger.query",
+        ("GET", "POST"),
+        "/v1/ledger/query",
+        "appliance.service.reads:ledger_query",
+        (Param("sql", S, True),),
+        summary="one sandboxed read-only SELECT",
+    ),
+    Op(
+        "ledger.verify",
+        ("GET", "POST"),
+        "/v1/ledger/verify",
+        "appliance.service.reads:ledger_verify",
+        (Param("head", S), Param("trusted_keys", L)),
+        summary="recompute the chain, every signature, and the signed head",
+    ),
+    Op("ledger.head", ("GET",), "/v1/ledger/head", "appliance.service.reads:ledger_head", summary="the signed head"),
+    Op("artifact.list", ("GET",), "/v1/artifacts", "appliance.service.reads:artifact_list", (Param("kind", S),), summary="recorded artifacts"),
+    Op(
+        "artifact.verify",
+        ("GET", "POST"),
+        "/v1/artifacts/{digest}/verify",
+        "appliance.service.reads:artifact_verify",
+        (Param("digest", S, True), Param("trusted_keys", L)),
+        summary="check one stored artifact",
+    ),
+    Op("model.list", ("GET",), "/v1/models", "appliance.service.models:model_list", summary="signed models"),
+    Op(
+        "model.export",
+        ("GET",),
+        "/v1/models/{model}/export",
+        "appliance.service.models:model_export",
+        (Param("model", S, True),),
+        result="tar",
+        summary="a signed model as a tar stream",
+    ),
+    Op(
+        "model.generate",
+        ("POST",),
+        "/v1/generate",
+        "appliance.service.models:generate",
+        (Param("model", S, True), Param("prompts", L, True), Param("sample", D, True), Param("tokenizer", S), Param("device", S)),
+        summary="continue prompts with a verified model",
+    ),
+    Op(
+        "data.card",
+        ("GET", "POST"),
+        "/v1/runs/{run}/data/card",
+        "appliance.service.reads:data_card",
+        (Param("run", S, True), Param("trusted_keys", L)),
+        summary="a run's dataset card",
+    ),
+    Op(
+        "data.dropped",
+        ("GET", "POST"),
+        "/v1/runs/{run}/data/dropped",
+        "appliance.service.reads:data_dropped",
+        (Param("run", S, True), Param("filter", S), Param("rule", S), Param("limit", I), Param("trusted_keys", L)),
+        summary="sample documents the curation filters dropped",
+    ),
+    Op(
+        "data.skipped",
+        ("GET",),
+        "/v1/runs/{run}/data/skipped",
+        "appliance.service.reads:data_skipped",
+        (Param("run", S, True),),
+        summary="source files ingest skipped",
+    ),
+)
+BY_NAME = {op.name: op for op in OPS}
+
+
+def coerce(op: Op, raw: dict[str, Any], *, from_text: bool = False) -> dict[str, Any]:
+    """Check a request's parameters against the operation: unknown names and wrong types are
+    errors that name the parameter. ``from_text``: values came from a query string."""
+    known = {p.name: p for p in op.params}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{op.name} takes no parameter {', '.join(repr(u) for u in unknown)}", f"its parameters are: {', '.join(known) or 'none'}")
+    out: dict[str, Any] = {}
+    for p in op.params:
+        if p.name not in raw or raw[p.name] is None:
+            if p.required:
+                raise ConfigError(f"{op.name} needs the parameter '{p.name}'", f"pass {p.name}")
+            continue
+        value = raw[p.name]
+        if from_text and p.type is not str and isinstance(value, str):
+            value = _parse_text(op, p, value)
+        if p.type is I and isinstance(value, bool) or not isinstance(value, p.type):
+            raise ConfigError(f"{op.name}: parameter '{p.name}' must be {p.type.__name__}, got {type(value).__name__}", f"pass {p.name} as {p.type.__name__}")
+        out[p.name] = value
+    return out
+
+
+def _parse_text(op: Op, p: Param, value: str) -> Any:
+    try:
+        if p.type is I:
+            return int(value)
+        if p.type is B:
+            return value.lower() in ("1", "true", "yes")
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        raise ConfigError(f"{op.name}: parameter '{p.name}' is not a valid {p.type.__name__}: {value[:80]!r}", f"pass {p.name} as {p.type.__name__}") from None
+
+
+def resolve(op: Op) -> Callable[..., Any]:
+    module, _, function = op.fn.partition(":")
+    return getattr(import_module(module), function)  # type: ignore[no-any-return]
+
+
+def dispatch(svc: Any, caller: Any, name: str, params: dict[str, Any], *, from_text: bool = False) -> Any:
+    """Perform operation ``name`` for ``caller``: the one path every request takes."""
+    op = BY_NAME.get(name)
+    if op is None:
+        raise ConfigError(f"the service has no operation '{name}'", "see `appliance --help`; the client and service versions may differ")
+    return resolve(op)(svc, caller, **coerce(op, params, from_text=from_text))

@@ -1,0 +1,190 @@
+"""The service: the one authority over the appliance home.
+
+One process owns the home: the ledger (DuckDB allows one writer), the store and the unlocked
+node key. `appliance serve` runs it behind a Unix socket; in local mode (``--home``) the CLI
+runs the same object in-process. Every request goes identify → authorize → record the
+decision → act, with the caller passed per request (`Caller`), and the decision taken
+*before* any file, recipe or ledger row is read on the caller's behalf.
+
+The operations live in rooms beside this one (runs, reads, models); this module holds the
+life cycle, the lock on the home and the authorization step they all share.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.home import Home
+from appliance.service.caller import Caller
+from keys.errors import ApplianceError
+from keys.keystore import NodeKey, create_key, load_key
+from policies.decision import OwnerPolicy
+from policies.errors import PolicyError
+from registry.ledger import Ledger
+from registry.store import Store
+
+# Every file the service creates is private to the service user, whatever umask it was
+# started with (a world-writable ledger would let anyone forge its rows).
+UMASK = 0o077
+
+
+@dataclass(kw_only=True, frozen=True)
+class ServiceConfig:
+    """Limits of one service process (`appliance serve` flags)."""
+
+    # Jobs (stages) running at once; more runs wait in a queue. One fits a small head node.
+    max_jobs: int = 1
+    # The auditor's SQL: time, memory and row limits per query.
+    query_timeout_s: float = 30.0
+    query_memory_limit: str = "1GB"
+    query_max_rows: int = 100_000
+    # serve: resume the runs a killed service left behind; local mode only records them.
+    resume_interrupted: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_jobs < 1:
+            raise ApplianceError(f"max_jobs must be at least 1, got {self.max_jobs}", "pass --max-jobs 1 or more")
+        if not self.query_timeout_s > 0:
+            raise ApplianceError(f"query_timeout_s must be positive, got {self.query_timeout_s}", "pass e.g. --query-timeout 30")
+        if self.query_max_rows < 1:
+            raise ApplianceError(f"query_max_rows must be at least 1, got {self.query_max_rows}", "pass e.g. --query-max-rows 100000")
+
+
+class HomeLock:
+    """One service per home: an exclusive ``flock`` on ``<home>/service.lock``."""
+
+    def __init__(self, home: Home) -> None:
+        self.path = home.root / "service.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ApplianceError(
+                f"another appliance process (pid {holder}) holds the home {self.path.parent}",
+                "talk to it through its socket (`appliance --socket PATH …`, or set APPLIANCE_SOCKET), or stop it first",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Service:
+    """Owns the ledger, the store and the unlocked node key of one home."""
+
+    def __init__(self, home: Home, key: NodeKey, lock: HomeLock, config: ServiceConfig) -> None:
+        from appliance.service.runs import RunManager
+
+        self.home, self.key, self.config, self._lock = home, key, config, lock
+        self.store = Store(home.store_dir)
+        try:
+            self.ledger = Ledger.open(home.ledger_file, key, head_path=home.head_file)
+        except BaseException:
+            lock.release()
+            raise
+        self.owner = self._owner()
+        self.policy = OwnerPolicy(owner=self.owner)
+        self.runs = RunManager(self)
+        self.runs.recover(resume=config.resume_interrupted)
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    @classmethod
+    def initialise(cls, root: Path, passphrase: bytes, owner: Caller, *, config: ServiceConfig | None = None) -> Service:
+        """Create a home: folders, the encrypted node key, the ledger and its first events."""
+        os.umask(UMASK)
+        home = Home(Path(root))
+        if home.key_file.exists() or home.ledger_file.exists():
+            raise ApplianceError(f"{home.root} is already an appliance home", "use it as it is, or choose another --home for a new one")
+        home.create_dirs()
+        lock = HomeLock(home)
+        lock.acquire()
+        try:
+            key = create_key(home.key_file, passphrase)
+            with Ledger.open(home.ledger_file, key, head_path=home.head_file) as ledger:
+                ledger.append_many(
+                    [
+                        ("key.registered", owner.user, {"key_id": key.key_id, "public_key_pem": key.public_pem().decode(), "role": "node"}),
+                        ("home.initialised", owner.user, {"owner": owner.user, "owner_uid": owner.uid, "home": str(home.root)}),
+                    ]
+                )
+        except BaseException:
+            lock.release()
+            raise
+        return cls(home, key, lock, config or ServiceConfig())
+
+    @classmethod
+    def open(cls, root: Path, passphrase: bytes, *, config: ServiceConfig | None = None) -> Service:
+        """Unlock the node key of an existing home, lock the home, and take the ledger."""
+        os.umask(UMASK)
+        home = Home(Path(root))
+        home.require()
+        lock = HomeLock(home)
+        lock.acquire()
+        try:
+            key = load_key(home.key_file, passphrase)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(home, key, lock, config or ServiceConfig())
+
+    def close(self) -> None:
+        """Stop the runs (their jobs checkpoint and stop), then release the ledger and the home."""
+        try:
+            self.runs.shutdown()
+        finally:
+            self.ledger.close()
+            self._lock.release()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _owner(self) -> str:
+        events = self.ledger.events("home.initialised")
+        if not events:
+            raise ApplianceError(f"ledger {self.home.ledger_file} has no home.initialised event", "initialise the home with `appliance init`")
+        return str(events[0].data["owner"])
+
+    @property
+    def trusted(self) -> dict[str, Any]:
+        """The keys this home trusts to have signed its ledger and store: its node key."""
+        return {self.key.key_id: self.key.public_key}
+
+    # -- authorization --------------------------------------------------------------------
+
+    def authorize(self, caller: Caller, action: str, subject: str) -> None:
+        """Decide, record the decision (allowed or denied), and raise PolicyError if denied."""
+        decision = self.policy.decide(caller.user, action, subject)
+        self.ledger.append(
+            "authz.decision",
+            caller.user,
+            {
+                "identity": caller.user,
+                "uid": caller.uid,
+                "action": action,
+                "subject": subject,
+                "allowed": decision.allowed,
+                "reason": decision.reason,
+            },
+        )
+        if not decision.allowed:
+            raise PolicyError(f"'{caller.user}' may not {action} {subject}: {decision.reason}", "ask the appliance owner for a role that grants it")
+
+
+__all__ = ["Service", "ServiceConfig"]

@@ -1,0 +1,152 @@
+"""Models: list, export (as a tar stream the client unpacks), and generation as a job.
+
+Whatever consumes a model directory verifies it first: a stored model against its digest,
+its signature file and its ledger record; a model directory a caller names against its
+``model.sig`` (model-signing) and the home's key; a checkpoint directory against its
+``COMPLETE`` manifest and the digest the ledger recorded when it was saved. Only then does
+the generation job load a byte of it — in a child process, so the service never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from appliance.jobs.runner import Job
+from appliance.service.caller import Caller
+from appliance.service.reads import verify_stored
+from appliance.service.resolve import resolve_digest
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.training import ckpt_files as ckpt
+from registry.errors import StoreError
+from registry.modelsig import DEFAULT_SIG_NAME, verify_model_dir
+
+JOB_MODULE = "appliance.jobs.stage_job"
+# Bounds on one generation request: a service must not be tied up by one caller's prompt list.
+MAX_PROMPTS = 64
+MAX_NEW_TOKENS = 4096
+EXPORT_CHUNK = 1 << 20
+
+
+def model_list(svc: Any, caller: Caller) -> list[dict[str, Any]]:
+    """Packaged, signed models, oldest first."""
+    from appliance.service.reads import artifact_list
+
+    return artifact_list(svc, caller, kind="model")
+
+
+def model_export(svc: Any, caller: Caller, *, model: str) -> Iterator[bytes]:
+    """A signed model and the key that verifies it, as a tar stream: ``model/…`` and ``signer.pub.pem``.
+
+    The stored copy is verified (digest, signature file, ledger record, model-signing
+    signature) before the first byte leaves; the export is recorded in the ledger.
+    """
+    svc.authorize(caller, "model.export", model)
+    digest = resolve_digest(svc.ledger, model, kind="model")
+    verify_stored(svc, digest, svc.trusted)
+    src = svc.store.path_of(digest)
+    verify_model_dir(src, svc.home.public_key_file)
+    svc.ledger.append("model.exported", caller.user, {"digest": digest, "destination": f"stream to {caller.user} (uid {caller.uid})"})
+    return _tar_stream(src, svc.home.public_key_file)
+
+
+def _tar_stream(model_dir: Path, public_key: Path) -> Iterator[bytes]:
+    """Stream a tar of the model directory without holding it in memory (a pipe and a thread)."""
+    read_fd, write_fd = os.pipe()
+
+    def write() -> None:
+        with os.fdopen(write_fd, "wb") as sink, tarfile.open(fileobj=sink, mode="w|") as tar:
+            for path in sorted(model_dir.rglob("*")):
+                if path.is_file():
+                    tar.add(path, arcname=f"model/{path.relative_to(model_dir).as_posix()}", recursive=False, filter=_plain)
+            tar.add(public_key, arcname="signer.pub.pem", filter=_plain)
+
+    threading.Thread(target=write, name="export-tar", daemon=True).start()
+    with os.fdopen(read_fd, "rb") as source:
+        while chunk := source.read(EXPORT_CHUNK):
+            yield chunk
+
+
+def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    # Ownership and the store's read-only modes are this appliance's business, not the receiver's.
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o644
+    return info
+
+
+def generate(
+    svc: Any,
+    caller: Caller,
+    *,
+    model: str,
+    prompts: list[str],
+    sample: dict[str, Any],
+    tokenizer: str | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Continue prompts with a stored model (digest), a signed model directory, or a recorded checkpoint.
+
+    The prompts are not recorded (the ledger cannot be purged, prompts may be private); the
+    decision to generate, and from which model, is.
+    """
+    svc.authorize(caller, "model.generate", model)
+    if not prompts or len(prompts) > MAX_PROMPTS:
+        raise ConfigError(f"give 1 to {MAX_PROMPTS} prompts, got {len(prompts)}", "pass --prompt once per prompt")
+    if not 1 <= int(sample.get("max_new_tokens", 1)) <= MAX_NEW_TOKENS:
+        raise ConfigError(f"--max-new-tokens must be 1 to {MAX_NEW_TOKENS}, got {sample.get('max_new_tokens')}", f"pass a value up to {MAX_NEW_TOKENS}")
+    model_dir, digest, what = _verified_model_dir(svc, caller, model)
+    tok = None
+    if tokenizer:
+        tok = caller.require_readable(Path(tokenizer), what="tokenizer")
+    spec = {"op": "generate", "model_dir": str(model_dir), "tokenizer": str(tok) if tok else None, "prompts": prompts, "sample": sample, "device": device}
+    work = svc.home.work_dir / "generate" / f"{caller.uid}-{os.getpid()}-{threading.get_ident()}"
+    job = Job(JOB_MODULE, spec, work)
+    outcome = job.run(lambda event: None)
+    generated, error = outcome.last("generated"), outcome.last("error")
+    if outcome.returncode != 0 or generated is None:
+        message = error["message"] if error else f"the generation job exited with code {outcome.returncode}"
+        raise TrainingError(message, f"see {job.log_file}")
+    return {"model": str(model_dir), "digest": digest, "verified": what, **{k: v for k, v in generated.items() if k != "event"}}
+
+
+def _verified_model_dir(svc: Any, caller: Caller, model: str) -> tuple[Path, str | None, str]:
+    """(directory, store digest or None, how it was verified), refusing anything unverified."""
+    given = Path(model)
+    if given.is_absolute():
+        real = caller.require_readable(given, what="model directory", tree=True)
+        if not real.is_dir():
+            raise ConfigError(f"{model} is not a directory", "pass a packaged model or checkpoint directory, or a model digest")
+        if (real / DEFAULT_SIG_NAME).is_file():
+            verify_model_dir(real, svc.home.public_key_file)
+            return real, None, f"{DEFAULT_SIG_NAME} verified with the node key {svc.key.key_id[:16]}…"
+        if (real / ckpt.COMPLETE).is_file():
+            info = ckpt.verify_checkpoint(real)
+            record = _checkpoint_record(svc, ckpt.checkpoint_digest(info))
+            if record is None:
+                raise TrainingError(
+                    f"checkpoint {real} matches its manifest but the ledger recorded no checkpoint with its digest",
+                    "generate only from checkpoints this appliance recorded, or from a signed model",
+                )
+            return real, None, f"checkpoint recorded at ledger seq {record}"
+        raise StoreError(
+            f"{real} has neither a {DEFAULT_SIG_NAME} signature nor a checkpoint manifest, so it cannot be verified",
+            "generate from a model packaged by the appliance (`appliance model list`) or a recorded checkpoint",
+        )
+    digest = resolve_digest(svc.ledger, model, kind="model")
+    verify_stored(svc, digest, svc.trusted)
+    path = svc.store.path_of(digest)
+    verify_model_dir(path, svc.home.public_key_file)
+    return path, digest, "stored model: digest, signature file, ledger record and model.sig"
+
+
+def _checkpoint_record(svc: Any, digest: str) -> int | None:
+    rows = svc.ledger.select(
+        "SELECT seq FROM events WHERE kind = 'checkpoint.saved' AND body ->> '$.data.digest' = ? ORDER BY seq DESC LIMIT 1",
+        [digest],
+    )
+    return int(rows[0][0]) if rows else None

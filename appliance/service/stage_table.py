@@ -1,0 +1,42 @@
+"""The stage table: the stages of a run, in order, and how their outputs are wired.
+
+Torch-free on purpose: the service reads it to drive and record runs; the functions each
+stage calls live on the job side (`appliance.jobs.stage_job`), in the child process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    # Earlier outputs (by name) this stage reads: they become its outputs' lineage parents.
+    parents: tuple[str, ...]
+    # Artifact kind of each output; names that start with a key take its kind
+    # (the trainer's "checkpoint_step_000100" is a "checkpoint").
+    kinds: dict[str, str]
+
+    def kind_of(self, output: str) -> str:
+        for prefix, kind in self.kinds.items():
+            if output == prefix or output.startswith(prefix + "_"):
+                return kind
+        raise KeyError(f"stage {self.name} produced an undeclared output '{output}'")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "ingest sources", (), {"raw": "raw-documents", "rejects": "ingest-rejects", "ingest_report": "ingest-report"}),
+    Stage("curate", "clean, filter, redact, dedup", ("raw",), {"dataset": "dataset", "curation": "curation-report", "dropped": "dropped-samples"}),
+    Stage("tokenizer", "train tokenizer", ("dataset",), {"tokenizer": "tokenizer", "vocab": "tokenizer-vocab"}),
+    Stage("shard", "tokenize + shard", ("dataset", "tokenizer"), {"shards": "token-shards"}),
+    Stage("card", "dataset card", ("ingest_report", "curation", "shards"), {"card": "dataset-card"}),
+    Stage("train", "train", ("shards", "recipe"), {"checkpoint": "checkpoint", "logs": "training-logs"}),
+    Stage("evaluate", "evaluate", ("checkpoint", "shards", "tokenizer"), {"report": "eval-report"}),
+    Stage("package", "package + sign", ("checkpoint", "tokenizer", "report", "recipe"), {"model": "model"}),
+)
+
+# Stages `appliance train --data RUN` takes from an earlier run: everything before training.
+DATA_STAGES = ("ingest", "curate", "tokenizer", "shard", "card")
+BY_NAME = {s.name: s for s in STAGES}
