@@ -12,6 +12,19 @@ inside a folder, ``**`` spans any number of them); hidden files and folders are 
 unless ``include_hidden``. Files are read in the sorted order of their UTF-8 paths, so
 doc_ids (0.., in file then record order) never depend on the file system.
 
+Every file is resolved to its real path, and what lies outside the real source folder is
+never read: a symbolic link (to a file or a folder) that leads out of it is refused as
+``symlink_outside_corpus``, naming the link and its target. FIFOs, sockets and devices are
+refused as ``special_file`` (a FIFO would block the reader forever). Both are reported like
+any unreadable file below: the stage fails, or with ``"skip"`` they are listed and counted
+(a refused link to a folder with the format ``folder``).
+Links that stay inside are followed, links to folders too; each real folder is walked once,
+so a loop of links ends there. A file reachable by several paths (symbolic or hard links) is
+read once: under its own path when the walk takes that path, else under the first of its
+links in sorted order; its other paths count as ignored. The reader opens the file's
+link-free real path and reads it only if it is still the file (device, inode) the walk
+found, so a file swapped for a link after the walk is not read either.
+
 Every problem names the file, the line (1-based; for CSV where the record starts) or row
 (0-based, parquet) and a stable reason kind (``pipeline.readers.REASONS``). With
 ``on_error = "fail"`` (the default) the first one stops the stage with nothing left in
@@ -28,7 +41,8 @@ Ingest stays faithful to its sources; normalising and filtering are the clean st
 from __future__ import annotations
 
 import os
-from collections import Counter
+import stat
+from collections import Counter, deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +66,7 @@ __all__ = [
     "ROWS_PER_GROUP",
     "IngestConfig",
     "ParquetSink",
+    "Source",
     "find_sources",
     "glob_regex",
     "iter_rows",
@@ -77,54 +92,219 @@ MAX_EXAMPLES = 20
 PROGRESS_EVERY = 1000
 
 
-def find_sources(source_dir: Path, cfg: IngestConfig) -> tuple[list[tuple[str, Path, str]], int]:
-    """(relative path, path, format) of every matching file in sorted order, and how many were ignored.
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One file the walk selected: to be read, or (``refused``) to be reported without being opened."""
+
+    # POSIX path relative to the source folder, as the walk reached it (a link's own name).
+    rel: str
+    # ``source_dir / rel``: the name messages give.
+    path: Path
+    format: str
+    # The file's link-free path inside the real source folder, its (st_dev, st_ino) and size
+    # there: the reader opens that path and reads it only if it is still that file.
+    real: Path | None = None
+    identity: tuple[int, int] | None = None
+    size: int = 0
+    refused: Problem | None = None
+
+
+def find_sources(source_dir: Path, cfg: IngestConfig) -> tuple[list[Source], int]:
+    """Every matching file in sorted order of its relative path, and how many were ignored.
 
     Ignored: files seen in the walk but not taken (hidden, unknown suffix, not included or
-    excluded); folders that are hidden, excluded with ``dir/**`` or below a non-recursive
-    walk are not entered, so their files are not counted.
+    excluded, another path to a file already taken); folders that are hidden, excluded with
+    ``dir/**`` or below a non-recursive walk are not entered, so their files are not counted.
+    Links out of the folder and special files come back with ``refused`` set.
     """
+    source_dir = Path(source_dir)
     if not source_dir.is_dir():
         raise DataError(f"source folder {source_dir} does not exist or is not a folder", "point ingest at the folder that holds the documents")
-    suffixes = sorted({e.lower() for e in cfg.extensions}, key=len, reverse=True)
-    include = [glob_regex(g) for g in cfg.include]
-    exclude = [glob_regex(g) for g in cfg.exclude]
-    # "dir/**" excludes everything below dir, so the walk need not go there.
-    pruned = [glob_regex(g[:-3]) for g in cfg.exclude if g.endswith("/**")]
-
-    def walk_error(exc: OSError) -> None:
-        raise DataError(f"cannot list {exc.filename}: {exc.strerror}", "make the folder readable by the appliance, or remove it from the source folder")
-
-    found: list[tuple[str, Path, str]] = []
-    ignored = 0
-    for root, dirs, names in os.walk(source_dir, onerror=walk_error):
-        rel_root = Path(root).relative_to(source_dir).as_posix()
-        prefix = "" if rel_root == "." else rel_root + "/"
-        if cfg.recursive:
-            dirs[:] = [d for d in dirs if (cfg.include_hidden or not d.startswith(".")) and not any(p.fullmatch(prefix + d) for p in pruned)]
-        else:
-            dirs.clear()
-        for name in names:
-            rel = prefix + name
-            lower = name.lower()
-            suffix = next((s for s in suffixes if lower.endswith(s)), None)
-            if (
-                suffix is None
-                or (name.startswith(".") and not cfg.include_hidden)
-                or not any(p.fullmatch(rel) for p in include)
-                or any(p.fullmatch(rel) for p in exclude)
-            ):
-                ignored += 1
-                continue
-            found.append((rel, Path(root) / name, format_of(suffix)))
+    found, ignored = _Walk(source_dir, cfg).run()
     if not found:
         filters = "" if cfg.include == ["**"] and not cfg.exclude else f", include {cfg.include}, exclude {cfg.exclude}"
         raise DataError(
             f"no files with extensions {', '.join(cfg.extensions)} in {source_dir}{filters}" + ("" if cfg.recursive else " (not searching subfolders)"),
             "put the documents there, or set ingest.extensions (and ingest.include / exclude / recursive) to match them",
         )
-    found.sort(key=lambda f: os.fsencode(f[0]))
     return found, ignored
+
+
+_SPECIAL = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+class _Walk:
+    """The folder walk behind ``find_sources`` (rules in the module docstring).
+
+    Each folder is opened from the real source folder one component at a time, never through
+    a symbolic link, and listed through that descriptor, so what it holds is inside the
+    folder even if links are changed while the walk runs. Folder links are followed after the
+    plain tree, so a file reachable both ways keeps its own name.
+    """
+
+    def __init__(self, source_dir: Path, cfg: IngestConfig) -> None:
+        self.source_dir, self.cfg = source_dir, cfg
+        self.root = os.path.realpath(source_dir)
+        self.suffixes = sorted({e.lower() for e in cfg.extensions}, key=len, reverse=True)
+        self.include = [glob_regex(g) for g in cfg.include]
+        self.exclude = [glob_regex(g) for g in cfg.exclude]
+        # "dir/**" excludes everything below dir, so the walk need not go there.
+        self.pruned = [glob_regex(g[:-3]) for g in cfg.exclude if g.endswith("/**")]
+        self.ignored = 0
+        # (reached through a link, source)
+        self.found: list[tuple[bool, Source]] = []
+        self.visited: set[tuple[int, int]] = set()
+        # (relative prefix, real folder) of links to folders inside, walked after the plain tree.
+        self.links: deque[tuple[str, str]] = deque()
+
+    def run(self) -> tuple[list[Source], int]:
+        self._tree("", self.root, via_link=False)
+        while self.links:
+            prefix, real = self.links.popleft()
+            self._tree(prefix, real, via_link=True)
+        return self._one_path_per_file(), self.ignored
+
+    def _tree(self, prefix: str, real: str, *, via_link: bool) -> None:
+        stack = [(prefix, real)]
+        while stack:
+            prefix, real = stack.pop()
+            try:
+                fd = _open_beneath(self.root, real)
+            except OSError as exc:
+                shown = self.source_dir / prefix if prefix else self.source_dir
+                raise DataError(
+                    f"cannot list {shown}: {exc.strerror or exc}", "make the folder readable by the appliance, or remove it from the source folder"
+                ) from None
+            try:
+                folder = os.fstat(fd)
+                if (folder.st_dev, folder.st_ino) in self.visited:
+                    continue  # a second way into a folder already walked (a link, a bind mount): no loop, no double reading
+                self.visited.add((folder.st_dev, folder.st_ino))
+                subfolders = []
+                with os.scandir(fd) as listing:
+                    entries = sorted(listing, key=lambda e: os.fsencode(e.name))
+                for entry in entries:
+                    rel, path = prefix + entry.name, os.path.join(real, entry.name)
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed since the listing
+                    if stat.S_ISDIR(st.st_mode):
+                        if self._enters(entry.name, rel):
+                            subfolders.append((rel + "/", path))
+                    elif stat.S_ISLNK(st.st_mode):
+                        self._link(fd, entry.name, rel, path)
+                    elif (fmt := self._selected(entry.name, rel)) is not None:
+                        self._file(rel, fmt, path, st, via_link=via_link)
+            finally:
+                os.close(fd)
+            stack.extend(reversed(subfolders))
+
+    def _enters(self, name: str, rel: str) -> bool:
+        return self.cfg.recursive and (self.cfg.include_hidden or not name.startswith(".")) and not any(p.fullmatch(rel) for p in self.pruned)
+
+    def _selected(self, name: str, rel: str) -> str | None:
+        """The format of a file the filters take, or None (counted as ignored)."""
+        lower = name.lower()
+        suffix = next((s for s in self.suffixes if lower.endswith(s)), None)
+        if (
+            suffix is None
+            or (name.startswith(".") and not self.cfg.include_hidden)
+            or not any(p.fullmatch(rel) for p in self.include)
+            or any(p.fullmatch(rel) for p in self.exclude)
+        ):
+            self.ignored += 1
+            return None
+        return format_of(suffix)
+
+    def _inside(self, real: str) -> bool:
+        return os.path.commonpath([self.root, real]) == self.root
+
+    def _file(self, rel: str, fmt: str, real: str, st: os.stat_result, *, via_link: bool, link: str | None = None) -> None:
+        if stat.S_ISREG(st.st_mode):
+            source = Source(rel, self.source_dir / rel, fmt, real=Path(real), identity=(st.st_dev, st.st_ino), size=st.st_size)
+            self.found.append((via_link, source))
+            return
+        kind = _SPECIAL.get(stat.S_IFMT(st.st_mode), "not a file")
+        what = f"is a symbolic link to {link}, which is {kind}" if link is not None else f"is {kind}"
+        self._refuse(rel, fmt, "special_file", f"{what}, not a regular file")
+
+    def _link(self, dir_fd: int, name: str, rel: str, path: str) -> None:
+        target = os.readlink(name, dir_fd=dir_fd)
+        real = os.path.realpath(path)
+        try:
+            pointed: os.stat_result | OSError = os.stat(path)
+        except OSError as exc:  # dangling, or a loop of links
+            pointed = exc
+        if isinstance(pointed, os.stat_result) and stat.S_ISDIR(pointed.st_mode):
+            if not self._enters(name, rel):
+                return
+            if not self._inside(real):
+                self._refuse(
+                    rel, "folder", "symlink_outside_corpus", f"is a symbolic link to the folder {target}, outside the source folder (it resolves to {real})"
+                )
+            else:
+                self.links.append((rel + "/", real))
+            return
+        fmt = self._selected(name, rel)
+        if fmt is None:
+            return
+        if not self._inside(real):
+            self._refuse(rel, fmt, "symlink_outside_corpus", f"is a symbolic link to {target}, outside the source folder (it resolves to {real})")
+            return
+        try:
+            if isinstance(pointed, OSError):
+                raise pointed
+            # What the link names now, reached without following any link: no swap after the check.
+            st = _lstat_beneath(self.root, real)
+        except OSError as exc:
+            self._refuse(rel, fmt, "unreadable", f"cannot be read: {exc.strerror or exc}")
+            return
+        self._file(rel, fmt, real, st, via_link=True, link=target)
+
+    def _refuse(self, rel: str, fmt: str, reason: str, detail: str) -> None:
+        self.found.append((True, Source(rel, self.source_dir / rel, fmt, refused=Problem(-1, reason, detail))))
+
+    def _one_path_per_file(self) -> list[Source]:
+        """Each real file once: under its own path if the walk took it, else its first link in sorted order."""
+        best: dict[tuple[int, int], tuple[tuple[bool, bytes], Source]] = {}
+        out: list[Source] = []
+        for via_link, source in self.found:
+            if source.identity is None:
+                out.append(source)
+                continue
+            key = (via_link, os.fsencode(source.rel))
+            held = best.get(source.identity)
+            if held is not None:
+                self.ignored += 1
+                if held[0] <= key:
+                    continue
+            best[source.identity] = (key, source)
+        out.extend(source for _, source in best.values())
+        out.sort(key=lambda f: os.fsencode(f.rel))
+        return out
+
+
+def _open_beneath(root: str, real: str) -> int:
+    """A descriptor of the folder ``real`` opened from ``root`` one component at a time, following no link."""
+    rel = os.path.relpath(real, root)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for part in [] if rel == "." else rel.split(os.sep):
+        try:
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+def _lstat_beneath(root: str, real: str) -> os.stat_result:
+    """lstat of ``real`` (inside ``root``), reached without following any link."""
+    fd = _open_beneath(root, os.path.dirname(real))
+    try:
+        return os.stat(os.path.basename(real), dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -157,8 +337,7 @@ def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: Pro
     """
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     files, ignored = find_sources(source_dir, cfg)
-    sizes = [_size(path) for _, path, _ in files]
-    total = sum(sizes)
+    total = sum(f.size for f in files)
     opts = ReadOptions(
         jsonl_field=cfg.jsonl_field,
         parquet_column=cfg.parquet_column,
@@ -173,11 +352,13 @@ def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: Pro
     with ExitStack() as stack:
         sink = stack.enter_context(ParquetSink(raw_path, RAW_SCHEMA))
         rejects: ParquetSink | None = None
-        for (rel, path, fmt), size in zip(files, sizes):
-            name = _printable(rel)
-            source = SourceFile(path, fmt, opts)
+        for file in files:
+            name, fmt, size = _printable(file.rel), file.format, file.size
+            source = SourceFile(file.real or file.path, fmt, opts, identity=file.identity)
             tally = _FileTally()
-            for item in source.items():
+            # A refused file (a link out of the folder, a FIFO) is never opened: its one problem is all there is.
+            items = source.items() if file.refused is None else iter((file.refused,))
+            for item in items:
                 if isinstance(item, tuple):
                     sink.add(doc_id=doc_id, source=name, source_sha256=source.sha256, record=item[0], text=item[1])
                     doc_id += 1
@@ -187,7 +368,7 @@ def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: Pro
                     continue
                 if cfg.on_error == "fail":
                     raise DataError(
-                        f"{path} {item.detail} [{item.reason}]",
+                        f"{file.path} {item.detail} [{item.reason}]",
                         f'{item.hint}; or set ingest.on_error = "skip" to leave it out and list it in rejects.parquet',
                     )
                 if rejects is None:
@@ -259,13 +440,6 @@ def _nothing_read(source_dir: Path, stats: dict[str, Any], skipped: list[dict[st
         f"{stats['records_skipped']} records skipped (reasons: {reasons}){first}",
         "fix or replace the files named above, or point ingest at the folder that holds the documents",
     )
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0  # reported as unreadable when it is read
 
 
 def _printable(rel: str) -> str:

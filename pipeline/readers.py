@@ -55,6 +55,9 @@ REASONS = (
     "malformed_csv",
     "too_large",
     "not_parquet",
+    # Refused by the folder walk (pipeline.ingest) before anything is opened.
+    "symlink_outside_corpus",
+    "special_file",
 )
 
 # Suffix (lower case) -> format name. Any other suffix listed in ingest.extensions is read as plain text.
@@ -90,6 +93,11 @@ HINTS: dict[str, str] = {
     "malformed_csv": "fix the record (quotes must be doubled inside quoted fields), or re-export the CSV",
     "too_large": "raise ingest.max_document_bytes (0 = no limit), or move the file out of the source folder",
     "not_parquet": "re-export it as parquet, or remove it from the source folder",
+    "symlink_outside_corpus": (
+        "ingest never reads through a link out of the source folder: copy the file (or folder) into the source folder"
+        " if it belongs to the corpus, and remove the link"
+    ),
+    "special_file": "remove it from the source folder: ingest reads regular files only (a FIFO would block it, a device or socket is no document)",
 }
 
 _BOM = b"\xef\xbb\xbf"
@@ -253,10 +261,12 @@ class SourceFile:
     """One source file: ``items()`` yields its documents and problems; ``sha256`` and
     ``size`` describe the bytes read (None / stat size when the file could not be read)."""
 
-    def __init__(self, path: Path, fmt: str, opts: ReadOptions) -> None:
+    def __init__(self, path: Path, fmt: str, opts: ReadOptions, identity: tuple[int, int] | None = None) -> None:
         self.path = path
         self.format = fmt
         self.opts = opts
+        # (st_dev, st_ino) the folder walk found at ``path``: any other file there is not read.
+        self.identity = identity
         self.sha256: str | None = None
         self.size = 0
         self._hashing: HashingReader | None = None
@@ -285,10 +295,10 @@ class SourceFile:
         limit = self.opts.max_document_bytes
         try:
             # Buffered, because one raw read may return less than asked for.
-            with io.BufferedReader(_open_regular(self.path)) as f:
+            with io.BufferedReader(_open_regular(self.path, self.identity)) as f:
                 data = f.read(limit + 1) if limit else f.read()
             if limit and len(data) > limit:
-                self.sha256, self.size = _hash_file(self.path)
+                self.sha256, self.size = _hash_file(self.path, self.identity)
                 yield Problem(-1, "too_large", f"is {self.size} bytes, more than ingest.max_document_bytes = {limit}")
                 return
         except OSError as exc:
@@ -316,8 +326,8 @@ class SourceFile:
 
     def _streamed(self) -> Iterator[Item]:
         try:
-            self.sha256, self.size = _hash_file(self.path)
-            raw = _open_regular(self.path)
+            self.sha256, self.size = _hash_file(self.path, self.identity)
+            raw = _open_regular(self.path, self.identity)
         except OSError as exc:
             yield _unreadable(exc)
             return
@@ -364,12 +374,12 @@ class SourceFile:
     def _parquet(self) -> Iterator[Item]:
         column = self.opts.parquet_column
         try:
-            self.sha256, self.size = _hash_file(self.path)
+            self.sha256, self.size = _hash_file(self.path, self.identity)
         except OSError as exc:
             yield _unreadable(exc)
             return
         try:
-            pf = map_parquet(self.path)
+            pf = self._map_parquet()
         except OSError as exc:
             yield _unreadable(exc)
             return
@@ -401,20 +411,42 @@ class SourceFile:
         except (pa.ArrowException, OSError) as exc:
             yield Problem(row, "not_parquet", f"row {row}: the parquet file is damaged ({exc})")
             return
-        _same_bytes(self.path, self.sha256, _hash_file(self.path)[0])
+        _same_bytes(self.path, self.sha256, _hash_file(self.path, self.identity)[0])
+
+    def _map_parquet(self) -> Any:
+        if not os.path.isdir(_PROC_FD):
+            return map_parquet(self.path)
+        # pyarrow opens by name: hand it this very file (checked like every open) through /proc.
+        with _open_regular(self.path, self.identity) as f:
+            return map_parquet(Path(_PROC_FD) / str(f.fileno()))
 
 
-def _open_regular(path: Path) -> io.FileIO:
-    # Opening a FIFO would wait for a writer forever, and a device is not a document.
+_PROC_FD = "/proc/self/fd"
+
+
+def _open_regular(path: Path, identity: tuple[int, int] | None = None) -> io.FileIO:
+    """``path`` opened for reading, if it is a regular file (and the file ``identity`` names, when given)."""
+    # Opening a FIFO would wait for a writer forever, and a device is not a document: look first,
+    # then open without blocking and look again at what was opened (it may have been swapped).
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)")
-    return io.FileIO(path, "rb")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)")
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            raise OSError(errno.ESTALE, "it was replaced after the folder walk found it (not the same file any more)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return io.FileIO(fd, "rb", closefd=True)
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
+def _hash_file(path: Path, identity: tuple[int, int] | None = None) -> tuple[str, int]:
     """(sha256, size) of the bytes read, which may differ from an earlier stat."""
     sha, size = hashlib.sha256(), 0
-    with _open_regular(path) as f:
+    with _open_regular(path, identity) as f:
         while chunk := f.read(_CHUNK):
             sha.update(chunk)
             size += len(chunk)

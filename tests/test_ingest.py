@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
+import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -305,6 +308,31 @@ def _bad_crc_gzip(p: Path) -> None:
     p.write_bytes(bytes(data))
 
 
+def _outside(p: Path) -> Path:
+    """A file beside the source folder (``tmp/elsewhere/secret``), which ingest must never read."""
+    secret = p.parent.parent / "elsewhere" / "secret"
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    return secret
+
+
+def _fifo_behind_link(p: Path) -> None:
+    # The FIFO sits in a hidden folder the walk does not enter: only the link leads to it.
+    (p.parent / ".pipes").mkdir()
+    os.mkfifo(p.parent / ".pipes" / "fifo")
+    p.symlink_to(".pipes/fifo")
+
+
+def _socket(p: Path) -> None:
+    here = os.getcwd()
+    os.chdir(p.parent)  # a socket's path is limited to 107 bytes: bind by a short relative name
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(p.name)
+    finally:
+        os.chdir(here)
+
+
 # case: (file name, content, reason, words the fail message must contain, documents the same file keeps under skip)
 BAD_INPUTS: dict[str, tuple[str, Any, str, list[str], int]] = {
     "latin1_text": ("bad.txt", b"ok\ncaf\xe9\n", "not_utf8", ["bad.txt", "offset 6", "line 2", "UTF-8"], 0),
@@ -349,7 +377,31 @@ BAD_INPUTS: dict[str, tuple[str, Any, str, list[str], int]] = {
     "csv_stray_quote": ("t.csv", b'text\n"a"b\nok\n', "malformed_csv", ["t.csv", "line 2", "CSV"], 1),
     "csv_field_count": ("t.csv", b'text,n\nok,1\nno comma\n"ok\ntoo",2\n', "malformed_csv", ["t.csv", "line 3", "1 fields", "header has 2"], 2),
     "csv_latin1": ("t.csv", b"text\ncaf\xe9\nok\n", "not_utf8", ["t.csv", "line 2", "UTF-8"], 1),
-    "fifo": ("pipe.txt", lambda p: os.mkfifo(p), "unreadable", ["pipe.txt", "not a regular file"], 0),
+    "fifo": ("pipe.txt", lambda p: os.mkfifo(p), "special_file", ["pipe.txt", "is a FIFO", "not a regular file"], 0),
+    "socket": ("sock.txt", _socket, "special_file", ["sock.txt", "is a socket", "not a regular file"], 0),
+    "link_to_a_fifo": ("pipe.txt", _fifo_behind_link, "special_file", ["pipe.txt", "symbolic link to .pipes/fifo", "FIFO"], 0),
+    "link_to_etc_passwd": (
+        "notes.txt",
+        lambda p: p.symlink_to("/etc/passwd"),
+        "symlink_outside_corpus",
+        ["notes.txt", "symbolic link to /etc/passwd", "outside"],
+        0,
+    ),
+    "relative_link_out": (
+        "notes.txt",
+        lambda p: (_outside(p), p.symlink_to("../elsewhere/secret")),
+        "symlink_outside_corpus",
+        ["notes.txt", "symbolic link to ../elsewhere/secret", "outside the source folder", "elsewhere/secret"],
+        0,
+    ),
+    "link_to_a_folder_outside": (
+        "docs",
+        lambda p: (_outside(p), (p.parent.parent / "elsewhere" / "more.txt").write_text("x"), p.symlink_to(p.parent.parent / "elsewhere")),
+        "symlink_outside_corpus",
+        ["docs", "symbolic link to the folder", "elsewhere", "outside"],
+        0,
+    ),
+    "dangling_link_out": ("gone.txt", lambda p: p.symlink_to("/nonexistent/corpus.txt"), "symlink_outside_corpus", ["gone.txt", "/nonexistent/corpus.txt"], 0),
     "broken_link": ("gone.txt", lambda p: p.symlink_to(p.parent / "nowhere.txt"), "unreadable", ["gone.txt", "cannot be read"], 0),
 }
 
@@ -367,7 +419,15 @@ WHOLE_FILE = {
     "csv_empty",
     "broken_link",
     "fifo",
+    "socket",
+    "link_to_a_fifo",
+    "link_to_etc_passwd",
+    "relative_link_out",
+    "link_to_a_folder_outside",
+    "dangling_link_out",
 }
+# Refused by the folder walk: never opened, so there is nothing to hash.
+NOT_OPENED = {"unreadable", "special_file", "symlink_outside_corpus"}
 
 
 def _bad_source(case: str, tmp_path: Path) -> tuple[Path, str]:
@@ -414,7 +474,7 @@ def test_bad_input_is_skipped_counted_and_listed(case: str, tmp_path: Path) -> N
     assert all(w in entry["examples"][0]["detail"] for w in words if w != "cannot be read")
     info = {x["path"]: x for x in result.inputs}[name]
     assert info["skipped"] == (reason if whole else None) and info["documents"] == len(mine)
-    if reason == "unreadable":
+    if reason in NOT_OPENED:
         assert info["sha256"] is None and entry["sha256"] is None  # nothing could be read to hash
     else:
         assert info["sha256"] == entry["sha256"] == sha256_file(src / name)
@@ -519,6 +579,153 @@ def test_unreadable_file(tmp_path: Path) -> None:
         run_ingest(src, tmp_path / "out", IngestConfig())
     result = run_ingest(src, tmp_path / "out", IngestConfig(on_error="skip"))
     assert result.skipped[0]["path"] == "secret.txt" and result.skipped[0]["sha256"] is None
+
+
+class hang_guard:
+    """Fail (instead of hanging the suite) if the block takes longer than ``seconds``."""
+
+    def __init__(self, seconds: int = 60) -> None:
+        self.seconds = seconds
+
+    def _expired(self, signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {self.seconds} s: the walk or a reader hangs")
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGALRM, self._expired)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def out_bytes(out: Path) -> bytes:
+    return b"".join(f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file())
+
+
+def test_symlink_to_etc_passwd_is_refused_and_never_stored(tmp_path: Path) -> None:
+    # The hostile probe: a link in the corpus folder to a system file.
+    src = make_source(tmp_path, {"a.txt": b"a real document", "b/readme.md": b"# another"})
+    (src / "b" / "passwd.txt").symlink_to("/etc/passwd")
+    with pytest.raises(DataError) as info:
+        run_ingest(src, tmp_path / "out", IngestConfig())
+    message, hint = info.value.message, info.value.hint
+    assert f"{src / 'b' / 'passwd.txt'} is a symbolic link to /etc/passwd, outside the source folder" in message
+    assert "[symlink_outside_corpus]" in message
+    assert "copy the file" in hint and "remove the link" in hint and 'on_error = "skip"' in hint
+    assert not (tmp_path / "out").exists()
+
+    result = run_ingest(src, tmp_path / "out", IngestConfig(on_error="skip"))
+    assert [r["source"] for r in read_raw(tmp_path / "out")] == ["a.txt", "b/readme.md"]
+    [entry] = result.skipped
+    assert entry["path"] == "b/passwd.txt" and entry["reasons"] == {"symlink_outside_corpus": 1} and entry["whole_file"]
+    assert entry["sha256"] is None and "/etc/passwd" in entry["examples"][0]["detail"]
+    assert read_rejects(tmp_path / "out") == [("b/passwd.txt", -1, "symlink_outside_corpus")]
+    assert result.stats["skipped_by_reason"] == {"symlink_outside_corpus": 1} and result.stats["files_skipped"] == 1
+    # Not a byte of the target reached the output, not even its digest.
+    passwd = Path("/etc/passwd").read_bytes()
+    assert passwd.splitlines()[0] not in out_bytes(tmp_path / "out")
+    assert sha256_file(Path("/etc/passwd")) not in json.dumps([result.inputs, result.skipped])
+
+
+def test_links_out_of_the_folder_are_refused_only_where_the_walk_goes(tmp_path: Path) -> None:
+    src = make_source(tmp_path, {"a.txt": b"doc"})
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "x.txt").write_text("outside")
+    (src / "ext").symlink_to(outside)  # a folder link
+    (src / "passwd").symlink_to("/etc/passwd")  # no listed extension: never a candidate, never opened
+    (src / ".hidden.txt").symlink_to("/etc/passwd")  # hidden: not taken
+    assert run_ingest(src, tmp_path / "o1", IngestConfig(recursive=False)).skipped == []
+    assert run_ingest(src, tmp_path / "o2", IngestConfig(exclude=["ext/**"])).skipped == []
+    result = run_ingest(src, tmp_path / "o3", IngestConfig(on_error="skip"))
+    assert [(x["path"], x["format"], x["skipped"]) for x in result.inputs] == [("a.txt", "txt", None), ("ext", "folder", "symlink_outside_corpus")]
+    assert "symbolic link to the folder" in result.skipped[0]["examples"][0]["detail"]
+    assert result.stats["files_ignored"] == 2
+
+
+def test_links_inside_the_folder_are_followed_and_each_file_read_once(tmp_path: Path) -> None:
+    src = make_source(
+        tmp_path,
+        {
+            "a/real.txt": b"the real file",
+            "a/sub/deep.md": b"deep",
+            ".drafts/only.txt": b"reached only through a link",
+            ".archive/old.txt": b"an old folder, linked in",
+        },
+    )
+    (src / "b").mkdir()
+    (src / "b" / "link.txt").symlink_to("../a/real.txt")  # a second name for a/real.txt
+    (src / "0_first.txt").symlink_to("a/real.txt")  # sorts before a/real.txt, still not its name
+    os.link(src / "a" / "real.txt", src / "hard.txt")  # a hard link is the same file too
+    (src / "latest").symlink_to("a")  # a folder link to a folder walked anyway
+    (src / "visible.txt").symlink_to(".drafts/only.txt")
+    (src / "archive").symlink_to(".archive")
+    result = run_ingest(src, tmp_path / "out", IngestConfig())
+    rows = read_raw(tmp_path / "out")
+    assert [(r["source"], r["text"]) for r in rows] == [
+        ("a/real.txt", "the real file"),
+        ("a/sub/deep.md", "deep"),
+        ("archive/old.txt", "an old folder, linked in"),
+        ("visible.txt", "reached only through a link"),
+    ]
+    assert result.skipped == []
+    # The other names of a/real.txt (0_first.txt, b/link.txt, hard.txt) are ignored; latest/ is not walked twice.
+    assert result.stats["files_ignored"] == 3 and result.stats["files"] == 4
+
+
+def test_folder_link_loops_end(tmp_path: Path) -> None:
+    src = make_source(tmp_path, {"d/a.txt": b"a", "e/b.txt": b"b"})
+    (src / "d" / "up").symlink_to("..")
+    (src / "d" / "here").symlink_to(".")
+    (src / "d" / "to_e").symlink_to("../e")
+    (src / "e" / "to_d").symlink_to("../d")
+    (src / "loop1.txt").symlink_to("loop2.txt")  # a loop of file links cannot be read
+    (src / "loop2.txt").symlink_to("loop1.txt")
+    with hang_guard(60):
+        result = run_ingest(src, tmp_path / "out", IngestConfig(on_error="skip"))
+    assert [r["source"] for r in read_raw(tmp_path / "out")] == ["d/a.txt", "e/b.txt"]
+    assert [(x["path"], x["reasons"]) for x in result.skipped] == [("loop1.txt", {"unreadable": 1}), ("loop2.txt", {"unreadable": 1})]
+
+
+def test_special_files_never_block_the_walk(tmp_path: Path) -> None:
+    src = make_source(tmp_path, {"a.txt": b"doc"})
+    os.mkfifo(src / "pipe")  # no listed extension: ignored without being opened
+    os.mkfifo(src / "pipe.jsonl")
+    with hang_guard(60):
+        result = run_ingest(src, tmp_path / "out", IngestConfig(on_error="skip"))
+    assert [(x["path"], x["reasons"]) for x in result.skipped] == [("pipe.jsonl", {"special_file": 1})]
+    assert result.stats["files_ignored"] == 1
+
+
+def test_a_device_is_refused(tmp_path: Path) -> None:
+    src = make_source(tmp_path, {"a.txt": b"doc"})
+    try:
+        os.mknod(src / "null.txt", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating device files needs CAP_MKNOD")
+    with pytest.raises(DataError, match=r"null\.txt is a character device, not a regular file \[special_file\]") as info:
+        run_ingest(src, tmp_path / "out", IngestConfig())
+    assert "regular files only" in info.value.hint
+
+
+def test_a_file_swapped_for_a_link_after_the_walk_is_not_read(tmp_path: Path) -> None:
+    src = make_source(tmp_path, {"a.txt": b"first", "b.txt": b"second"})
+    secret = _outside(src / "b.txt")
+
+    def swap(done: int, total: int, fields: dict[str, Any]) -> None:
+        if fields["file"] == "a.txt" and not (src / "b.txt").is_symlink():
+            (src / "b.txt").unlink()
+            (src / "b.txt").symlink_to(secret)
+
+    with pytest.raises(DataError, match=r"b\.txt cannot be read: it was replaced after the folder walk found it.*\[unreadable\]"):
+        run_ingest(src, tmp_path / "out", IngestConfig(), progress=swap)
+    (src / "b.txt").unlink()
+    (src / "b.txt").write_bytes(b"second")
+    result = run_ingest(src, tmp_path / "out", IngestConfig(on_error="skip"), progress=swap)
+    assert [r["text"] for r in read_raw(tmp_path / "out")] == ["first"]
+    assert result.skipped[0]["path"] == "b.txt" and result.skipped[0]["reasons"] == {"unreadable": 1}
+    assert secret.read_bytes() not in out_bytes(tmp_path / "out")
 
 
 def test_file_changing_while_read_stops_the_stage(tmp_path: Path) -> None:
