@@ -290,7 +290,7 @@ def load_public_key(pem_path: Path) -> ec.EllipticCurvePublicKey:
     except FileNotFoundError:
         raise KeyStoreError(
             f"public key file {pem_path} does not exist",
-            "export it on the signing appliance with `appliance keys export`",
+            "copy keys/node.pub.pem from the signing appliance's home, or use the signer.pub.pem that `appliance model export` writes beside the model",
         ) from None
     return public_key_from_pem(data, source=str(pem_path))
 

@@ -35,7 +35,7 @@ SAFE_CONFIG = {
     "lock_configuration": True,
 }
 VERIFY_HINT = "the ledger was changed outside the appliance; restore it from a backup and compare with the exported signed head, and report the incident"
-_HEAD_FILE_HINT = "pass the head exported with `appliance ledger export-head`"
+_HEAD_FILE_HINT = "pass the head exported with `appliance ledger head --out FILE`"
 
 
 def chain_hash(prev_hash: str, body: bytes) -> str:
@@ -121,7 +121,7 @@ def head_fields(head: dict) -> tuple[int, str]:
     """(seq, hash) of a head dict; LedgerError if malformed."""
     seq, hash_hex = head.get("seq"), head.get("hash")
     if type(seq) is not int or seq < 0 or not isinstance(hash_hex, str) or len(hash_hex) != 64:
-        raise LedgerError("the signed head has no valid seq and hash", "pass a head file written by `appliance ledger export-head`")
+        raise LedgerError("the signed head has no valid seq and hash", "pass a head file written by `appliance ledger head --out FILE`")
     return seq, hash_hex
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import getpass
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -58,18 +59,38 @@ def tiny_recipe(tmp_path: Path, stdlib_corpus: Path) -> Path:
     return recipe
 
 
+def summary_of(final: dict[str, Any]) -> SimpleNamespace:
+    """A finished run's summary with attribute access (model_path as a Path)."""
+    assert final["status"] == "succeeded", final
+    s = dict(final["summary"])
+    s["model_path"] = Path(s["model_path"])
+    return SimpleNamespace(**s)
+
+
+def run_to_end(svc: Any, recipe: Path, **params: Any) -> dict[str, Any]:
+    """Start a run through the API as this process's user and wait for its final event."""
+    from appliance.service import Caller
+    from appliance.service.api import dispatch
+
+    accepted = dispatch(svc, Caller.current(), "run.start", {"recipe": str(Path(recipe).resolve()), **params})
+    return svc.runs.wait(accepted["run_id"])
+
+
+def new_home(path: Path) -> Any:
+    """A fresh home owned by this process's user (the CLI acts as that user too)."""
+    from appliance.service import Caller, Service
+
+    return Service.initialise(path, PASSPHRASE.encode(), Caller.current())
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, stdlib_corpus: Path) -> tuple[Path, object]:
-    """One home with one finished tiny run (home path, RunSummary). Copy before tampering."""
-    from appliance.recipe import load_recipe
-    from appliance.service import Service
-
+    """One home with one finished tiny run (home path, summary). Copy before tampering."""
     base = tmp_path_factory.mktemp("finished")
     shutil.copytree(stdlib_corpus, base / "corpus")
     shutil.copyfile(ASSETS / "tiny.toml", base / "tiny.toml")
-    # The CLI acts as the OS user, so the owner must be that user for CLI tests to act.
-    with Service.initialise(base / "home", PASSPHRASE.encode(), getpass.getuser()) as svc:
-        summary = svc.run_recipe(load_recipe(base / "tiny.toml"))
+    with new_home(base / "home") as svc:
+        summary = summary_of(run_to_end(svc, base / "tiny.toml"))
     return base / "home", summary
 
 

@@ -70,11 +70,13 @@ def test_empty_folder(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     _run_fails(home, recipe, capsys, "empty")
 
 
-def test_unknown_recipe_key_records_nothing(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    before = rows(home, "SELECT count(*) FROM events")
+def test_unknown_recipe_key_records_only_the_decision(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = rows(home, "SELECT count(*) FROM events")[0][0]
     tiny_recipe.write_text(tiny_recipe.read_text().replace("[train]\n", "[train]\nwarmpu_steps = 3\n"))
     _run_fails(home, tiny_recipe, capsys, "train.warmpu_steps")
-    assert rows(home, "SELECT count(*) FROM events") == before
+    # The service decides before it reads the recipe: the decision is recorded, no run is.
+    assert rows(home, f"SELECT kind FROM events WHERE seq > {before}") == [("authz.decision",)]
+    assert rows(home, "SELECT count(*) FROM runs") == [(0,)]
 
 
 def test_wrong_passphrase_records_nothing(home: Path, tiny_recipe: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,12 +93,13 @@ def test_not_a_home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_someone_else_is_refused_and_the_refusal_recorded(home: Path, tiny_recipe: Path) -> None:
-    from appliance.recipe import load_recipe
-    from appliance.service import Service
+    from appliance.service import Caller, Service
+    from appliance.service.api import dispatch
     from policies.errors import PolicyError
 
-    with Service.open(home, PASSPHRASE.encode(), "mallory") as svc, pytest.raises(PolicyError, match="mallory"):
-        svc.run_recipe(load_recipe(tiny_recipe))
+    mallory = Caller(uid=4242, user="mallory", gids=(), groups=())
+    with Service.open(home, PASSPHRASE.encode()) as svc, pytest.raises(PolicyError, match="mallory"):
+        dispatch(svc, mallory, "run.start", {"recipe": str(tiny_recipe)})
     denied = rows(home, "SELECT identity, action, allowed FROM decisions")
     assert ("mallory", "run.start", False) in denied
     assert rows(home, "SELECT count(*) FROM runs") == [(0,)]
@@ -132,7 +135,8 @@ def test_sigterm_stops_training_with_a_checkpoint_and_the_run_is_recorded_as_sto
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     [(status, error)] = rows(home, "SELECT status, error FROM runs")
-    assert status == "stopped" and "(SIGTERM)" in error and "appliance resume" in error
+    # The client turned SIGTERM into a cancel request; the record says who cancelled.
+    assert status == "stopped" and "cancelled by " in error and "appliance resume" in error
     assert rows(home, "SELECT stage FROM stages WHERE status = 'stopped'") == [("train",)]
     assert rows(home, "SELECT count(*) FROM stages WHERE status = 'failed'") == [(0,)]
     # The step it stopped at was checkpointed and that checkpoint recorded.

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.launcher import EventTail, LaunchOptions, Outcome, check_port, command, failure_message
+from appliance.jobs.launch import LaunchOptions, check_port, command, failure_message
+from appliance.jobs.runner import job_env
+from pipeline.events import EventTail
 from pipeline.errors import ConfigError
 
 # torchrun's own summary after a worker was killed with SIGKILL (torch 2.13), as it appears in
@@ -87,12 +89,23 @@ def test_event_tail_returns_whole_lines_only(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     tail = EventTail(path)
     assert tail.read() == []
-    path.write_text(json.dumps({"event": "started"}) + "\n" + '{"event": "met')
+    path.write_text(json.dumps({"event": "started"}) + "\n" + '{"event": "metrics", "poi')
     assert tail.read() == [{"event": "started"}]
     with open(path, "a") as f:
-        f.write('rics"}\n')
-    assert tail.read() == [{"event": "metrics"}]
+        f.write('nts": []}\n{"event": "nonsense"}\n{"event": "checkpoint"}\nnot json\n')
+    # A torn line waits for its end; unknown kinds and events without their fields are dropped.
+    assert tail.read() == [{"event": "metrics", "points": []}]
     assert tail.read() == []
+
+
+def test_a_job_gets_no_passphrase_and_none_of_the_callers_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APPLIANCE_PASSPHRASE", "secret")
+    monkeypatch.setenv("APPLIANCE_PASSPHRASE_FILE", "/x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    env = job_env(LaunchOptions())
+    assert not any("PASSPHRASE" in k or k.startswith("AWS") for k in env)
+    assert env["OMP_NUM_THREADS"] == "3" and env["HF_HUB_OFFLINE"] == "1" and "APPLIANCE_JOB_PARENT" in env
 
 
 def test_failure_message_names_the_rank_that_died_first_and_how(tmp_path: Path) -> None:
@@ -101,7 +114,7 @@ def test_failure_message_names_the_rank_that_died_first_and_how(tmp_path: Path) 
     (out / "errors" / "rank_00000.json").write_text(json.dumps({"rank": 0, "message": "lost contact with another rank (it died or hung)"}))
     log = tmp_path / "launcher.log"
     log.write_text("some output\n" + TORCHRUN_SUMMARY)
-    message = failure_message(out, log, Outcome(returncode=1))
+    message = failure_message(out, log, 1)
     assert message.startswith("training process rank 1 failed first (killed by SIGKILL)")
     assert "rank 0: lost contact" in message
 
@@ -110,8 +123,8 @@ def test_failure_message_falls_back_to_rank_errors_then_the_log_tail(tmp_path: P
     out = tmp_path / "train"
     log = tmp_path / "launcher.log"
     log.write_text("line 1\nValueError: something broke\n")
-    assert "something broke" in failure_message(out, log, Outcome(returncode=1))
+    assert "something broke" in failure_message(out, log, 1)
     (out / "errors").mkdir(parents=True)
     (out / "errors" / "rank_00000.json").write_text(json.dumps({"rank": 0, "message": "training diverged: loss is nan at step 3"}))
-    assert failure_message(out, log, Outcome(returncode=2)) == "rank 0: training diverged: loss is nan at step 3"
-    assert "SIGKILL" in failure_message(tmp_path / "none", tmp_path / "none.log", Outcome(returncode=-9))
+    assert failure_message(out, log, 2) == "rank 0: training diverged: loss is nan at step 3"
+    assert "SIGKILL" in failure_message(tmp_path / "none", tmp_path / "none.log", -9)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.recipe import load_recipe
-from appliance.slurm import SlurmConfig, render_script, write_script
+from appliance.jobs.slurm import SlurmConfig, render_script, write_script
 from pipeline.errors import ConfigError
 from tests.conftest import PASSPHRASE, cli
 

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], parent: Any = sub) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        # "resolve": a command may define --socket itself (serve listens on it) over the shared one.
+        p = parent.add_parser(name, help=fn.__doc__, description=fn.__doc__, conflict_handler="resolve")
         p.set_defaults(fn=fn)
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         # Accept --home and --socket after the subcommand too; SUPPRESS keeps top-level ones intact.

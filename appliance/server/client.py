@@ -121,18 +121,29 @@ class ServiceClient:
 
         spec = BY_NAME[op]
         method, path, kw = self._request(spec, dict(params))
+        started = False
         try:
             with self._http.stream(method, path, **kw) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._body(response)
+                started = True
                 if spec.result == "ndjson":
                     for line in response.iter_lines():
                         if line.strip():
-                            yield json.loads(line)
+                            item = json.loads(line)
+                            # An error after the stream began arrives as its last line.
+                            if isinstance(item, dict) and "error" in item and "event" not in item:
+                                raise error_from(item)
+                            yield item
                 else:
                     yield from response.iter_bytes()
         except httpx.TransportError as exc:
+            if started:
+                # The service dropped the stream on purpose (a tar it could not finish) or died.
+                raise ApplianceError(
+                    f"the service ended the {op} stream before its end ({exc})", "check the service's log (`journalctl -u appliance`) and try again"
+                ) from None
             raise self._unavailable(exc) from None
 
     def _body(self, response: Any) -> Any:

@@ -121,6 +121,7 @@ class _Active:
         self.state, self.caller = state, caller
         self.feed = RunFeed()
         self.cancel_requested = False
+        self.cancelled_by: str | None = None
         self.job: Job | None = None
         self.lock = threading.Lock()
 
@@ -130,9 +131,10 @@ class _Active:
             if job is not None and self.cancel_requested:
                 job.cancel()
 
-    def cancel(self) -> None:
+    def cancel(self, by: str) -> None:
         with self.lock:
             self.cancel_requested = True
+            self.cancelled_by = self.cancelled_by or by
             if self.job is not None:
                 self.job.cancel()
 
@@ -241,7 +243,7 @@ class RunManager:
             active = self.active.get(run_id)
         if active is None:
             raise ApplianceError(f"run {run_id} is not running (it is {run_status(self.svc.ledger, run_id)})", "list runs with `appliance runs list`")
-        active.cancel()
+        active.cancel(caller.user)
         return {"run_id": run_id, "cancelling": True}
 
     def list(self, caller: Caller) -> list[dict[str, Any]]:
@@ -312,7 +314,7 @@ class RunManager:
         with self._lock:
             actives = list(self.active.values())
         for active in actives:
-            active.cancel()
+            active.cancel("the service stopping")
         for _ in self._workers:
             self._queue.put(None)
         for w in self._workers:
@@ -422,7 +424,9 @@ class RunManager:
             try:
                 for stage in STAGES:
                     if active.cancel_requested or self._closing:
-                        raise RunStopped(f"run {run.run_id} was cancelled before stage {stage.name}", f"continue it with `appliance resume {run.run_id}`")
+                        raise RunStopped(
+                            f"run {run.run_id} was cancelled by {active.cancelled_by} before stage {stage.name}", f"continue it with `appliance resume {run.run_id}`"
+                        )
                     if stage.name in run.reuse:
                         self._reuse_stage(run, stage, run.reuse[stage.name], feed)
                     else:
@@ -548,7 +552,7 @@ class RunManager:
         finally:
             active.set_job(None)
         if outcome.last("stopped") is not None or (outcome.cancelled and outcome.returncode != 0):
-            raise RunStopped(f"stage {stage.name} of run {run.run_id} was cancelled", f"continue the run with `appliance resume {run.run_id}`")
+            raise RunStopped(f"stage {stage.name} of run {run.run_id} was cancelled by {active.cancelled_by}", f"continue the run with `appliance resume {run.run_id}`")
         error = outcome.last("error")
         if outcome.returncode != 0 or not result:
             message = error["message"] if error else failure_message(job.work, job.log_file, outcome.returncode)
@@ -580,7 +584,7 @@ class RunManager:
             job_file=run.job_file,
             lock=lock,
             set_job=active.set_job,
-            cancelled=lambda: active.cancel_requested,
+            cancelled_by=lambda: active.cancelled_by,
         )
 
 

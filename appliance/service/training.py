@@ -56,7 +56,8 @@ class StageContext:
     lock: RunLock | None = None
     # Tell the run which job is current (so a cancel reaches it), and whether one was asked for.
     set_job: Callable[[Job | None], None] = lambda job: None
-    cancelled: Callable[[], bool] = lambda: False
+    # Who asked the run to stop, once someone has.
+    cancelled_by: Callable[[], str | None] = lambda: None
 
 
 def select_resume(work: Path, ctx: StageContext) -> Path | None:
@@ -147,7 +148,7 @@ def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: P
         )
     if finished is None or not finished["stats"].get("completed"):
         step = (finished or {}).get("stats", {}).get("steps") or (stopped or {}).get("step")
-        how = "cancelled" if outcome.cancelled else (stopped or {}).get("signal") or "on request"
+        how = f"cancelled by {ctx.cancelled_by()}" if outcome.cancelled else (stopped or {}).get("signal") or "on request"
         raise TrainingStopped(
             f"training of run {ctx.run_id} stopped at step {step} ({how}); its checkpoint is saved and recorded",
             f"continue with `appliance resume {ctx.run_id}`",
