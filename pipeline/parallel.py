@@ -9,6 +9,10 @@ in submission order. So the output is byte-identical whatever the number of work
 the whole input in memory; here at most ``window`` batches are in flight, so memory stays
 flat on inputs of any size. Workers are started with ``spawn``: forking a process that
 holds threads (progress display, torch) can deadlock in the child.
+
+Every worker dies with the process that started the pool (``pipeline.lifeline``): a stage
+job killed with SIGKILL cannot shut its pool down, and its workers would otherwise live on
+(adopted by init) holding memory and file handles.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from pipeline.errors import DataError
+from pipeline.lifeline import die_with_parent
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,6 +40,13 @@ def resolve_workers(workers: int) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    """Runs first in each worker: follow the pool's process, then the stage's own initializer."""
+    die_with_parent(expected_parent=parent)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def ordered_map(
@@ -60,7 +72,7 @@ def ordered_map(
         return
     window = window or 2 * workers
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), initializer, initargs)) as pool:
         pending: deque[Future[R]] = deque()
         try:
             for item in items:

@@ -12,8 +12,9 @@ which rank died and why.
 SIGTERM and SIGINT ask the loop to stop: it finishes the current step, saves a checkpoint
 and exits 0 with a ``stopped`` event. A second signal exits at once.
 
-With ``records_dir`` in the spec, retention deletes only checkpoints the service has marked
-as recorded (see ``ckpt_files``).
+The job dies with its parent (``pipeline.lifeline``): a trainer whose service is gone would go
+on writing and pruning checkpoints that nobody records. With ``records_dir`` in the spec,
+retention deletes only checkpoints the service has marked as recorded (see ``ckpt_files``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from keys.errors import ApplianceError
 from pipeline.config import from_mapping
+from pipeline.lifeline import ENV_PARENT, die_with_parent
 from pipeline.model import ModelConfig
 from pipeline.training.config import DistConfig, TrainConfig
 
@@ -109,7 +111,17 @@ def _lost_peer(exc: BaseException) -> bool:
     return isinstance(exc, backend_error) or any(s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "timed out"))
 
 
+def _follow_parent() -> None:
+    """Die with the process that started this one: the service, or torchrun for a rank."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and ENV_PARENT in os.environ:
+        # A rank's parent is torchrun, not the service the inherited variable names.
+        die_with_parent(expected_parent=os.getppid())
+    else:
+        die_with_parent()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _follow_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m pipeline.training.job SPEC.json", file=sys.stderr)
