@@ -239,7 +239,7 @@ def generate_ids(
     if not prompt_ids:
         raise TrainingError("cannot generate from an empty prompt", "start the prompt with the BOS token")
     device, context = model.lm_head.weight.device, model.cfg.max_seq_len
-    ids, new = list(prompt_ids), []
+    ids, new = list(prompt_ids), list[int]()
     cache = KVCache(context)
     was_training = model.training
     model.eval()
