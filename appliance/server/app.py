@@ -129,6 +129,8 @@ class Api:
             stream = await self._in_pool(partial(self._perform, peer, op, params, from_text))
         except ApplianceError as exc:
             return _appliance_error(exc)
+        except web.HTTPException:
+            raise  # aiohttp's own answers (body too large): `_json_errors` words them
         except Exception as exc:  # the request's top level: a bug becomes a 500, the service lives on
             return web.Response(status=500, body=_json(_bug(exc, request)), content_type="application/json")
         return await self._stream(op, request, iter(stream))
@@ -151,38 +153,47 @@ class Api:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson" if ndjson else "application/x-tar"})
         try:
             await response.prepare(request)
-            while True:
-                pending: Future[Any] = self.executor.submit(next, items, _END)
-                try:
-                    item = await asyncio.wrap_future(pending)
-                except asyncio.CancelledError:
-                    # Shutting down mid-wait: the generator is still running in its thread;
-                    # close it there once this step returns.
-                    pending.add_done_callback(lambda _f: _close(items))
-                    raise
-                if item is _END:
-                    break
-                await response.write(_json(item) + b"\n" if ndjson else bytes(item))
+            try:
+                await self._pump(items, response, ndjson)
+            except (ConnectionError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # mid-stream: the status line has gone, so the error goes in the stream
+                payload = _error_payload(type(exc).__name__, exc.message, exc.hint, exc.exit_code) if isinstance(exc, ApplianceError) else _bug(exc, request)
+                await self._close_items(items)
+                if not ndjson:
+                    # A tar cut short must not end like a whole one: drop the connection, so the
+                    # client sees a broken stream instead of a valid-looking truncated archive.
+                    print(f"appliance service: {op.name} stream aborted: {payload['error']['message']}", file=sys.stderr)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                await response.write(_json(payload) + b"\n")
+            await response.write_eof()
         except ConnectionError:
             # The client went away (a follower pressed Ctrl-C): stop iterating, quietly.
-            await self._in_pool(partial(_close, items))
-            return response
-        except Exception as exc:  # mid-stream: the status line has gone, so the error goes in the stream
-            payload = _error_payload(type(exc).__name__, exc.message, exc.hint, exc.exit_code) if isinstance(exc, ApplianceError) else _bug(exc, request)
-            await self._in_pool(partial(_close, items))
-            if ndjson and response.prepared:
-                try:
-                    await response.write(_json(payload) + b"\n")
-                except ConnectionError:
-                    return response
-            elif request.transport is not None:
-                # A tar cut short must not end like a whole one: drop the connection, so the
-                # client sees a broken stream instead of a valid-looking truncated archive.
-                print(f"appliance service: {op.name} stream aborted: {payload['error']['message']}", file=sys.stderr)
-                request.transport.abort()
-                return response
-        await response.write_eof()
+            await self._close_items(items)
         return response
+
+    async def _pump(self, items: Iterator[Any], response: web.StreamResponse, ndjson: bool) -> None:
+        """Write each item as the generator yields it (it blocks, so it steps in the pool)."""
+        while True:
+            pending: Future[Any] = self.executor.submit(next, items, _END)
+            try:
+                item = await asyncio.wrap_future(pending)
+            except asyncio.CancelledError:
+                # Shutting down mid-wait: the generator is still running in its thread;
+                # close it there once this step returns.
+                pending.add_done_callback(lambda _f: _close(items))
+                raise
+            if item is _END:
+                return
+            await response.write(_json(item) + b"\n" if ndjson else bytes(item))
+
+    async def _close_items(self, items: Iterator[Any]) -> None:
+        try:
+            await self._in_pool(partial(_close, items))
+        except RuntimeError:  # the pool has shut down: the service is stopping
+            _close(items)
 
 
 def _close(items: Iterator[Any]) -> None:
