@@ -24,7 +24,7 @@ from pipeline.generate import (
 from pipeline.model import KVCache, LlamaModel, ModelConfig, hf_config, save_model_config, save_weights
 from pipeline.package import PackageConfig, run_package
 from registry.store import Store
-from tests.conftest import cli
+from tests.conftest import cli, new_home
 from tests.training_fixtures import tiny_model, tokenizer_path  # noqa: F401  (fixture)
 
 GREEDY = SampleConfig(temperature=0, max_new_tokens=12)
@@ -300,26 +300,52 @@ def test_prompt_longer_than_the_context_uses_its_tail(package_dir: Path) -> None
     assert g.prompt_tokens > bundle.model.cfg.max_seq_len and 0 < g.new_tokens + g.stopped_at_eos <= 3
 
 
-# -- the command ---------------------------------------------------------------------------------
+# -- the command (through the service, which verifies before anything is loaded) ---------------
 
 
-def test_cli_generates_from_a_directory(package_dir: Path, checkpoint_dir: Path, tokenizer_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
-    args = ["generate", str(package_dir), "--prompt", "the cat", "--prompt", "a dog sees", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
-    code, out, err = cli(capsys, *args, "--json")
+@pytest.fixture
+def signed_home(tmp_path: Path, package_dir: Path) -> tuple[Path, Path]:
+    """(home, a copy of the package signed with that home's node key)."""
+    from registry.modelsig import sign_model_dir
+
+    signed = tmp_path / "signed"
+    shutil.copytree(package_dir, signed)
+    with new_home(tmp_path / "home") as svc:
+        sign_model_dir(signed, svc.key)
+    return tmp_path / "home", signed
+
+
+def test_cli_generates_from_a_signed_directory(signed_home: tuple[Path, Path], package_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home, signed = signed_home
+    args = ["--home", str(home), "generate", str(signed), "--prompt", "the cat", "--prompt", "a dog sees", "--temperature", "0", "--max-new-tokens", "6"]
+    code, out, err = cli(capsys, *args, "--device", "cpu", "--json")
     assert code == 0, err
     expected = generate_text(load_for_generation(package_dir), ["the cat", "a dog sees"], SampleConfig(temperature=0, max_new_tokens=6))
     assert json.loads(out) == [
         {"prompt": g.prompt, "text": g.text, "new_tokens": g.new_tokens, "prompt_tokens": g.prompt_tokens, "stopped_at_eos": g.stopped_at_eos} for g in expected
     ]
-    assert "package" in err and "new tokens" in err
+    assert "package" in err and "new tokens" in err and "model.sig verified" in err
     code, out, _ = cli(capsys, *args)
     assert code == 0 and out == "\n\n".join(g.prompt + g.text for g in expected) + "\n"
-    code, out, err = cli(capsys, "generate", str(checkpoint_dir), "--tokenizer", str(tokenizer_path), *args[2:], "--json")
-    assert code == 0, err
-    assert [g["text"] for g in json.loads(out)] == [g.text for g in expected]
     # Sampling: a seed reproduces the text, and --top-p is accepted.
-    sampled = ["generate", str(package_dir), "--prompt", "the cat", "--top-p", "0.9", "--seed", "3", "--json"]
+    sampled = ["--home", str(home), "generate", str(signed), "--prompt", "the cat", "--top-p", "0.9", "--seed", "3", "--json"]
     assert cli(capsys, *sampled)[1] == cli(capsys, *sampled)[1]
+
+
+def test_cli_refuses_a_tampered_or_unsigned_directory_before_loading(
+    signed_home: tuple[Path, Path], checkpoint_dir: Path, tokenizer_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # noqa: F811
+    home, signed = signed_home
+    config = signed / "config.json"
+    config.write_text(config.read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 0.1'))
+    code, _, err = cli(capsys, "--home", str(home), "generate", str(signed), "--prompt", "x")
+    assert code == 2 and "config.json" in err and "Traceback" not in err
+    (signed / "model.sig").unlink()
+    code, _, err = cli(capsys, "--home", str(home), "generate", str(signed), "--prompt", "x")
+    assert code == 2 and "cannot be verified" in err
+    # A checkpoint is trusted only if this appliance recorded it.
+    code, _, err = cli(capsys, "--home", str(home), "generate", str(checkpoint_dir), "--tokenizer", str(tokenizer_path), "--prompt", "x")
+    assert code == 2 and "cannot be verified" in err, err
 
 
 @pytest.mark.parametrize(
@@ -336,9 +362,7 @@ def test_cli_bad_sampling_options_name_the_flag(package_dir: Path, extra: list[s
     assert code == 2 and f"error: {message}" in err and "hint:" in err
 
 
-def test_cli_model_errors(checkpoint_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(capsys, "generate", str(checkpoint_dir), "--prompt", "x")
-    assert code == 2 and "carries no tokenizer" in err and "--tokenizer" in err
+def test_cli_model_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli(capsys, "generate", str(tmp_path / "no-such-model"), "--prompt", "x")
     assert code == 2 and "neither a directory nor a model digest" in err
     code, _, err = cli(capsys, "--home", str(tmp_path / "home"), "generate", "deadbeef00", "--prompt", "x")
@@ -349,15 +373,19 @@ def test_cli_model_errors(checkpoint_dir: Path, tmp_path: Path, capsys: pytest.C
 def test_cli_generates_from_a_model_in_the_store(finished_run: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:
     home, summary = finished_run
     digest = summary.model_digest  # type: ignore[attr-defined]
-    events_before = cli(capsys, "--home", str(home), "ledger", "query", "SELECT count(*) AS n FROM events", "--json")[1]
+    before = json.loads(cli(capsys, "--home", str(home), "ledger", "query", "SELECT max(seq) AS n FROM events", "--json")[1])[0]["n"]
     code, out, err = cli(
         capsys, "--home", str(home), "generate", digest[:12], "--prompt", "The module", "--temperature", "0", "--max-new-tokens", "5", "--json"
     )
     assert code == 0, err
     [g] = json.loads(out)
     assert g["prompt"] == "The module" and 0 <= g["new_tokens"] <= 5 and digest[:16] in err
-    # Generation reads a verified artifact and changes nothing: the ledger is as it was.
-    assert cli(capsys, "--home", str(home), "ledger", "query", "SELECT count(*) AS n FROM events", "--json")[1] == events_before
+    # The decision to generate is recorded, from which model; the prompt is not (a ledger cannot be purged).
+    code, out, _ = cli(capsys, "--home", str(home), "ledger", "query", f"SELECT kind, data FROM signed_events WHERE seq > {before}", "--json")
+    rows = json.loads(out)
+    assert {r["kind"] for r in rows} == {"authz.decision"}
+    assert any(digest[:12] in json.dumps(r["data"]) and "model.generate" in json.dumps(r["data"]) for r in rows)
+    assert not any("The module" in json.dumps(r["data"]) for r in rows)
 
 
 @pytest.mark.slow

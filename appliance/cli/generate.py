@@ -45,11 +45,11 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue prompts with a packaged model, a recorded checkpoint directory or a model in the store (verified first)."""
-    sample = _sample(args)
+    sample, model = _sample(args), _model_ref(args.model)
     with connect(args) as client:
         r = client.call(
             "model.generate",
-            model=_model_ref(args.model),
+            model=model,
             prompts=list(args.prompt),
             sample=sample,
             tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,

@@ -37,7 +37,7 @@ def ledger_query(svc: Any, caller: Caller, *, sql: str) -> dict[str, Any]:
     """One sandboxed, read-only SELECT over the ledger's views."""
     svc.authorize(caller, "ledger.query", sql[:500])
     cfg = svc.config
-    columns, rows = svc.ledger.query(sql, max_rows=cfg.query_max_rows, timeout_s=cfg.query_timeout_s, memory_limit=cfg.query_memory_limit)
+    columns, rows = svc.ledger.query(sql, max_rows=cfg.query_max_rows, timeout_s=cfg.query_timeout_s)
     return {"columns": columns, "rows": [list(r) for r in rows]}
 
 

@@ -425,7 +425,8 @@ class RunManager:
                 for stage in STAGES:
                     if active.cancel_requested or self._closing:
                         raise RunStopped(
-                            f"run {run.run_id} was cancelled by {active.cancelled_by} before stage {stage.name}", f"continue it with `appliance resume {run.run_id}`"
+                            f"run {run.run_id} was cancelled by {active.cancelled_by} before stage {stage.name}",
+                            f"continue it with `appliance resume {run.run_id}`",
                         )
                     if stage.name in run.reuse:
                         self._reuse_stage(run, stage, run.reuse[stage.name], feed)
@@ -552,7 +553,9 @@ class RunManager:
         finally:
             active.set_job(None)
         if outcome.last("stopped") is not None or (outcome.cancelled and outcome.returncode != 0):
-            raise RunStopped(f"stage {stage.name} of run {run.run_id} was cancelled by {active.cancelled_by}", f"continue the run with `appliance resume {run.run_id}`")
+            raise RunStopped(
+                f"stage {stage.name} of run {run.run_id} was cancelled by {active.cancelled_by}", f"continue the run with `appliance resume {run.run_id}`"
+            )
         error = outcome.last("error")
         if outcome.returncode != 0 or not result:
             message = error["message"] if error else failure_message(job.work, job.log_file, outcome.returncode)

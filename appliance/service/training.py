@@ -154,7 +154,7 @@ def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: P
             f"continue with `appliance resume {ctx.run_id}`",
         )
     # Every checkpoint is recorded now: retention may drop what the job had to keep waiting.
-    for gone in ckpt.prune(work, recipe.train.keep_last, recipe.train.keep_every):
+    for gone in ckpt.prune(work, recipe.train.keep_last, recipe.train.keep_every, recorded=ckpt.recorded_steps(records)):
         ctx.note("checkpoint.pruned", {"step": gone})
     outputs: dict[str, Path] = {"checkpoint": work / "final", "logs": work / "logs"}
     # Intermediate checkpoints that retention kept are provenance too.
