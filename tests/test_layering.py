@@ -80,3 +80,18 @@ def test_recipe_loads_without_the_heavy_libraries() -> None:
     # The service and the CLI read recipes; the stage configs they need live in torch-free modules.
     mods = _modules_after_import("import appliance.recipe")
     assert not {"torch", "sentencepiece", "pyarrow", "safetensors", "textual"} & mods
+
+
+def test_the_service_and_its_server_import_no_torch_sentencepiece_or_pyarrow() -> None:
+    mods = _modules_after_import(
+        "import appliance.service.core, appliance.service.runs, appliance.service.reads, appliance.service.models, appliance.service.api\n"
+        "import appliance.server.app, appliance.server.client, appliance.jobs.runner, appliance.cli\n"
+        "appliance.cli.build_parser()"
+    )
+    assert not {"torch", "sentencepiece", "pyarrow", "safetensors", "textual"} & mods
+
+
+def test_a_client_command_loads_neither_the_ledger_nor_numpy() -> None:
+    # What `appliance --socket S …` imports before it talks to the service: it must start fast.
+    mods = _modules_after_import("import appliance.cli, appliance.server.client, appliance.cli.common\nappliance.cli.build_parser()")
+    assert not {"torch", "numpy", "duckdb", "pyarrow", "registry.ledger", "cryptography"} & mods

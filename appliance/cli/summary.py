@@ -35,6 +35,7 @@ def render_summary(summary: dict[str, Any], *, local: bool) -> tuple[dict[str, A
         "perplexity": ev.get("perplexity"),
         "samples": ev.get("samples", []),
         "artifacts_recorded": summary["artifacts_recorded"],
+        "provenance_s": round(summary.get("provenance_s", 0.0), 3),
         "model_id": f"sha256:{summary['model_digest']}",
         "model_path": str(summary["model_path"]),
         "public_key": str(summary["public_key_file"]),
@@ -49,6 +50,7 @@ def render_summary(summary: dict[str, Any], *, local: bool) -> tuple[dict[str, A
         f"  training    {train.get('steps')} steps, final loss {_n(train.get('final_loss'))}, {_n(train.get('tokens_per_s'))} tokens/s",
         f"  evaluation  val loss {_n(ev.get('val_loss'))}, perplexity {_n(ev.get('perplexity'))}",
         f"  provenance  {summary['artifacts_recorded']} artifacts recorded in {summary['ledger_file']}",
+        f"              hashing, signing and recording took {summary.get('provenance_s', 0.0):.1f} s, {_share(summary)} of the run",
     ]
     for sample in ev.get("samples", [])[:2]:
         text = " ".join((sample["prompt"] + sample["completion"]).split())
@@ -69,6 +71,11 @@ def render_summary(summary: dict[str, Any], *, local: bool) -> tuple[dict[str, A
         f"  appliance{h} model export {summary['model_digest'][:16]} --out ./exported-model",
     ]
     return payload, "\n".join(lines)
+
+
+def _share(summary: dict[str, Any]) -> str:
+    wall = summary.get("wall_s") or 0.0
+    return f"{100 * summary.get('provenance_s', 0.0) / wall:.1f} %" if wall else "n/a"
 
 
 def _drops(curate: dict[str, Any]) -> str:

@@ -48,6 +48,9 @@ class RunState:
     reuse: dict[str, str] = field(default_factory=dict)
     launch: LaunchOptions = field(default_factory=LaunchOptions)
     job_file: Path | None = None
+    # Seconds the service spent proving the run (hashing, signing, storing, ledger writes):
+    # the price of provenance, reported with the run.
+    provenance_s: float = 0.0
 
 
 def jsonable(obj: Any) -> Any:

@@ -456,6 +456,7 @@ class RunManager:
             "model_digest": model.digest,
             "model_path": str(model.path),
             "wall_s": wall,
+            "provenance_s": run.provenance_s,
             "context": run.context,
             "home": str(svc.home.root),
             "ledger_file": str(svc.home.ledger_file),
@@ -479,6 +480,7 @@ class RunManager:
             )
         feed.push({"event": "stage_started", "stage": stage.name, "title": f"{stage.title} (from {from_run})"})
         reused: dict[str, str] = {}
+        clock = time.perf_counter()
         for d in stage_artifacts(svc.ledger, from_run, stage.name):
             if d["kind"] == "source":
                 if not d["meta"].get("skipped"):
@@ -491,6 +493,7 @@ class RunManager:
         run.stats[stage.name] = finished.data["stats"]
         if from_run != run.run_id:
             svc.ledger.append("stage.reused", run.actor, {"run_id": run.run_id, "stage": stage.name, "from_run": from_run, "artifacts": reused})
+        run.provenance_s += time.perf_counter() - clock
         feed.push({"event": "stage_finished", "stage": stage.name, "stats": jsonable(run.stats[stage.name])})
 
     def _run_stage(self, active: _Active, stage: Stage, lock: RunLock) -> None:
@@ -509,6 +512,7 @@ class RunManager:
                 )
             else:
                 result = self._job_stage(active, stage, work, progress, lock)
+            clock = time.perf_counter()
             events = self.recorder.stage_events(run, stage, result)
         except BaseException as exc:
             message = failure_text(exc)
@@ -518,6 +522,7 @@ class RunManager:
             feed.push({"event": "stage_failed", "stage": stage.name, "message": message, "stopped": kind == "stage.stopped"})
             raise
         svc.ledger.append_many(events)
+        run.provenance_s += time.perf_counter() - clock
         run.recorded += sum(1 for kind, _, _ in events if kind == "artifact.recorded")
         run.stats[stage.name] = result.stats
         feed.push({"event": "stage_finished", "stage": stage.name, "stats": jsonable(result.stats)})
@@ -572,10 +577,15 @@ class RunManager:
         run, svc = active.state, self.svc
 
         def note(kind: str, data: dict[str, Any]) -> None:
+            clock = time.perf_counter()
             body = jsonable({"run_id": run.run_id, "stage": "train", **data})
             if kind == "metrics.recorded":
                 body["points"] = [p for p in body["points"] if isinstance(p.get("value"), (int, float))]
             svc.ledger.append(kind, run.actor, body)
+            run.provenance_s += time.perf_counter() - clock
+
+        def charge(seconds: float) -> None:
+            run.provenance_s += seconds
 
         return StageContext(
             run_id=run.run_id,
@@ -588,6 +598,7 @@ class RunManager:
             lock=lock,
             set_job=active.set_job,
             cancelled_by=lambda: active.cancelled_by,
+            charge=charge,
         )
 
 

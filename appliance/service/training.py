@@ -58,6 +58,8 @@ class StageContext:
     set_job: Callable[[Job | None], None] = lambda job: None
     # Who asked the run to stop, once someone has.
     cancelled_by: Callable[[], str | None] = lambda: None
+    # Add seconds spent proving the run (hashing a checkpoint) to its provenance cost.
+    charge: Callable[[float], None] = lambda seconds: None
 
 
 def select_resume(work: Path, ctx: StageContext) -> Path | None:
@@ -196,6 +198,13 @@ class _Follower:
 
     def _checkpoint(self, event: dict[str, Any]) -> None:
         # The service hashes the files itself: a job cannot misreport its own output.
+        clock = time.perf_counter()
+        try:
+            self._record_checkpoint(event)
+        finally:
+            self.ctx.charge(time.perf_counter() - clock)
+
+    def _record_checkpoint(self, event: dict[str, Any]) -> None:
         path = Path(event["path"])
         try:
             info = ckpt.verify_checkpoint(path)
