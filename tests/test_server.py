@@ -315,6 +315,38 @@ def test_follower_that_disconnects_leaves_no_trace(served: Served, tiny_recipe: 
 
 
 @pytest.mark.slow
+def test_model_export_streams_a_tar(short_dir: Path, home_copy: tuple[Path, Any]) -> None:
+    """A signed model leaves as a tar stream: through the CLI (unpacked, signature verifies) and curl."""
+    from registry.modelsig import verify_model_dir
+
+    home, summary = home_copy
+    served = start_serve(home, short_dir / "run" / "appliance.sock")
+    try:
+        out = short_dir / "exported"
+        cli = subprocess.run(
+            [sys.executable, "-m", "appliance", "--socket", str(served.socket), "model", "export", summary.model_digest[:16], "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=STOP_WAIT_S,
+        )
+        assert cli.returncode == 0, cli.stderr
+        verify_model_dir(out / "model", out / "signer.pub.pem")
+        tar = short_dir / "model.tar"
+        got = subprocess.run(
+            ["curl", "-sS", "-f", "--unix-socket", str(served.socket), "-o", str(tar), f"http://appliance/v1/models/{summary.model_digest}/export"],
+            capture_output=True,
+            text=True,
+            timeout=STOP_WAIT_S,
+        )
+        assert got.returncode == 0, got.stderr
+        names = subprocess.run(["tar", "-tf", str(tar)], capture_output=True, text=True, check=True).stdout.split()
+        assert "model/model.sig" in names and "signer.pub.pem" in names
+    finally:
+        rc, err = served.stop()
+    assert rc == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.slow
 def test_sigterm_mid_training_stops_the_run_with_a_checkpoint(served: Served, tiny_recipe: Path) -> None:
     """SIGTERM while a follower watches training: the run stops (its job saves a checkpoint),
     the follower sees the end, the service exits 0."""
