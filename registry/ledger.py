@@ -11,8 +11,11 @@ within one process a read-write and a read-only connection to the same file cann
 So the service that owns the ledger answers auditor queries itself, via `Ledger.query`,
 and `registry.query.query(path, …)` serves processes that do not hold the ledger open.
 
+Auditor SQL never runs on the ledger's own connection: `Ledger.query` runs it on an
+`AuditSandbox`, a separate DuckDB instance holding a copy of the events that catches up
+before each query, fenced with `AuditLimits` (memory, threads, time, rows, no file access).
 The ledger's own connection is opened with external access disabled and its configuration
-locked: nothing run through it, auditor SQL included, can read or write other files.
+locked too, and serves only the ledger's own parameterised reads and writes.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from pathlib import Path
 from typing import Literal
 
 import duckdb
+import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keys.keystore import NodeKey, key_id_of
 from registry import ledger_schema as schema
+from registry.audit_sandbox import AuditLimits, AuditSandbox, default_work_dir, remove_stale_mirrors
 from registry.canonical import CanonicalJSONError, canonical_json
 from registry.errors import LedgerError, LedgerIntegrityError
 from registry.ledger_verify import (
@@ -48,11 +53,12 @@ from registry.ledger_verify import (
     verify_row,
     verify_rows,
 )
-from registry.sql_sandbox import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, run_select, single_select
 
-__all__ = ["GENESIS_HASH", "Event", "Ledger", "VerifyReport", "chain_hash", "head_message"]
+__all__ = ["GENESIS_HASH", "AuditLimits", "Event", "Ledger", "VerifyReport", "chain_hash", "head_message"]
 
 _COLUMNS = "seq, ts, kind, actor, body, prev_hash, hash, key_id, signature"
+# Rows per Arrow batch when the audit sandbox copies events: a few tens of MB at most.
+_COPY_BATCH_ROWS = 50_000
 
 
 def _now() -> str:
@@ -94,13 +100,21 @@ class Ledger:
         signer: NodeKey | None,
         head_path: Path | None,
         read_only: bool,
+        audit: AuditLimits | None = None,
     ) -> None:
         self.path = path
         self.head_path = head_path
         self.read_only = read_only
+        self.audit = audit or AuditLimits()
         self._con = con
         self._signer = signer
         self._lock = threading.Lock()
+        # The last seq committed through this object (or found at open): how far the audit
+        # sandbox must catch up before a query. Written under _lock, read without it.
+        self._committed_seq = 0
+        self._sandbox: AuditSandbox | None = None
+        self._sandbox_lock = threading.Lock()
+        self._closed = False
 
     # ---------------------------------------------------------------- opening
 
@@ -113,11 +127,13 @@ class Ledger:
         read_only: bool = False,
         head_path: Path | None | Literal["auto"] = "auto",
         adopt_head: bool = False,
+        audit: AuditLimits | None = None,
     ) -> Ledger:
         """Open (creating if needed, unless ``read_only``) the ledger at ``path``.
 
         ``head_path``: where the signed head is kept; ``"auto"`` means
         ``path.with_suffix(".head.json")``, None keeps none. Writes need ``signer``.
+        ``audit``: the limits of `query` (memory, threads, time, rows; default `AuditLimits()`).
 
         Opening for writing checks the existing head file against the ledger first: were it
         simply rewritten, rows cut off the end would be laundered. A ledger with events but
@@ -146,13 +162,16 @@ class Ledger:
                 f"cannot open ledger {path}: {exc}",
                 "check that the file is a ledger written by this appliance version",
             ) from None
-        ledger = cls(path, con, signer, head_path, read_only)
+        ledger = cls(path, con, signer, head_path, read_only, audit)
         try:
             if not read_only:
                 ledger._ensure_schema()
                 ledger._check_head_on_open(adopt_head=adopt_head or creating)
+                # Mirrors a crashed service left (live ones are locked and stay).
+                remove_stale_mirrors(Path(ledger.audit.work_dir or default_work_dir(path)), ledger._mirror_prefix())
             else:
                 ledger._require_schema()
+            ledger._committed_seq = ledger._last()[0]
         except LedgerError:
             con.close()
             raise
@@ -257,6 +276,7 @@ class Ledger:
                     prev = event.hash
                 con.commit()
                 committed = True
+                self._committed_seq = seq
             except duckdb.Error as exc:
                 raise LedgerError(
                     f"could not append to ledger {self.path}: {exc}",
@@ -336,7 +356,7 @@ class Ledger:
         """The event at ``seq`` (LedgerError if there is none)."""
         rows = self.select(f"SELECT {_COLUMNS} FROM events WHERE seq = ?", [int(seq)])
         if not rows:
-            raise LedgerError(f"ledger {self.path} has no event {seq}", "list events with `appliance ledger query \"SELECT seq, kind FROM events\"`")
+            raise LedgerError(f"ledger {self.path} has no event {seq}", 'list events with `appliance ledger query "SELECT seq, kind FROM events"`')
         return _row_event(rows[0])
 
     def recorded(self, digest: str, trusted: dict[str, ec.EllipticCurvePublicKey]) -> Event:
@@ -362,24 +382,40 @@ class Ledger:
         verify_row(self.path, row, trusted)
         return _row_event(row)
 
-    def query(self, sql: str, *, max_rows: int = DEFAULT_MAX_ROWS, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[str], list[tuple]]:
-        """Run an auditor's single SELECT on this open ledger; return (columns, rows).
+    def query(self, sql: str, *, max_rows: int | None = None, timeout_s: float | None = None) -> tuple[list[str], list[tuple]]:
+        """Run an auditor's single SELECT over this ledger; return (columns, rows).
 
-        Same rules as `registry.query.query`: one SELECT only, no file access (this
-        connection's database has external access disabled and its configuration locked),
-        and it runs in a transaction that is rolled back, so not even a side effect of a
-        table function survives.
+        Exactly one SELECT that only reads (`registry.sql_sandbox.single_select`), run on
+        this ledger's audit sandbox, never on its own connection: a separate DuckDB instance
+        with no file access, bounded memory and threads (``self.audit``), on a cursor of its
+        own in a transaction that is rolled back. It sees every event committed before the
+        call. ``max_rows`` / ``timeout_s`` default to ``self.audit``'s and may only be lower.
+        Past a limit, or for anything but a reading SELECT, it raises LedgerError. Safe to
+        call from several threads at once, while others append.
         """
-        statement = single_select(sql)
+        return self._audit_sandbox().query(sql, upto=self._committed_seq, max_rows=max_rows, timeout_s=timeout_s)
+
+    def _audit_sandbox(self) -> AuditSandbox:
+        # Made on the first query: opening the ledger (every CLI call) stays cheap.
+        with self._sandbox_lock:
+            if self._closed:
+                raise LedgerError(f"ledger {self.path} is closed", "open it again to query it")
+            if self._sandbox is None:
+                work_dir = self.audit.work_dir or default_work_dir(self.path)
+                self._sandbox = AuditSandbox(str(self.path), self._events_since, self.audit, Path(work_dir), self._mirror_prefix())
+            return self._sandbox
+
+    def _mirror_prefix(self) -> str:
+        return f".{self.path.name}.audit-"
+
+    def _events_since(self, seq: int) -> Iterator[pa.RecordBatch]:
+        """The stored events after ``seq``, in seq order, as Arrow batches (for the audit sandbox)."""
         cur = self._con.cursor()
         try:
-            cur.begin()
-            return run_select(cur, statement, source=str(self.path), max_rows=max_rows, timeout_s=timeout_s)
+            relation = cur.sql(f"SELECT {_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq", params=[seq])
+            yield from relation.to_arrow_reader(_COPY_BATCH_ROWS)
         finally:
-            try:
-                cur.rollback()
-            finally:
-                cur.close()
+            cur.close()
 
     # ---------------------------------------------------------------- verifying
 
@@ -428,7 +464,12 @@ class Ledger:
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Close the connection (committed events are durable already)."""
+        """Close the audit sandbox and the connection (committed events are durable already)."""
+        with self._sandbox_lock:
+            sandbox, self._sandbox = self._sandbox, None
+            self._closed = True
+        if sandbox is not None:
+            sandbox.close()
         self._con.close()
 
     def __enter__(self) -> Ledger:

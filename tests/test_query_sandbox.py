@@ -28,6 +28,16 @@ REFUSED = [
     pytest.param("CALL checkpoint()", id="call"),
     pytest.param("EXPLAIN SELECT 1", id="explain"),
     pytest.param("SELECT * FROM query('DELETE FROM events')", id="query-function"),
+    pytest.param("SELECT * FROM query('SELECT 1')", id="query-function-select"),
+    pytest.param("WITH d AS (DELETE FROM events RETURNING *) SELECT * FROM d", id="delete-cte"),
+    pytest.param("WITH d AS (UPDATE events SET actor = 'x' RETURNING *) SELECT count(*) FROM d", id="update-cte"),
+    pytest.param("WITH a AS (SELECT 1), d AS (INSERT INTO events SELECT * FROM events RETURNING seq) SELECT * FROM d", id="insert-cte"),
+    pytest.param("SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT 1'))", id="execute-serialized"),
+    pytest.param("SELECT * FROM checkpoint()", id="checkpoint-function"),
+    pytest.param("SELECT * FROM duckdb_settings()", id="settings-function"),
+    pytest.param("SELECT * FROM read_blob('/etc/hostname')", id="read_blob"),
+    pytest.param("SELECT * FROM '/etc/passwd'", id="replacement-scan"),
+    pytest.param("SELECT * FROM (PIVOT events ON kind USING count(*))", id="pivot"),
     pytest.param("", id="empty"),
     pytest.param("SELEC 1", id="parse-error"),
 ]
@@ -87,8 +97,12 @@ def test_refusal_explains(ledger_file):
         query(path, "DELETE FROM events")
     assert "only SELECT" in err.value.message
     assert "exactly one SELECT" in err.value.hint
-    with pytest.raises(LedgerError, match="cannot access file|refused") as err:
+    with pytest.raises(LedgerError, match="read_csv.. is not allowed") as err:
         query(path, "SELECT * FROM read_csv('/etc/passwd')")
+    assert "allowed table functions: ancestors" in err.value.hint
+    with pytest.raises(LedgerError, match="data-changing part .DELETE") as err:
+        query(path, "WITH d AS (DELETE FROM events RETURNING *) SELECT * FROM d")
+    assert "exactly one SELECT" in err.value.hint
 
 
 @pytest.mark.parametrize("sql", REFUSED)
