@@ -10,6 +10,9 @@ would come out 0600 under umask 077) but never widen it, so the file is never mo
 asked, not even for a moment, and ends exactly as asked whatever the umask. The rename keeps
 that mode: the target's old mode and owner do not carry over.
 
+``publish_dir`` does the same for a directory: filled under a temporary name beside its
+target, fsynced file by file and directory by directory, renamed, parent fsynced.
+
 `keys` is the lowest floor, so every package may use this; errors are the OS's own
 (``OSError`` naming the file): the caller knows what the file is for and wraps it in its
 package's error with the fix.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +115,44 @@ def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o600, indent: int | 
     """
     text = json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=ensure_ascii) + "\n"
     atomic_write(path, text.encode("utf-8"), mode=mode)
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory below ``path`` (or ``path`` itself if it is a file), children first.
+
+    After it returns, renaming ``path`` cannot expose a name whose data is not on disk. An
+    unreadable directory raises instead of being skipped: a tree half-fsynced is not durable.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        fsync_path(path)
+        return
+    for root, _dirs, files in os.walk(path, topdown=False, onerror=_raise):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_dir(Path(root))
+
+
+def publish_dir(tmp: Path, final: Path, *, replace: bool = False) -> None:
+    """Make the directory filled at ``tmp`` appear at ``final`` whole: fsync it all, rename, fsync the parent.
+
+    The directory counterpart of ``atomic_write``: ``final`` either does not exist or holds
+    every byte written below ``tmp``, so its existence means it is complete. ``tmp`` must be
+    beside ``final`` (same file system). ``replace=True`` first removes an existing
+    ``final`` (a crash between the removal and the rename leaves no ``final``, never a mix
+    of old and new); otherwise an existing non-empty ``final`` makes the rename fail with
+    ``OSError`` and nothing changes (rename(2) does replace an *empty* directory).
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    if replace and final.exists():
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        else:
+            final.unlink()
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
