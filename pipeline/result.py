@@ -7,11 +7,12 @@ so a stage cannot misreport its own output.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from keys.files import atomic_write_json
 
 # progress(done, total, fields): a stage calls it as work advances; total may be 0 if unknown.
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
@@ -37,6 +38,9 @@ class StageResult:
 
 
 def write_json(path: Path, obj: Any, *, ensure_ascii: bool = False) -> Path:
-    """A stage's JSON file, stable (sorted keys, fixed indent): equal content, equal bytes, equal digest."""
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=ensure_ascii) + "\n", encoding="utf-8")
+    """A stage's JSON file, stable (sorted keys, fixed indent): equal content, equal bytes, equal digest.
+
+    Written atomically (``keys.files``), mode 0644: the service and other tools read stage outputs.
+    """
+    atomic_write_json(path, obj, mode=0o644, indent=2, ensure_ascii=ensure_ascii)
     return path

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +19,7 @@ from pipeline.errors import DataError
 from pipeline.filters import FiltersConfig
 from pipeline.minhash import DedupConfig
 from pipeline.pii import PiiConfig
+from pipeline.result import write_json
 
 RAW_SCHEMA = pa.schema([("doc_id", pa.int64()), ("source", pa.string()), ("source_sha256", pa.string()), ("record", pa.int64()), ("text", pa.string())])
 
@@ -162,3 +165,21 @@ def test_dropped_samples_are_redacted_too(tmp_path: Path) -> None:
     rows = pq.read_table(res.outputs["dropped"]).to_pylist()
     sample = next(r for r in rows if r["rule"] == "lorem_ipsum")
     assert "jane.doe@example.org" not in sample["text"] and "<EMAIL>" in sample["text"]
+
+
+@pytest.mark.parametrize(
+    ("ensure_ascii", "expected"),
+    [
+        (False, b'{\n  "a": {\n    "\xc3\xa9": "\xc3\xbc\xe2\x80\xa8"\n  },\n  "m": true,\n  "z": [\n    1,\n    2.5,\n    null\n  ]\n}\n'),
+        (True, b'{\n  "a": {\n    "\\u00e9": "\\u00fc\\u2028"\n  },\n  "m": true,\n  "z": [\n    1,\n    2.5,\n    null\n  ]\n}\n'),
+    ],
+)
+def test_stage_json_bytes_are_unchanged(tmp_path: Path, ensure_ascii: bool, expected: bytes) -> None:
+    # Stored digests of stage outputs depend on these exact bytes (those the plain write_text gave before
+    # write_json became atomic): sorted keys, indent 2, the given ensure_ascii, one trailing newline.
+    obj = {"z": [1, 2.5, None], "a": {"é": "ü\u2028"}, "m": True}
+    path = write_json(tmp_path / "x.json", obj, ensure_ascii=ensure_ascii)
+    assert path.read_bytes() == expected
+    assert write_json(tmp_path / "y.json", dict(reversed(obj.items())), ensure_ascii=ensure_ascii).read_bytes() == expected
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # read by the service and other tools
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "y.json"]
