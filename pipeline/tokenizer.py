@@ -18,7 +18,6 @@ training (one line per sentence) and in encoding (after a ``"\\n"`` piece).
 from __future__ import annotations
 
 import io
-import os
 import random
 import re
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from keys.files import atomic_write, atomic_write_text
 from pipeline.errors import ConfigError, DataError
 from pipeline.ingest import iter_rows, open_parquet
 from pipeline.result import ProgressFn, StageResult, no_progress
@@ -100,8 +100,9 @@ def run_tokenizer(dataset_parquet: Path, out_dir: Path, cfg: TokenizerConfig, pr
     sp = spm.SentencePieceProcessor(model_proto=model)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path, vocab_path = out_dir / "tokenizer.model", out_dir / "tokenizer.vocab"
-    _write_atomic(model_path, model)
-    _write_atomic(vocab_path, _vocab_text(sp).encode("utf-8"))
+    # 0644: later stages, the service and the packaged model read them.
+    atomic_write(model_path, model, mode=0o644)
+    atomic_write_text(vocab_path, _vocab_text(sp), mode=0o644)
     progress(total_docs, total_docs, {"phase": "trained"})
     return StageResult(
         outputs={"tokenizer": model_path, "vocab": vocab_path},
@@ -190,12 +191,6 @@ def _vocab_text(sp: spm.SentencePieceProcessor) -> str:
         piece = sp.id_to_piece(i).replace("\n", "\\n").replace("\t", "\\t")
         lines.append(f"{piece}\t{sp.get_score(i):g}\n")
     return "".join(lines)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def load_tokenizer(model_path: Path) -> spm.SentencePieceProcessor:
