@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from keys.files import fsync_dir, fsync_path
 from pipeline.errors import DataError
 
 PARQUET_OPTIONS: dict[str, Any] = {
@@ -32,7 +33,7 @@ GROUP_TEXT_CHARS = 64 << 20
 
 
 class ParquetSink:
-    """Buffered parquet writer whose file appears at ``path`` only when the block succeeds.
+    """Buffered parquet writer whose file appears at ``path`` only when the block succeeds, fsynced.
 
     Row groups are cut after ``ROWS_PER_GROUP`` rows or ``GROUP_TEXT_CHARS`` characters of
     string values, whichever comes first: both depend only on the rows, so the file stays
@@ -81,7 +82,11 @@ class ParquetSink:
             if self.writer is not None:
                 self.writer.close()
         if kind is None:
+            # A streamed file cannot be one atomic_write; the same steps by hand: data on disk
+            # before the name points at it, and the new name on disk before the stage reports it.
+            fsync_path(self.tmp)
             os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
             return
         self.tmp.unlink(missing_ok=True)
         if self.created_dir and not any(self.path.parent.iterdir()):

@@ -771,6 +771,20 @@ def test_parquet_sink_cuts_row_groups_by_text_size(tmp_path: Path) -> None:
     assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [4, 2]
 
 
+def test_parquet_sink_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.parquet_io as pio
+
+    events: list[tuple[str, str]] = []
+    real_replace = os.replace
+    monkeypatch.setattr(pio, "fsync_path", lambda p: events.append(("fsync", Path(p).name)))
+    monkeypatch.setattr(pio, "fsync_dir", lambda p: events.append(("fsync_dir", Path(p).name)))
+    monkeypatch.setattr(pio.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b)))
+    with ParquetSink(tmp_path / "out" / "x.parquet", pa.schema([("i", pa.int64())])) as sink:
+        sink.add(i=1)
+    assert events == [("fsync", "x.parquet.partial"), ("rename", "x.parquet"), ("fsync_dir", "out")]
+    assert pq.read_table(tmp_path / "out" / "x.parquet").column("i").to_pylist() == [1]
+
+
 def test_config_from_recipe_table() -> None:
     cfg = from_mapping(
         IngestConfig,
