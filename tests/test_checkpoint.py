@@ -70,6 +70,23 @@ def test_save_writes_every_file_and_a_complete_manifest_of_them(tmp_path: Path) 
     assert ckpt.verify_checkpoint(info.path) == info
 
 
+def test_complete_is_in_place_before_the_directory_is_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The rename goes through keys.files.publish_dir (fsync of every file and folder, rename, fsync
+    # of checkpoints/); COMPLETE is already written then, so a published step is always complete.
+    from keys.files import publish_dir
+    from pipeline.training import ckpt_files
+
+    seen = []
+
+    def spy(tmp: Path, final: Path, *, replace: bool = False) -> None:
+        seen.append((tmp.name, sorted(p.name for p in tmp.iterdir()), final.name, replace))
+        publish_dir(tmp, final, replace=replace)
+
+    monkeypatch.setattr(ckpt_files, "publish_dir", spy)
+    save(tmp_path, 10)
+    assert seen == [(".tmp-step_000010", sorted([ckpt.COMPLETE, "model.safetensors", "rng", "state", "trainer.json"]), "step_000010", True)]
+
+
 def test_checkpoint_digest_is_the_stores_directory_digest(tmp_path: Path) -> None:
     info = save(tmp_path, 3)
     assert ckpt.checkpoint_digest(info) == sha256_path(info.path)

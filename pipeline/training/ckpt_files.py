@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keys.digest import dir_manifest, manifest_text, sha256_bytes, sha256_file
+from keys.files import atomic_write_text, fsync_path, publish_dir
 from pipeline.errors import TrainingError
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "clear_stale",
     "find_resumable",
     "forget_record",
-    "fsync_path",
     "hash_files",
     "list_checkpoints",
     "mark_recorded",
@@ -98,15 +98,6 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory, so a rename that follows cannot expose unwritten data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def hash_files(root: Path, files: list[Path]) -> dict[str, str]:
     """relative path -> sha256 of files a rank wrote below ``root``, each fsynced first."""
     out = {}
@@ -119,18 +110,9 @@ def hash_files(root: Path, files: list[Path]) -> dict[str, str]:
 def seal_checkpoint(tmp: Path, final: Path, step: int, files: dict[str, str]) -> CheckpointInfo:
     """Write the COMPLETE manifest of ``files`` into ``tmp``, fsync it all and rename it to ``final``."""
     body = "".join(f"{files[rel]}  {rel}\n" for rel in sorted(files, key=lambda r: r.encode("utf-8")))
-    marker = tmp / COMPLETE
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    for d in sorted({(tmp / rel).parent for rel in files} | {tmp}):
-        fsync_path(d)
-    if final.exists():
-        # A re-run that reached the same step again (after a crash past this save): replace it.
-        shutil.rmtree(final)
-    tmp.rename(final)
-    fsync_path(final.parent)
+    atomic_write_text(tmp / COMPLETE, body, mode=0o644)  # last: without it the directory is never resumed from
+    # replace: a re-run that reached the same step again (after a crash past this save).
+    publish_dir(tmp, final, replace=True)
     return CheckpointInfo(path=final, step=step, files=files, manifest_sha256=sha256_bytes(body.encode("utf-8")))
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from keys.digest import sha256_file
+from keys.files import publish_dir
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.evaluate import windows_loss
 from pipeline.model import MODEL_CONFIG, WEIGHTS, LlamaModel, ModelConfig, model_flops_per_token, read_model_config, save_model_config
@@ -447,11 +448,7 @@ def _write_atomically(final: Path, write: Callable[[Path], Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
-    for f in tmp.iterdir():
-        ckpt.fsync_path(f)  # each file reaches the disk before the rename makes it visible
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    publish_dir(tmp, final, replace=True)
 
 
 def _resume(
