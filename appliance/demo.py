@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keys.digest import sha256_path
+from keys.files import publish_dir
 
 # Test suites and IDLE's tests hold fixtures, not prose; site-packages is not the stdlib.
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}
@@ -96,7 +97,7 @@ def build_stdlib_corpus(dest: Path, *, max_bytes: int = 0) -> Corpus:
             safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
             (tmp / "topics" / f"{safe}.txt").write_text(topics[name], encoding="utf-8")
             total += len(topics[name])
-        tmp.rename(dest)
+        publish_dir(tmp, dest)
     files = [p for p in dest.rglob("*") if p.is_file()]
     docs = sum(1 for _ in open(dest / "docstrings.jsonl", encoding="utf-8")) + len(list((dest / "topics").glob("*.txt")))
     return Corpus(

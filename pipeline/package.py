@@ -20,6 +20,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
 
+from keys.files import publish_dir
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.model import WEIGHTS, ModelConfig, hf_config, read_model_config
 from pipeline.result import StageResult, write_json
@@ -189,7 +190,7 @@ def run_package(checkpoint_dir: Path, tokenizer_model: Path, out_dir: Path, cfg:
     _write_json(tmp / "tokenizer_config.json", tokenizer_config)
     _write_json(tmp / "special_tokens_map.json", specials)
     (tmp / "README.md").write_text(model_card(cfg, mcfg, n_params, provenance, sp.get_piece_size()), encoding="utf-8")
-    tmp.rename(target)
+    publish_dir(tmp, target)
 
     files = sorted(p.name for p in target.iterdir())
     stats = {

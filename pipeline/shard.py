@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from keys.digest import sha256_file
+from keys.files import publish_dir
 from pipeline.errors import DataError
 from pipeline.parallel import ordered_map, resolve_workers
 from pipeline.parquet_io import iter_rows, open_parquet
@@ -138,8 +139,7 @@ def run_shard(dataset_parquet: Path, tokenizer_model: Path, out_dir: Path, cfg: 
                 "shard_tokens": cfg.shard_tokens,
             },
         )
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        publish_dir(tmp, final, replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
