@@ -221,3 +221,62 @@ def test_a_run_cannot_start_twice_and_a_second_service_is_refused(tmp_path: Path
         assert final["status"] == "succeeded"
         with pytest.raises(Exception, match="already succeeded"):
             dispatch(svc, Caller.current(), "run.resume", {"run": final["run_id"]})
+
+
+def _serve(home: Path, socket: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [APPLIANCE, "--home", str(home), "serve", "--socket", str(socket), "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the service prints its facts once it listens
+    assert line, proc.communicate()
+    return proc
+
+
+def test_kill_9_of_the_served_service_mid_training_then_restart_resumes_the_run(home_copy: tuple[Path, object], tmp_path: Path) -> None:
+    from appliance.server.client import ServiceClient
+
+    home, first = home_copy
+    recipe = recipe_with(home.parent / "long.toml", steps=90, checkpoint_every=15, keep_last=2, log_every=1)
+    recipe.write_text(recipe.read_text().replace("dim = 32\n", "dim = 128\n").replace("n_layers = 2\n", "n_layers = 4\n"))
+    env = dict(os.environ, APPLIANCE_PASSPHRASE=PASSPHRASE, OMP_NUM_THREADS="1")
+    socket = tmp_path / "sock" / "appliance.sock"
+    service = _serve(home, socket, env)
+    client = ServiceClient(socket)
+    try:
+        run_id = client.call("run.start", recipe=str(recipe), data_from=first.run_id)["run_id"]  # type: ignore[attr-defined]
+        records = home / "work" / run_id / "train" / "recorded"
+        _wait_until(lambda: len(list(records.glob("step_*"))) >= 2, 300, "two recorded checkpoints")
+        service.kill()
+        service.communicate()
+        # Nothing of the run goes on without its authority.
+        _wait_until(lambda: not _processes_mentioning(str(home / "work" / run_id)), 30, "the training job to die with the service")
+
+        # Restarted, the service records what happened and resumes the run on its own.
+        service = _serve(home, socket, env)
+        _wait_until(lambda: client.call("run.show", run=run_id)["status"] in ("succeeded", "failed", "stopped"), 600, "the resumed run to end")
+        shown = client.call("run.show", run=run_id)
+        assert shown["status"] == "succeeded", shown
+        statuses = client.call(
+            "ledger.query",
+            sql=f"SELECT data ->> '$.status' AS s FROM signed_events WHERE kind = 'run.finished' AND data ->> '$.run_id' = '{run_id}' ORDER BY seq",
+        )["rows"]
+        assert [r[0] for r in statuses] == ["interrupted", "succeeded"]
+        resumed = client.call("ledger.query", sql=f"SELECT data ->> '$.by' FROM signed_events WHERE kind = 'run.resumed' AND data ->> '$.run_id' = '{run_id}'")
+        assert resumed["rows"] == [["restart"]]
+        # The same weights as an uninterrupted run of the same recipe on the same data.
+        straight = client.call("run.start", recipe=str(recipe), data_from=first.run_id)["run_id"]  # type: ignore[attr-defined]
+        _wait_until(lambda: client.call("run.show", run=straight)["status"] != "running", 600, "the straight run")
+        finals = client.call(
+            "ledger.query",
+            sql="SELECT data ->> '$.run_id', data ->> '$.digest' FROM signed_events WHERE kind = 'artifact.recorded' "
+            f"AND data ->> '$.name' IN ('{run_id}/checkpoint', '{straight}/checkpoint')",
+        )["rows"]
+        assert {r[0] for r in finals} == {run_id, straight} and len({r[1] for r in finals}) == 1, finals
+        assert client.call("ledger.verify")["ok"] is True
+    finally:
+        client.close()
+        if service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+            _, err = service.communicate(timeout=120)
+            assert service.returncode == 0 and "Traceback" not in err, err

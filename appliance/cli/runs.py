@@ -152,6 +152,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--node-rank {args.node_rank} runs only with --join",
             "node 0 runs `appliance train RECIPE …`; the others `appliance train --join JOBFILE --node-rank N …`",
         )
+    from appliance.jobs.launch import LaunchOptions
+
+    # The flags' own checks first (they name the flag); the recipe fills what is not given.
+    LaunchOptions(nproc_per_node=args.nproc_per_node or 1, nnodes=args.nnodes or 1, rdzv_endpoint=args.rdzv_endpoint or "")
     if (args.nnodes or 1) > 1 and not args.job_file:
         raise ConfigError(
             "a multi-node run needs --job-file on storage every node can read",
