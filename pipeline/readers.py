@@ -39,6 +39,10 @@ from pipeline.errors import DataError
 from pipeline.html_text import html_to_text
 from pipeline.parquet_io import map_parquet
 
+# Suffix (lower case) -> format name; the [ingest] table's list, which loads without pyarrow.
+# Any other suffix listed in ingest.extensions is read as plain text.
+from pipeline.settings.ingest import FORMATS
+
 # Stable reason kinds: they appear in rejects.parquet, the ledger and the run summary.
 REASONS = (
     "unreadable",
@@ -60,21 +64,6 @@ REASONS = (
     "special_file",
 )
 
-# Suffix (lower case) -> format name. Any other suffix listed in ingest.extensions is read as plain text.
-FORMATS: dict[str, str] = {
-    ".txt": "txt",
-    ".md": "md",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".jsonl.gz": "jsonl.gz",
-    ".ndjson.gz": "jsonl.gz",
-    ".jsonl.zst": "jsonl.zst",
-    ".ndjson.zst": "jsonl.zst",
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".html": "html",
-    ".htm": "html",
-}
 _STREAMED = frozenset({"jsonl", "jsonl.gz", "jsonl.zst", "csv"})
 
 # What the user can do about each kind of problem (the ingest stage adds the on_error option).

@@ -76,14 +76,6 @@ def test_missing_corpus_folder_is_named_before_anything_runs(tmp_path: Path) -> 
         load_recipe(p).source_dir(tmp_path / "also-nope")
 
 
-def test_ingest_formats_agree_with_the_readers() -> None:
-    # The [ingest] table keeps the suffix list without importing pyarrow; the readers must read exactly those.
-    from pipeline.readers import FORMATS
-    from pipeline.settings.ingest import FORMATS as CONFIG_FORMATS
-
-    assert CONFIG_FORMATS == FORMATS
-
-
 def test_stage_configs_are_the_recipe_configs() -> None:
     # Code that imports a config from its stage module gets the very class the recipe builds.
     import pipeline.evaluate
