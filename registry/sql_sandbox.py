@@ -12,6 +12,8 @@ data-changing part and calls no table function outside a short list:
   (a DELETE CTE included) that no check of the text sees, ``query('…')`` runs SQL held in a
   string, ``checkpoint()``, ``enable_logging()``, ``create_external_resource()`` … change
   state. Only the ledger's macros and a few pure generators and catalog readers pass.
+- ``FROM '/path/file.csv'`` names a file as a table (a replacement scan): a table name that
+  looks like a path is refused (the instance's closed file access would stop it anyway).
 
 Anything the check cannot read (``json_serialize_sql`` refuses the statement) is refused:
 the check fails closed. Where the statement runs is `registry.audit_sandbox`'s business.
@@ -106,6 +108,9 @@ def check_reads_only(sql: str) -> None:
                 f"the query holds a data-changing part ({what} inside a WITH clause); it is refused",
                 ONLY_SELECT,
             )
+    for name in _base_table_names(tree):
+        if any(c in name for c in "/\\.:~"):
+            raise LedgerError(f"the query reads the file {name!r} as a table; it is refused", ONLY_SELECT)
     for name in _table_function_names(tree):
         if name not in ALLOWED_TABLE_FUNCTIONS:
             raise LedgerError(
@@ -157,6 +162,13 @@ def _query_node_types(tree: dict) -> Iterator[str]:
         kind = d.get("type")
         if isinstance(kind, str) and kind.endswith("_NODE"):
             yield kind
+
+
+def _base_table_names(tree: dict) -> Iterator[str]:
+    for d in _dicts(tree):
+        if d.get("type") == "BASE_TABLE":
+            name = d.get("table_name")
+            yield name if isinstance(name, str) else "<unnamed>"
 
 
 def _table_function_names(tree: dict) -> Iterator[str]:
