@@ -15,8 +15,8 @@ from pipeline.clean import CleanConfig
 from pipeline.config import check, from_mapping
 from pipeline.errors import ConfigError
 from pipeline.filters import FiltersConfig
-from pipeline.minhash import DedupConfig
 from pipeline.pii import PiiConfig
+from pipeline.settings.dedup import DedupConfig
 from pipeline.settings.evaluate import EvalConfig
 from pipeline.settings.ingest import IngestConfig
 from pipeline.settings.model import ModelConfig

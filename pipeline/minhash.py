@@ -40,11 +40,11 @@ import re
 import sys
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import check
+# The [dedup] table lives in a numpy-free module, so a recipe loads without numpy; its name stays importable from here.
+from pipeline.settings.dedup import DedupConfig
 
 _MASK64 = (1 << 64) - 1
 # Multiplier of the polynomial byte hash: odd (so it is invertible modulo 2**64) and with no
@@ -74,31 +74,6 @@ _NUMBER = re.compile(r"\d+(?:[.,\u060c\u066b\u2396\u2397\u2398]\d+)?")
 _ASCII_PUNCT = "".join(c for c in PUNCTUATION if c < "\x80").encode("ascii")
 _ASCII_PUNCT_TABLE = bytes.maketrans(_ASCII_PUNCT, b" " * len(_ASCII_PUNCT))
 _ASCII_NUMBER = re.compile(rb"[0-9]+(?:[.,][0-9]+)?")
-
-
-@dataclass(kw_only=True)
-class DedupConfig:
-    # Identical documents after normalisation are found by one digest per document; keeping
-    # them teaches memorisation and leaks into validation, at almost no cost to find.
-    exact: bool = True
-    # Templated pages, mirrors and lightly edited copies survive exact dedup; FineWeb found
-    # removing them with MinHash measurably improves models trained on web text.
-    near: bool = True
-    # FineWeb's value: short enough that an edit changes few shingles, long enough that
-    # common phrases ("one of the most") do not make unrelated documents look alike.
-    ngram: int = 5
-    # 14 bands x 8 rows (FineWeb): candidates above Jaccard ~0.72, 0.92 of pairs at 0.8.
-    bands: int = 14
-    # More rows per band make a collision demand more agreement: fewer false candidates.
-    rows: int = 8
-    # Fixes the hash functions; every worker and every re-run must use the same one.
-    seed: int = 1
-
-    def __post_init__(self) -> None:
-        check(self.ngram >= 1, f"ngram must be >= 1, got {self.ngram}")
-        check(self.bands >= 1, f"bands must be >= 1, got {self.bands}")
-        check(self.rows >= 1, f"rows must be >= 1, got {self.rows}")
-        check(0 <= self.seed <= _MASK64, f"seed must be between 0 and 2**64 - 1, got {self.seed}")
 
 
 def threshold_estimate(bands: int, rows: int) -> float:

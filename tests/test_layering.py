@@ -79,7 +79,7 @@ def test_ledger_and_keys_do_not_need_torch() -> None:
 def test_recipe_loads_without_the_heavy_libraries() -> None:
     # The service and the CLI read recipes; the stage configs they need live in torch-free modules.
     mods = _modules_after_import("import appliance.recipe")
-    assert not {"torch", "sentencepiece", "pyarrow", "safetensors", "textual"} & mods
+    assert not {"torch", "sentencepiece", "pyarrow", "safetensors", "textual", "numpy"} & mods
 
 
 def test_the_service_and_its_server_import_no_torch_sentencepiece_or_pyarrow() -> None:
