@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from keys.digest import sha256_file
+from keys.files import atomic_write_text
 from pipeline.errors import DataError
 from pipeline.result import StageResult, write_json
 from pipeline.shard_format import MANIFEST
@@ -151,7 +152,7 @@ def run_card(ingest_report: Path, curation_report: Path, shards_dir: Path, out_d
     folder = Path(out_dir) / "card"
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "dataset_card.json", card)
-    (folder / "dataset_card.md").write_text(render_markdown(card), encoding="utf-8")
+    atomic_write_text(folder / "dataset_card.md", render_markdown(card), mode=0o644)
     return StageResult(
         outputs={"card": folder},
         stats={

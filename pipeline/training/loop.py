@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from keys.digest import sha256_file
-from keys.files import publish_dir
+from keys.files import atomic_write_text, publish_dir
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.evaluate import windows_loss
 from pipeline.model import MODEL_CONFIG, WEIGHTS, LlamaModel, ModelConfig, model_flops_per_token, read_model_config, save_model_config
@@ -174,7 +174,8 @@ def _train(
     tb = None
     if ctx.is_main:
         logs.mkdir(parents=True, exist_ok=True)
-        (logs / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
+        # Cut back to the resumed step in one atomic write: a crash here must not lose the curve so far.
+        atomic_write_text(logs / METRICS, "".join(json.dumps(m) + "\n" for m in metrics), mode=0o644)
         tb = monitor.TensorBoardLog(logs / "tensorboard")
     end = min(cfg.steps, stop_at_step) if stop_at_step is not None else cfg.steps
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ctx.world
