@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from keys.digest import dir_manifest, manifest_text, sha256_bytes, sha256_file
 from keys.errors import SigningError
-from keys.files import atomic_write_json, fsync_dir, fsync_path
+from keys.files import atomic_write_json, fsync_dir, fsync_tree
 from keys.keystore import NodeKey, verify_signature
 from registry.canonical import canonical_json
 from registry.errors import StoreError
@@ -102,17 +102,6 @@ def _make_writable(path: Path) -> None:
                 os.chmod(Path(root) / name, 0o644)
     elif path.exists():
         os.chmod(path, 0o644)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file and directory of ``path``, children first, so its rename exposes only written data."""
-    if path.is_dir():
-        for root, _dirs, files in os.walk(path, topdown=False):
-            for name in files:
-                fsync_path(Path(root) / name)
-            fsync_path(Path(root))
-    else:
-        fsync_path(path)
 
 
 def _remove(path: Path) -> None:
@@ -200,7 +189,7 @@ class Store:
             # Moving a directory to another parent rewrites its "..", which needs write
             # permission on it: lock its top level only once it is in place.
             _make_read_only(staged, top=False)
-            _fsync_tree(staged)  # the ledger will say the object is here: it must be on disk, whole
+            fsync_tree(staged)  # the ledger will say the object is here: it must be on disk, whole
             os.rename(staged, final)
             os.chmod(final, 0o555 if final.is_dir() else 0o444)
             fsync_dir(final.parent)

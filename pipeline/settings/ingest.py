@@ -13,8 +13,7 @@ from typing import Literal
 from pipeline.config import check
 from pipeline.globs import glob_regex
 
-# Suffix (lower case) -> format name: what pipeline.readers reads. It keeps its own copy, which
-# tests/test_recipe.py holds equal to this one until pipeline.readers imports it from here.
+# Suffix (lower case) -> format name: what pipeline.readers reads (it imports this table).
 FORMATS: dict[str, str] = {
     ".txt": "txt",
     ".md": "md",
