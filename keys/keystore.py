@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,11 @@ class NodeKey:
     """An unlocked node key. Holds the private key in memory only."""
 
     _private_key: ec.EllipticCurvePrivateKey
+    # Derived once: every signed ledger event names the key, so this is on the append path.
+    _key_id: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_key_id", key_id_of(self._private_key.public_key()))
 
     @property
     def public_key(self) -> ec.EllipticCurvePublicKey:
@@ -99,7 +104,7 @@ class NodeKey:
     @property
     def key_id(self) -> str:
         """sha256 hex of the DER SubjectPublicKeyInfo."""
-        return key_id_of(self.public_key)
+        return self._key_id
 
     def public_pem(self) -> bytes:
         """The public key as SubjectPublicKeyInfo PEM."""
@@ -258,9 +263,9 @@ def load_key(path: Path, passphrase: bytes) -> NodeKey:
         raise _corrupt(path, "unknown key derivation")
     if not isinstance(cipher, dict) or cipher.get("name") != "aes-256-gcm":
         raise _corrupt(path, "unknown cipher")
-    for field in ("iterations", "lanes", "memory_cost_kib"):
-        if type(kdf.get(field)) is not int or kdf[field] < 1:
-            raise _corrupt(path, f"kdf field {field!r} is not a positive integer")
+    for name in ("iterations", "lanes", "memory_cost_kib"):
+        if type(kdf.get(name)) is not int or kdf[name] < 1:
+            raise _corrupt(path, f"kdf name {name!r} is not a positive integer")
     salt = _unb64(kdf.get("salt"), path, "kdf.salt")
     nonce = _unb64(cipher.get("nonce"), path, "cipher.nonce")
     sealed = _unb64(document.get("ciphertext"), path, "ciphertext")

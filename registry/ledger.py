@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,6 +57,9 @@ from registry.ledger_verify import (
 
 __all__ = ["GENESIS_HASH", "AuditLimits", "Event", "Ledger", "VerifyReport", "chain_hash", "head_message"]
 
+# How long the writer waits for more callers before a group commit, when the last one served
+# several: far below one commit's fsyncs, so a lone caller never waits for it.
+GROUP_COMMIT_LINGER_S = 0.002
 _COLUMNS = "seq, ts, kind, actor, body, prev_hash, hash, key_id, signature"
 # Rows per Arrow batch when the audit sandbox copies events: a few tens of MB at most.
 _COPY_BATCH_ROWS = 50_000
@@ -109,6 +113,13 @@ class Ledger:
         self._con = con
         self._signer = signer
         self._lock = threading.Lock()
+        # (seq, hash) of the last committed event, once read; kept current by _commit.
+        self._tip: tuple[int, str] | None = None
+        # Batches waiting for the writer thread's next group commit (see append_many).
+        self._queue: list[_Append] = []
+        self._queue_cond = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._stopping = False
         # The last seq committed through this object (or found at open): how far the audit
         # sandbox must catch up before a query. Written under _lock, read without it.
         self._committed_seq = 0
@@ -234,8 +245,15 @@ class Ledger:
     # ---------------------------------------------------------------- writing
 
     def _last(self, con: duckdb.DuckDBPyConnection | None = None) -> tuple[int, str]:
-        row = (con or self._con).execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-        return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+        # This object is the file's only writer, so after the first read the tip is known here;
+        # the query (a scan, milliseconds on a large ledger) would otherwise run twice per commit.
+        if self._tip is None:
+            row = (con or self._con).execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            tip = (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+            if self.read_only:
+                return tip  # another process may be appending: never cache a reader's view
+            self._tip = tip
+        return self._tip
 
     def _require_signer(self, what: str) -> NodeKey:
         if self.read_only:
@@ -255,50 +273,106 @@ class Ledger:
         return self.append_many([(kind, actor, data)])[0]
 
     def append_many(self, items: Iterable[tuple[str, str, dict]]) -> list[Event]:
-        """Append several events in ONE transaction: all are recorded, or none is."""
-        signer = self._require_signer("append events")
-        items = list(items)
-        events: list[Event] = []
-        with self._lock:
-            con = self._con
-            committed = False
-            try:
-                con.begin()
-                seq, prev = self._last(con)
-                for kind, actor, data in items:
-                    seq += 1
-                    event = _make_event(signer, seq, prev, kind, actor, data)
-                    con.execute(
-                        f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [event.seq, event.ts, event.kind, event.actor, event.body.decode("utf-8"), event.prev_hash, event.hash, event.key_id, event.signature],
-                    )
-                    events.append(event)
-                    prev = event.hash
-                con.commit()
-                committed = True
-                self._committed_seq = seq
-            except duckdb.Error as exc:
-                raise LedgerError(
-                    f"could not append to ledger {self.path}: {exc}",
-                    "nothing of this batch was recorded; check the disk and retry",
-                ) from None
-            finally:
-                if not committed:
-                    try:
-                        con.rollback()
-                    except duckdb.TransactionException:
-                        pass  # no transaction was open: BEGIN itself failed
-            if events:
+        """Append several events in ONE transaction: all are recorded, or none is.
+
+        Group commit: batches from concurrent callers queue for one writer thread, which
+        commits every batch waiting in one transaction with one head rewrite. Each batch still
+        stands or falls whole (a batch with an invalid event is refused alone), and each
+        caller returns only once its events are durable.
+        """
+        self._require_signer("append events")
+        request = _Append(list(items))
+        with self._queue_cond:
+            if self._stopping:
+                raise LedgerError(f"ledger {self.path} is closed", "open it again in the service that owns it")
+            self._queue.append(request)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
+                self._writer.start()
+            self._queue_cond.notify()
+        request.settled.wait()
+        if request.error is not None:
+            raise request.error
+        return request.events
+
+    def _write_loop(self) -> None:
+        """The writer thread: commit whatever has queued since the last commit, until closed."""
+        last_batch = 1
+        while True:
+            with self._queue_cond:
+                while not self._queue and not self._stopping:
+                    self._queue_cond.wait()
+                if not self._queue:
+                    return
+                # Under concurrency, linger a moment for the callers the last commit released:
+                # one commit (one WAL fsync, one head rewrite) then serves all of them.
+                deadline = time.monotonic() + GROUP_COMMIT_LINGER_S
+                while len(self._queue) < last_batch and not self._stopping and (left := deadline - time.monotonic()) > 0:
+                    self._queue_cond.wait(left)
+                batch, self._queue = self._queue, []
+                last_batch = len(batch)
+            with self._lock:
                 try:
-                    self._write_head()
-                except OSError as exc:
-                    raise LedgerError(
-                        f"events {events[0].seq}..{events[-1].seq} were recorded in ledger "
-                        f"{self.path}, but its signed head file {self.head_path} could not be "
-                        f"rewritten: {exc.strerror}",
-                        "free disk space or fix the directory's permissions; the next append rewrites the head",
-                    ) from None
-        return events
+                    self._commit(batch)
+                finally:
+                    for request in batch:
+                        request.settled.set()
+
+    def _commit(self, batch: list[_Append]) -> None:
+        """Commit queued batches (under ``_lock``) and settle each request."""
+        signer = self._require_signer("append events")
+        con = self._con
+        committed = False
+        try:
+            con.begin()
+            seq, prev = self._last(con)
+            for request in batch:
+                try:
+                    events = []
+                    at, head = seq, prev
+                    for kind, actor, data in request.items:
+                        at += 1
+                        event = _make_event(signer, at, head, kind, actor, data)
+                        events.append(event)
+                        head = event.hash
+                except LedgerError as exc:
+                    request.error = exc  # this batch alone is refused; the others go on
+                    continue
+                request.events, seq, prev = events, at, head
+            rows = [[e.seq, e.ts, e.kind, e.actor, e.body.decode("utf-8"), e.prev_hash, e.hash, e.key_id, e.signature] for r in batch for e in r.events]
+            if rows:
+                # One call for the whole group: each call into DuckDB lets go of the GIL and must
+                # win it back, which costs up to a switch interval while other threads run.
+                con.executemany(f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            con.commit()
+            committed = True
+            self._committed_seq = seq
+            self._tip = (seq, prev)
+        except duckdb.Error as exc:
+            failure = LedgerError(f"could not append to ledger {self.path}: {exc}", "nothing of this batch was recorded; check the disk and retry")
+            for request in batch:
+                request.error, request.events = request.error or failure, []
+        finally:
+            if not committed:
+                try:
+                    con.rollback()
+                except duckdb.TransactionException:
+                    pass  # no transaction was open: BEGIN itself failed
+            for request in batch:
+                request.done = True
+        recorded = [e for r in batch if r.error is None for e in r.events]
+        if recorded:
+            try:
+                self._write_head()
+            except OSError as exc:
+                failure = LedgerError(
+                    f"events {recorded[0].seq}..{recorded[-1].seq} were recorded in ledger "
+                    f"{self.path}, but its signed head file {self.head_path} could not be "
+                    f"rewritten: {exc.strerror}",
+                    "free disk space or fix the directory's permissions; the next append rewrites the head",
+                )
+                for request in batch:
+                    request.error = request.error or failure
 
     # ---------------------------------------------------------------- head
 
@@ -465,6 +539,12 @@ class Ledger:
 
     def close(self) -> None:
         """Close the audit sandbox and the connection (committed events are durable already)."""
+        with self._queue_cond:  # the writer commits what is queued, then ends
+            self._stopping = True
+            self._queue_cond.notify_all()
+            writer = self._writer
+        if writer is not None:
+            writer.join()
         with self._sandbox_lock:
             sandbox, self._sandbox = self._sandbox, None
             self._closed = True
@@ -480,6 +560,19 @@ class Ledger:
 
 
 # -------------------------------------------------------------------- helpers
+
+
+class _Append:
+    """One caller's batch in the group-commit queue, and how it was settled."""
+
+    __slots__ = ("done", "error", "events", "items", "settled")
+
+    def __init__(self, items: list[tuple[str, str, dict]]) -> None:
+        self.items = items
+        self.events: list[Event] = []
+        self.error: LedgerError | None = None
+        self.done = False
+        self.settled = threading.Event()
 
 
 def _make_event(signer: NodeKey, seq: int, prev: str, kind: str, actor: str, data: dict) -> Event:
