@@ -265,7 +265,7 @@ def load_key(path: Path, passphrase: bytes) -> NodeKey:
         raise _corrupt(path, "unknown cipher")
     for name in ("iterations", "lanes", "memory_cost_kib"):
         if type(kdf.get(name)) is not int or kdf[name] < 1:
-            raise _corrupt(path, f"kdf name {name!r} is not a positive integer")
+            raise _corrupt(path, f"kdf field {name!r} is not a positive integer")
     salt = _unb64(kdf.get("salt"), path, "kdf.salt")
     nonce = _unb64(cipher.get("nonce"), path, "cipher.nonce")
     sealed = _unb64(document.get("ciphertext"), path, "ciphertext")
