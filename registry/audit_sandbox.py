@@ -82,8 +82,9 @@ class AuditLimits:
     """The fences of the auditor's SQL sandbox; a query may ask for less, never for more."""
 
     memory_limit: int = 1 << 30
-    """Bytes: DuckDB's cap for all audit queries together, and how far one query may grow
-    the process. 1 GiB holds a hash join over millions of events."""
+    """Bytes: DuckDB's cap for all audit queries together (the mirror's cached pages
+    included), and how far one query may grow the process. 1 GiB, as the service's
+    ``--query-memory-limit`` (`parse_size` reads that form)."""
     threads: int = 2
     """DuckDB worker threads of the sandbox: audit queries never take every core from the
     service and its jobs."""
@@ -229,8 +230,8 @@ class _Watch:
 _WATCH = _Watch()
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):g} MiB"
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.4g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.4g} MiB"
 
 
 def run_select(
@@ -271,8 +272,8 @@ def run_select(
     finally:
         _WATCH.stop(running)
     if running.reason == "memory":
-        # Stopped between the last vector and the end: the result is whole, but the process
-        # grew past the allowance; the next query must not inherit that growth silently.
+        # The watch saw the process pass the allowance just as the query ended: the result
+        # is whole, but its cost broke the limit, and a limit only holds if it always holds.
         raise _memory_error(source, memory_limit)
     if len(rows) > max_rows:
         raise LedgerError(
@@ -284,7 +285,7 @@ def run_select(
 
 def _memory_error(source: str, memory_limit: int) -> LedgerError:
     return LedgerError(
-        f"query on ledger {source} ran past the memory limit of {_mib(memory_limit)} and was stopped",
+        f"query on ledger {source} ran past the memory limit of {_size(memory_limit)} and was stopped",
         "aggregate or filter earlier (GROUP BY, WHERE, LIMIT), select fewer or shorter columns, "
         "or raise AuditLimits.memory_limit in the service's configuration",
     )
