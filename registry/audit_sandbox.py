@@ -37,13 +37,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import pyarrow as pa
 
 from registry import ledger_schema as schema
 from registry.errors import LedgerError
 from registry.sql_sandbox import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, ONLY_SELECT, single_select
+
+if TYPE_CHECKING:  # pyarrow loads only when an auditor's first query fills the sandbox
+    import pyarrow as pa
 
 __all__ = ["AuditLimits", "AuditSandbox", "parse_size", "query_file", "run_select"]
 
@@ -314,7 +317,7 @@ def _run_in_rollback(
 
 # -------------------------------------------------------------------- the mirror
 
-ReadSince = Callable[[int], Iterable[pa.RecordBatch]]
+ReadSince = Callable[[int], Iterable["pa.RecordBatch"]]
 
 
 class AuditSandbox:
@@ -377,6 +380,8 @@ class AuditSandbox:
                     if batch.num_rows == 0:
                         continue
                     # One transaction per batch, in seq order: a query sees a gap-free prefix.
+                    import pyarrow as pa  # loaded on the first query only: the service starts without it
+
                     cur.register("incoming_events", pa.Table.from_batches([batch]))
                     try:
                         cur.execute("INSERT INTO events SELECT * FROM incoming_events")

@@ -30,10 +30,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import duckdb
-import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keys.keystore import NodeKey, key_id_of
@@ -54,6 +53,9 @@ from registry.ledger_verify import (
     verify_row,
     verify_rows,
 )
+
+if TYPE_CHECKING:  # pyarrow loads only when an auditor's first query fills the sandbox
+    import pyarrow as pa
 
 __all__ = ["GENESIS_HASH", "AuditLimits", "Event", "Ledger", "VerifyReport", "chain_hash", "head_message"]
 

@@ -24,6 +24,7 @@ from keys.errors import ApplianceError
 from keys.keystore import NodeKey, create_key, load_key
 from policies.decision import OwnerPolicy
 from policies.errors import PolicyError
+from registry.audit_sandbox import AuditLimits, parse_size
 from registry.ledger import Ledger
 from registry.store import Store
 
@@ -91,7 +92,8 @@ class Service:
         self.home, self.key, self.config, self._lock = home, key, config, lock
         self.store = Store(home.store_dir)
         try:
-            self.ledger = Ledger.open(home.ledger_file, key, head_path=home.head_file)
+            limits = AuditLimits(memory_limit=parse_size(config.query_memory_limit), timeout_s=config.query_timeout_s, max_rows=config.query_max_rows)
+            self.ledger = Ledger.open(home.ledger_file, key, head_path=home.head_file, audit=limits)
         except BaseException:
             lock.release()
             raise

@@ -36,8 +36,8 @@ def _trusted(svc: Any, pems: Sequence[str]) -> dict[str, Any]:
 def ledger_query(svc: Any, caller: Caller, *, sql: str) -> dict[str, Any]:
     """One sandboxed, read-only SELECT over the ledger's views."""
     svc.authorize(caller, "ledger.query", sql[:500])
-    cfg = svc.config
-    columns, rows = svc.ledger.query(sql, max_rows=cfg.query_max_rows, timeout_s=cfg.query_timeout_s)
+    # The limits (time, memory, rows) are the service's, set when it opened the ledger.
+    columns, rows = svc.ledger.query(sql)
     return {"columns": columns, "rows": [list(r) for r in rows]}
 
 
