@@ -84,7 +84,10 @@ def _pae(payload: bytes) -> bytes:
 
 def _read_bundle(sig_path: Path) -> tuple[str | None, bytes, bytes, dict]:
     """(key hint, raw payload, signature, statement) from a bundle; not yet verified."""
-    bad = SigningError(f"signature file {sig_path} is not a model-signing bundle", "the appliance signs a model when it packages it: export it again from the appliance that made it (`appliance model export DIGEST --out DIR`)")
+    bad = SigningError(
+        f"signature file {sig_path} is not a model-signing bundle",
+        "the appliance signs a model when it packages it: export it again from the appliance that made it (`appliance model export DIGEST --out DIR`)",
+    )
     try:
         bundle = json.loads(sig_path.read_text(encoding="utf-8"))
         envelope = bundle["dsseEnvelope"]
@@ -155,7 +158,10 @@ def verify_model_dir(model_dir: Path, public_key_pem: Path, sig_name: str = DEFA
     if not model_dir.is_dir():
         raise SigningError(f"model directory {model_dir} does not exist", "check the path")
     if not sig_path.is_file():
-        raise SigningError(f"model directory {model_dir} has no signature file {sig_name}", "export models with `appliance model export DIGEST --out DIR`, which writes model.sig into the model folder")
+        raise SigningError(
+            f"model directory {model_dir} has no signature file {sig_name}",
+            "export models with `appliance model export DIGEST --out DIR`, which writes model.sig into the model folder",
+        )
     try:
         public_key = load_public_key(Path(public_key_pem))
     except KeyStoreError as exc:

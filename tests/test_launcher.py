@@ -11,8 +11,8 @@ import pytest
 
 from appliance.jobs.launch import LaunchOptions, check_port, command, failure_message
 from appliance.jobs.runner import job_env
-from pipeline.events import EventTail
 from pipeline.errors import ConfigError
+from pipeline.events import EventTail
 
 # torchrun's own summary after a worker was killed with SIGKILL (torch 2.13), as it appears in
 # the launcher log; the survivor was sent SIGTERM by torchrun and is listed first.

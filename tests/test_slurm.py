@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.recipe import load_recipe
 from appliance.jobs.slurm import SlurmConfig, render_script, write_script
+from appliance.recipe import load_recipe
 from pipeline.errors import ConfigError
 from tests.conftest import PASSPHRASE, cli
 
