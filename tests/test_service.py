@@ -129,6 +129,12 @@ def test_killing_the_service_stops_its_training_job_and_resume_ends_bit_identica
     _wait_until(two_recorded, 300, "two recorded checkpoints")
     run_dir = work[0]
     run_id = run_dir.name
+    # The job never sees the passphrase its service was unlocked with.
+    jobs = _processes_mentioning(str(run_dir))
+    assert jobs
+    for pid in jobs:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"PASSPHRASE" not in environ and PASSPHRASE.encode() not in environ
     # One run, one job: nobody else can take the run while its job lives.
     with pytest.raises(TrainingError, match="already has a job running"):
         RunLock(run_dir).acquire()

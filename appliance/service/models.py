@@ -10,6 +10,7 @@ the generation job load a byte of it — in a child process, so the service neve
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -106,11 +107,15 @@ def generate(
     spec = {"op": "generate", "model_dir": str(model_dir), "tokenizer": str(tok) if tok else None, "prompts": prompts, "sample": sample, "device": device}
     work = svc.home.work_dir / "generate" / f"{caller.uid}-{os.getpid()}-{threading.get_ident()}"
     job = Job(JOB_MODULE, spec, work)
-    outcome = job.run(lambda event: None)
+    try:
+        outcome = job.run(lambda event: None)
+    finally:
+        job.spec_file.unlink(missing_ok=True)  # it holds the prompts; the log stays for a failure
     generated, error = outcome.last("generated"), outcome.last("error")
     if outcome.returncode != 0 or generated is None:
         message = error["message"] if error else f"the generation job exited with code {outcome.returncode}"
         raise TrainingError(message, f"see {job.log_file}")
+    shutil.rmtree(work, ignore_errors=True)  # nothing of a generation is kept: the prompts may be private
     return {"model": str(model_dir), "digest": digest, "verified": what, **{k: v for k, v in generated.items() if k != "event"}}
 
 

@@ -51,6 +51,9 @@ from registry.store import StoredArtifact
 # How long a restarted service waits for a dead service's job to die before giving up on a run.
 LOCK_WAIT_S = 15.0
 JOB_MODULE = "appliance.jobs.stage_job"
+# Who cancels the runs of a service that is stopping (SIGTERM, systemctl stop): such runs are
+# recorded as interrupted, not stopped, and the next service start resumes them.
+SHUTDOWN = "the service stopping"
 
 
 class RunStopped(ApplianceError):
@@ -280,33 +283,38 @@ class RunManager:
     # -- recovery and shutdown -------------------------------------------------------------
 
     def recover(self, *, resume: bool) -> list[str]:
-        """Record the runs a dead service left running; with ``resume``, queue them again."""
-        recovered = []
+        """Record the runs a dead service left running as ``interrupted``; with ``resume``, queue
+        every interrupted run again (those too that a stopping service checkpointed and left)."""
+        interrupted = []
         for row in self._rows():
-            if row["status"] != "running":
-                continue
             run_id = row["run_id"]
-            lock = RunLock(self.svc.home.work_dir / run_id)
-            try:
-                lock.acquire(wait_s=LOCK_WAIT_S)
-            except TrainingError as exc:
-                print(f"appliance: cannot recover run {run_id}: {exc.message}", file=sys.stderr)
+            if row["status"] == "running":
+                lock = RunLock(self.svc.home.work_dir / run_id)
+                try:
+                    lock.acquire(wait_s=LOCK_WAIT_S)
+                except TrainingError as exc:
+                    print(f"appliance: cannot recover run {run_id}: {exc.message}", file=sys.stderr)
+                    continue
+                lock.release()
+                self.svc.ledger.append(
+                    "run.finished",
+                    "service",
+                    {
+                        "run_id": run_id,
+                        "status": "interrupted",
+                        "error": "the process that drove this run ended before the run did (killed, or the machine stopped)",
+                        "summary": {},
+                    },
+                )
+            elif row["status"] != "interrupted":
                 continue
-            lock.release()
-            self.svc.ledger.append(
-                "run.finished",
-                "service",
-                {
-                    "run_id": run_id,
-                    "status": "interrupted",
-                    "error": "the process that drove this run ended before the run did (killed, or the machine stopped)",
-                    "summary": {},
-                },
-            )
-            recovered.append(run_id)
+            interrupted.append(run_id)
             if resume:
-                self._resume(run_id, None)
-        return recovered
+                try:
+                    self._resume(run_id, None)
+                except ApplianceError as exc:  # one run that cannot go on must not keep the service down
+                    print(f"appliance: cannot resume run {run_id}: {exc.diagnostics()}", file=sys.stderr)
+        return interrupted
 
     def shutdown(self) -> None:
         """Cancel every active run (jobs checkpoint and stop) and wait for the workers."""
@@ -314,7 +322,7 @@ class RunManager:
         with self._lock:
             actives = list(self.active.values())
         for active in actives:
-            active.cancel("the service stopping")
+            active.cancel(SHUTDOWN)
         for _ in self._workers:
             self._queue.put(None)
         for w in self._workers:
@@ -437,6 +445,8 @@ class RunManager:
         except BaseException as exc:  # noqa: BLE001 - every way a run ends is recorded; the service goes on
             message = failure_text(exc)
             status = "stopped" if isinstance(exc, (TrainingStopped, RunStopped, KeyboardInterrupt)) else "failed"
+            if status == "stopped" and active.cancelled_by == SHUTDOWN:
+                status = "interrupted"  # not the operator's choice: the next service start resumes it
             if not isinstance(exc, ApplianceError):
                 traceback.print_exc()
             try:
