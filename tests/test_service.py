@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.jobs.runner import RunLock
+from appliance.jobs.runner import RunLock, child_pids
 from appliance.service import Caller
 from appliance.service.api import dispatch
 from pipeline.errors import TrainingError
@@ -61,16 +61,6 @@ def _wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[n
         time.sleep(0.02)
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
 def test_a_killed_data_job_fails_its_stage_leaves_no_worker_and_the_run_resumes(tmp_path: Path, tiny_recipe: Path) -> None:
     corpus = tiny_recipe.parent / "corpus"
     # Enough documents that curation's worker pool is up before the job is killed.
@@ -85,7 +75,7 @@ def test_a_killed_data_job_fails_its_stage_leaves_no_worker_and_the_run_resumes(
 
         def curate_job_with_workers() -> bool:
             pids = _processes_mentioning(str(spec))
-            job = [p for p in pids if _children(p)]
+            job = [p for p in pids if child_pids(p)]
             job_pid[:] = job[:1]
             return bool(job)
 

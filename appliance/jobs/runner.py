@@ -210,7 +210,7 @@ class Job:
         proc = self.proc
         if proc is None:
             return
-        workers = _children(proc.pid) if self.launch.distributed else []
+        workers = child_pids(proc.pid) if self.launch.distributed else []
         if not workers:
             self._signal_group(sig)
             return
@@ -229,7 +229,8 @@ class Job:
             pass
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (from /proc)."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
