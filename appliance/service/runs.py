@@ -28,6 +28,7 @@ from appliance.jobs.launch import LaunchOptions, failure_message
 from appliance.jobs.runner import Job, RunLock
 from appliance.recipe import LoadedRecipe, load_recipe, parse_recipe
 from appliance.service.caller import Caller
+from appliance.service.feed import ActiveRun, RunFeed
 from appliance.service.record import Recorder, RunState, failure_text, jsonable
 from appliance.service.resolve import (
     checkpoint_saved,
@@ -66,89 +67,13 @@ def new_run_id() -> str:
     return time.strftime("run-%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(3)
 
 
-class RunFeed:
-    """What a follower sees of one run: its events in order, and the latest progress.
-
-    Progress is not kept step by step: a follower wants the bar where it is now, so the feed
-    holds only the newest progress event and a counter that says it changed.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.progress: dict[str, Any] | None = None
-        self.progress_seq = 0
-        self.done = False
-        self._cond = threading.Condition()
-
-    def push(self, event: dict[str, Any]) -> None:
-        with self._cond:
-            if event["event"] == "progress":
-                self.progress = event
-                self.progress_seq += 1
-            else:
-                self.events.append(event)
-                if event["event"] == "run_finished":
-                    self.done = True
-            self._cond.notify_all()
-
-    def follow(self, since: int = 0, *, heartbeat_s: float = 5.0) -> Iterator[dict[str, Any]]:
-        """Yield events from index ``since`` (and fresh progress) until the run finishes.
-
-        Each event carries its index as ``seq``, so a follower that reconnects can pass
-        ``since`` and miss nothing; a heartbeat every ``heartbeat_s`` keeps idle streams alive.
-        """
-        index, seen_progress = since, -1
-        while True:
-            with self._cond:
-                if index >= len(self.events) and self.progress_seq == seen_progress and not self.done:
-                    self._cond.wait(timeout=heartbeat_s)
-                batch = self.events[index:]
-                progress = self.progress if self.progress_seq != seen_progress else None
-                seen_progress = self.progress_seq
-                finished = self.done
-            for offset, event in enumerate(batch):
-                yield {**event, "seq": index + offset}
-            index += len(batch)
-            if finished and not batch:
-                return
-            if progress is not None and not finished:
-                yield progress
-            elif not batch and not finished:
-                yield {"event": "heartbeat"}
-
-
-class _Active:
-    """A run the service is driving (or about to)."""
-
-    def __init__(self, state: RunState, caller: Caller) -> None:
-        self.state, self.caller = state, caller
-        self.feed = RunFeed()
-        self.cancel_requested = False
-        self.cancelled_by: str | None = None
-        self.job: Job | None = None
-        self.lock = threading.Lock()
-
-    def set_job(self, job: Job | None) -> None:
-        with self.lock:
-            self.job = job
-            if job is not None and self.cancel_requested:
-                job.cancel()
-
-    def cancel(self, by: str) -> None:
-        with self.lock:
-            self.cancel_requested = True
-            self.cancelled_by = self.cancelled_by or by
-            if self.job is not None:
-                self.job.cancel()
-
-
 class RunManager:
     """Starts, queues, drives, cancels and recovers the runs of one service."""
 
     def __init__(self, svc: Any) -> None:
         self.svc = svc
         self.recorder = Recorder(svc)
-        self.active: dict[str, _Active] = {}
+        self.active: dict[str, ActiveRun] = {}
         self.finished_feeds: dict[str, RunFeed] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -399,7 +324,7 @@ class RunManager:
         return self._enqueue(state, caller or Caller.current())
 
     def _enqueue(self, state: RunState, caller: Caller) -> dict[str, Any]:
-        active = _Active(state, caller)
+        active = ActiveRun(state, caller)
         with self._lock:
             self.active[state.run_id] = active
         active.feed.push({"event": "queued", "run_id": state.run_id, "position": self._queue.qsize()})
@@ -422,7 +347,7 @@ class RunManager:
                     self.active.pop(run_id, None)
                     self.finished_feeds[run_id] = active.feed
 
-    def _drive(self, active: _Active) -> None:
+    def _drive(self, active: ActiveRun) -> None:
         run, feed, svc = active.state, active.feed, self.svc
         started = time.monotonic()
         lock = RunLock(run.work)
@@ -506,7 +431,7 @@ class RunManager:
         run.provenance_s += time.perf_counter() - clock
         feed.push({"event": "stage_finished", "stage": stage.name, "stats": jsonable(run.stats[stage.name])})
 
-    def _run_stage(self, active: _Active, stage: Stage, lock: RunLock) -> None:
+    def _run_stage(self, active: ActiveRun, stage: Stage, lock: RunLock) -> None:
         run, feed, svc = active.state, active.feed, self.svc
         work = run.work / stage.name
         work.mkdir(parents=True, exist_ok=True)
@@ -540,7 +465,7 @@ class RunManager:
     def _paths(self, run: RunState) -> dict[str, Path]:
         return {k: a.path for k, a in run.artifacts.items()}
 
-    def _job_stage(self, active: _Active, stage: Stage, work: Path, progress: Any, lock: RunLock) -> StageResult:
+    def _job_stage(self, active: ActiveRun, stage: Stage, work: Path, progress: Any, lock: RunLock) -> StageResult:
         """Run one data/evaluate/package stage as a child job and return what it reported."""
         run = active.state
         spec = {
@@ -583,7 +508,7 @@ class RunManager:
             skipped=result.get("skipped") or [],
         )
 
-    def _train_context(self, active: _Active, lock: RunLock) -> StageContext:
+    def _train_context(self, active: ActiveRun, lock: RunLock) -> StageContext:
         run, svc = active.state, self.svc
 
         def note(kind: str, data: dict[str, Any]) -> None:
