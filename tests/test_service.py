@@ -276,3 +276,29 @@ def test_kill_9_of_the_served_service_mid_training_then_restart_resumes_the_run(
             service.send_signal(signal.SIGTERM)
             _, err = service.communicate(timeout=120)
             assert service.returncode == 0 and "Traceback" not in err, err
+
+
+def test_a_replaced_public_key_file_is_named_and_nothing_is_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from keys.keystore import create_key
+
+    with new_home(tmp_path / "home") as svc:
+        before = svc.ledger.select("SELECT count(*) FROM events")
+        real = svc.key.key_id
+    other = create_key(tmp_path / "other.key", b"another passphrase here")
+    shutil.copyfile(tmp_path / "other.pub.pem", tmp_path / "home" / "keys" / "node.pub.pem")
+    code, _, err = cli(capsys, "--home", str(tmp_path / "home"), "ledger", "verify")
+    assert code == 2 and "node.pub.pem" in err and other.key_id[:16] in err and real[:16] in err and "Traceback" not in err
+    from appliance.service import Service
+    from keys.errors import KeyStoreError
+
+    # Twice: the failed open left the home unlocked. And nothing was recorded.
+    for _ in range(2):
+        with pytest.raises(KeyStoreError, match="node.pub.pem holds key"):
+            Service.open(tmp_path / "home", PASSPHRASE.encode())
+    import duckdb
+
+    con = duckdb.connect(str(tmp_path / "home" / "ledger.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM events").fetchall() == before
+    finally:
+        con.close()

@@ -20,8 +20,8 @@ from typing import Any
 
 from appliance.home import Home
 from appliance.service.caller import Caller
-from keys.errors import ApplianceError
-from keys.keystore import NodeKey, create_key, load_key
+from keys.errors import ApplianceError, KeyStoreError
+from keys.keystore import NodeKey, create_key, key_id_of, load_key, public_key_from_pem
 from policies.decision import OwnerPolicy
 from policies.errors import PolicyError
 from registry.audit_sandbox import AuditLimits, parse_size
@@ -92,6 +92,7 @@ class Service:
         self.home, self.key, self.config, self._lock = home, key, config, lock
         self.store = Store(home.store_dir)
         try:
+            self._check_public_key()
             limits = AuditLimits(memory_limit=parse_size(config.query_memory_limit), timeout_s=config.query_timeout_s, max_rows=config.query_max_rows)
             self.ledger = Ledger.open(home.ledger_file, key, head_path=home.head_file, audit=limits)
         except BaseException:
@@ -156,6 +157,20 @@ class Service:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _check_public_key(self) -> None:
+        """The home's public key file is what exports and model checks hand out: it must be the
+        unlocked key's own, or every signature checked against it proves nothing."""
+        path = self.home.public_key_file
+        try:
+            on_disk = public_key_from_pem(path.read_bytes(), source=str(path))
+        except OSError as exc:
+            raise KeyStoreError(f"cannot read the node's public key {path}: {exc.strerror}", "restore it from a backup of the home") from None
+        if key_id_of(on_disk) != self.key.key_id:
+            raise KeyStoreError(
+                f"{path} holds key {key_id_of(on_disk)[:16]}…, but the node key {self.home.key_file} is {self.key.key_id[:16]}…",
+                "the public key file was replaced: restore it from a backup of the home; nothing was recorded",
+            )
 
     def _owner(self) -> str:
         events = self.ledger.events("home.initialised")
