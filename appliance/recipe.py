@@ -89,6 +89,8 @@ def parse_recipe(text: str, *, source: str) -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML ({exc})", "fix the TOML syntax at the position shown") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: TOML nested too deeply to read", "a recipe is a few flat tables of values: remove the nested arrays or tables") from None
     if "recipe" not in data:
         raise ConfigError(f"{source}: missing [recipe] section", 'add [recipe] with name = "..."')
     return from_mapping(Recipe, data, source=source)

@@ -545,6 +545,11 @@ def _jsonl_records(cursor: _Cursor, key: str) -> Iterator[Item]:
         except json.JSONDecodeError as exc:
             yield Problem(number, "malformed_json", f"line {number}: malformed JSON: {exc.msg} (column {exc.colno})")
             continue
+        except RecursionError:
+            # A line of a hundred thousand nested brackets is not a document: a malformed line,
+            # skipped and counted like any other in skip mode, never a crash.
+            yield Problem(number, "malformed_json", f"line {number}: JSON nested too deeply to read (a record is one object of text fields)")
+            continue
         if type(obj) is not dict:
             yield Problem(number, "not_object", f"line {number}: expected a JSON object with a '{key}' field, got a JSON {_json_type(obj)}")
             continue

@@ -342,6 +342,14 @@ BAD_INPUTS: dict[str, tuple[str, Any, str, list[str], int]] = {
     "latin1_html": ("p.html", b"<p>caf\xe9</p>", "not_utf8", ["p.html", "UTF-8", "offset 6"], 0),
     "latin1_jsonl_line": ("d.jsonl", jsonl({"text": "a"}) + b'{"text": "caf\xe9"}\n' + jsonl({"text": "c"}), "not_utf8", ["d.jsonl", "line 2", "UTF-8"], 2),
     "malformed_json": ("d.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": oops}\n', "malformed_json", ["d.jsonl", "line 3", "malformed JSON", "column"], 2),
+    # One line nested 20,000 deep: past Python's recursion limit, a malformed line, never a crash.
+    "deep_json": (
+        "d.jsonl",
+        jsonl({"text": "a"}) + b'{"text": ' + b"[" * 20000 + b"]" * 20000 + b"}\n" + jsonl({"text": "c"}),
+        "malformed_json",
+        ["d.jsonl", "line 2", "nested too deeply"],
+        2,
+    ),
     "missing_field": ("d.jsonl", b'{"text": "a"}\n{"body": "b"}\n', "missing_field", ["d.jsonl", "line 2", "'text'", "body"], 1),
     "not_a_string": ("d.jsonl", b'{"text": 5}\n{"text": "ok"}\n', "not_string", ["d.jsonl", "line 1", "not a string"], 1),
     "null_text": ("d.jsonl", b'{"text": null}\n{"text": "ok"}\n', "null_text", ["d.jsonl", "line 1", "null"], 1),
