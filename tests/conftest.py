@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,3 +102,23 @@ def home_copy(tmp_path: Path, finished_run: tuple[Path, object]) -> tuple[Path, 
     dest = tmp_path / "home"
     shutil.copytree(home, dest, symlinks=True)
     return dest, summary
+
+
+@pytest.fixture(params=[0o000, 0o077], ids=["umask000", "umask077"])
+def umask(request: pytest.FixtureRequest) -> Any:
+    """Run the test under a permissive and a strict umask: modes must not depend on it."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+@pytest.fixture
+def umask000() -> Any:
+    """The most permissive umask, where a forgotten explicit mode shows."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)

@@ -17,24 +17,6 @@ from keys import files
 from keys.files import atomic_write, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree, publish_dir
 
 
-@pytest.fixture(params=[0o000, 0o077], ids=["umask000", "umask077"])
-def umask(request):
-    old = os.umask(request.param)
-    try:
-        yield request.param
-    finally:
-        os.umask(old)
-
-
-@pytest.fixture
-def umask000():
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 def _mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 

@@ -29,24 +29,6 @@ PASS = b"correct horse battery"
 IS_ROOT = os.geteuid() == 0
 
 
-@pytest.fixture(params=[0o000, 0o077], ids=["umask000", "umask077"])
-def umask(request):
-    old = os.umask(request.param)
-    try:
-        yield request.param
-    finally:
-        os.umask(old)
-
-
-@pytest.fixture
-def umask000():
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 @pytest.fixture
 def no_sources(monkeypatch):
     """No passphrase variable, no credential, no terminal."""
