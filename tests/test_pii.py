@@ -268,7 +268,7 @@ def test_types_placeholders_and_config_agree() -> None:
 def test_config_from_a_recipe_table() -> None:
     cfg = from_mapping(PiiConfig, {"email": "keep", "cloud_key": "redact"}, source="r.toml", prefix="pii")
     assert cfg.email == "keep" and cfg.cloud_key == "redact" and cfg.private_key == "drop"
-    with pytest.raises(ConfigError, match=r"'pii\.phone' is 'mask'"):
+    with pytest.raises(ConfigError, match=r'pii\.phone is "mask"'):
         from_mapping(PiiConfig, {"phone": "mask"}, source="r.toml", prefix="pii")
     with pytest.raises(ConfigError, match=r"unknown key 'pii\.emails'"):
         from_mapping(PiiConfig, {"emails": "keep"}, source="r.toml", prefix="pii")
