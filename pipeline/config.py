@@ -177,11 +177,11 @@ def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str, prob
         _SINK.reset(token)
     for key, message, fix in found:
         field_name = key or message.split(" ", 1)[0].split("=", 1)[0].strip()
-        fld = fields.get(field_name)
-        full = dotted(field_name) if fld is not None else (prefix or "recipe")
-        default_fix = f"set {full} as the message says" if fld is not None else f"change the {where} values it names"
-        problem = Problem(full, f"{message} in {where}" if fld is None else message, fix or default_fix)
-        problems.append(_with_default(problem, fld) if fld is not None else problem)
+        owner = fields.get(field_name)
+        full = dotted(field_name) if owner is not None else (prefix or "recipe")
+        default_fix = f"set {full} as the message says" if owner is not None else f"change the {where} values it names"
+        problem = Problem(full, f"{message} in {where}" if owner is None else message, fix or default_fix)
+        problems.append(_with_default(problem, owner) if owner is not None else problem)
     return obj
 
 
