@@ -12,7 +12,8 @@ from pathlib import Path
 
 from keys.digest import sha256_bytes
 from pipeline.clean import CleanConfig
-from pipeline.config import check, from_mapping
+from appliance.recipe_checks import Machine, recipe_problems
+from pipeline.config import check, collect
 from pipeline.errors import ConfigError
 from pipeline.filters import FiltersConfig
 from pipeline.pii import PiiConfig
@@ -83,8 +84,12 @@ class LoadedRecipe:
         return path
 
 
-def parse_recipe(text: str, *, source: str) -> Recipe:
-    """Parse recipe TOML text; ``source`` names the file in error messages."""
+def parse_recipe(text: str, *, source: str, machine: Machine | None = None) -> Recipe:
+    """Parse and check recipe TOML text; ``source`` names the file in error messages.
+
+    Every problem is reported in one ConfigError: each table's own, then those across tables
+    (``appliance.recipe_checks``) and, given ``machine``, those against it (memory, time).
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -93,11 +98,23 @@ def parse_recipe(text: str, *, source: str) -> Recipe:
         raise ConfigError(f"{source}: TOML nested too deeply to read", "a recipe is a few flat tables of values: remove the nested arrays or tables") from None
     if "recipe" not in data:
         raise ConfigError(f"{source}: missing [recipe] section", 'add [recipe] with name = "..."')
-    return from_mapping(Recipe, data, source=source)
+    recipe, problems = collect(Recipe, data, source=source)
+    if recipe is not None:
+        named = {p.key for p in problems}
+        try:
+            problems += [p for p in recipe_problems(recipe, machine) if p.key not in named]
+        except Exception:  # noqa: BLE001
+            # The tables already hold defaults in place of bad values; a check across them may
+            # trip over what is left. Those problems are reported; this one would be noise.
+            if not problems:
+                raise
+    if problems or recipe is None:
+        raise ConfigError.of(source, problems)
+    return recipe
 
 
-def load_recipe(path: Path) -> LoadedRecipe:
-    """Read and validate a recipe file."""
+def load_recipe(path: Path, machine: Machine | None = None) -> LoadedRecipe:
+    """Read and validate a recipe file (against ``machine`` too, when given)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -107,7 +124,7 @@ def load_recipe(path: Path) -> LoadedRecipe:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {path} is not UTF-8 text", "save it as UTF-8") from None
-    return LoadedRecipe(recipe=parse_recipe(text, source=str(path)), path=path.resolve(), digest=sha256_bytes(raw), text=text)
+    return LoadedRecipe(recipe=parse_recipe(text, source=str(path), machine=machine), path=path.resolve(), digest=sha256_bytes(raw), text=text)
 
 
 def packaged_recipe(name: str) -> Path:

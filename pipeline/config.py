@@ -35,9 +35,11 @@ _SINK: contextvars.ContextVar[list[tuple[str, str, str]] | None] = contextvars.C
 class _Invalid(Exception):
     """Internal: a value (or a nested table) that cannot be used, with its problems."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], partial: Any = None) -> None:
         super().__init__(problems[0].message if problems else "invalid")
         self.problems = problems
+        # A nested table built with defaults in place of its bad values, for cross-table checks.
+        self.partial = partial
 
 
 def _type_name(tp: Any) -> str:
@@ -72,7 +74,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         problems: list[Problem] = []
         obj = _build(typing.cast(type, tp), value, source, key, problems)
         if problems or obj is None:
-            raise _Invalid(problems)
+            raise _Invalid(problems, partial=obj)
         return obj
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -159,6 +161,8 @@ def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str, prob
             kwargs[name] = _coerce(data[name], hints[name], dotted(name), source)
         except _Invalid as exc:
             problems.extend(_with_default(p, fld) if p.key == dotted(name) else p for p in exc.problems)
+            if exc.partial is not None:
+                kwargs[name] = exc.partial
     if any(f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields.values()):
         return None
     where = f"[{prefix}]" if prefix else "the top level"

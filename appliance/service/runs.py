@@ -27,6 +27,7 @@ from airgap.attest import environment_attestation
 from appliance.jobs.launch import LaunchOptions, failure_message
 from appliance.jobs.runner import Job, RunLock
 from appliance.recipe import LoadedRecipe, load_recipe, parse_recipe
+from appliance.recipe_checks import Machine
 from appliance.service.caller import Caller
 from appliance.service.feed import ActiveRun, RunFeed
 from appliance.service.record import Recorder, RunState, failure_text, jsonable
@@ -99,7 +100,8 @@ class RunManager:
         svc = self.svc
         svc.authorize(caller, "run.start", f"recipe {recipe}")
         recipe_path = caller.require_readable(Path(recipe), what="recipe")
-        loaded = load_recipe(recipe_path)
+        # Every value, across tables and against this machine, before anything is recorded.
+        loaded = load_recipe(recipe_path, machine=Machine.here())
         opts = _launch_options(launch, loaded)
         if data_from is not None:
             from_run = resolve_run(svc.ledger, data_from)

@@ -7,6 +7,16 @@ from typing import Literal
 
 from pipeline.config import check
 
+# Pieces every tokenizer of ours holds whatever the corpus: <unk>, <s>, </s>, "\n" and "\t"
+# (pipeline.tokenizer), plus 256 byte pieces with byte_fallback, plus at least one character.
+SPECIAL_PIECES = 5
+BYTE_PIECES = 256
+
+
+def min_vocab_size(byte_fallback: bool) -> int:
+    """The smallest vocab_size SentencePiece accepts before it has seen the corpus's characters."""
+    return SPECIAL_PIECES + (BYTE_PIECES if byte_fallback else 0) + 1
+
 
 @dataclass(kw_only=True)
 class TokenizerConfig:
@@ -27,7 +37,13 @@ class TokenizerConfig:
     max_sentence_length: int = 4192
 
     def __post_init__(self) -> None:
-        check(self.vocab_size > 0, "vocab_size must be > 0")
+        least = min_vocab_size(self.byte_fallback)
+        check(
+            self.vocab_size >= least,
+            f"vocab_size is {self.vocab_size}, below the {least} pieces every tokenizer here needs "
+            f"({SPECIAL_PIECES} special pieces{f', {BYTE_PIECES} byte pieces' if self.byte_fallback else ''}, and the corpus's characters)",
+            fix="use a few thousand, e.g. the default tokenizer.vocab_size = 4000",
+        )
         check(self.sample_sentences > 0, "sample_sentences must be > 0")
         check(0.0 < self.character_coverage <= 1.0, "character_coverage must be in (0, 1]")
         check(self.max_sentence_length >= 16, "max_sentence_length must be >= 16 bytes")
