@@ -2,7 +2,8 @@
 
 Formats are chosen by (case-insensitive) suffix; ``pipeline.readers`` reads each one:
 ``.txt``/``.md`` (and any other suffix listed in ``extensions``) and ``.html``/``.htm``
-give one document per file; ``.jsonl``/``.ndjson``, also gzip- or zstd-compressed, one per
+give one document per file, or with ``split`` one per piece of the file's text
+(``pipeline.text_split``); ``.jsonl``/``.ndjson``, also gzip- or zstd-compressed, one per
 line; ``.csv`` one per record; ``.parquet`` one per row. Record formats are streamed, so
 memory stays flat whatever the size of the corpus.
 
@@ -10,7 +11,13 @@ The folder is walked recursively (``recursive``), keeping files whose POSIX path
 to the source folder matches an ``include`` glob and no ``exclude`` glob (``*`` stays
 inside a folder, ``**`` spans any number of them); hidden files and folders are skipped
 unless ``include_hidden``. Files are read in the sorted order of their UTF-8 paths, so
-doc_ids (0.., in file then record order) never depend on the file system.
+doc_ids (0.., in file then record order) never depend on the file system. Within a file a
+document is named by its ``record``: the line (JSONL, CSV), the row (parquet), 0 for a
+whole file, or the piece index 0.. when ``split`` cuts it; the pieces depend only on the
+file's bytes and the two split settings, so the same corpus and recipe give the same ids
+and the same ``raw.parquet``. Each whole-text file's entry in the result's ``inputs`` (the
+ledger's source record) carries the ``split`` mode and ``split_chars`` next to its
+``documents``, when ``split`` is not ``"file"``.
 
 Every file is resolved to its real path, and what lies outside the real source folder is
 never read: a symbolic link (to a file or a folder) that leads out of it is refused as
@@ -53,7 +60,7 @@ import pyarrow as pa
 from pipeline.errors import DataError
 from pipeline.globs import glob_regex
 from pipeline.parquet_io import PARQUET_OPTIONS, ROWS_PER_GROUP, ParquetSink, iter_rows, open_parquet
-from pipeline.readers import Problem, ReadOptions, SourceFile, format_of
+from pipeline.readers import RECORD_FORMATS, Problem, ReadOptions, SourceFile, format_of
 from pipeline.result import ProgressFn, StageResult, no_progress
 
 # The [ingest] table lives in a module without pyarrow, so a recipe loads without it; its names stay importable from here.
@@ -343,6 +350,8 @@ def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: Pro
         parquet_column=cfg.parquet_column,
         csv_column=cfg.csv_column,
         max_document_bytes=cfg.max_document_bytes,
+        split=cfg.split,
+        split_chars=cfg.split_chars,
     )
     raw_path, rejects_path = out_dir / "raw.parquet", out_dir / "rejects.parquet"
     inputs: list[dict[str, Any]] = []
@@ -378,17 +387,20 @@ def run_ingest(source_dir: Path, out_dir: Path, cfg: IngestConfig, progress: Pro
             done += size
             progress(done, total, {"file": name, "documents": doc_id})
             nbytes = source.size or size
-            inputs.append(
-                {
-                    "path": name,
-                    "sha256": source.sha256,
-                    "bytes": nbytes,
-                    "format": fmt,
-                    "documents": tally.documents,
-                    "records_skipped": tally.records_skipped,
-                    "skipped": tally.whole_file,
-                }
-            )
+            entry = {
+                "path": name,
+                "sha256": source.sha256,
+                "bytes": nbytes,
+                "format": fmt,
+                "documents": tally.documents,
+                "records_skipped": tally.records_skipped,
+                "skipped": tally.whole_file,
+            }
+            if cfg.split != "file" and file.refused is None and fmt not in RECORD_FORMATS:
+                # So an auditor reads "book.txt: 312 documents (paragraphs, 4000)" in the ledger;
+                # left out under "file", so that a recipe without split records what it always did.
+                entry |= {"split": cfg.split, "split_chars": cfg.split_chars}
+            inputs.append(entry)
             if tally.reasons:
                 skipped.append(
                     {

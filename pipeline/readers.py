@@ -4,7 +4,8 @@ A reader yields ``(record, text)`` for every document and a ``Problem`` for ever
 cannot use; it never raises for bad data, so the caller decides between failing and
 skipping. ``record`` is where an editor or a dataframe would point: the 1-based line for
 JSONL and CSV (for CSV the line where the record starts), the 0-based row for parquet, 0
-for whole-file documents. A ``Problem`` with ``record == -1`` means the whole file is
+for whole-file documents, or with ``[ingest] split`` the 0-based index of the piece
+(``pipeline.text_split``). A ``Problem`` with ``record == -1`` means the whole file is
 unusable and nothing else comes from it; one whose reason is ``truncated`` (or
 ``unreadable``, ``not_parquet`` on a record) ends the file after the documents already read.
 
@@ -42,6 +43,7 @@ from pipeline.parquet_io import map_parquet
 # Suffix (lower case) -> format name; the [ingest] table's list, which loads without pyarrow.
 # Any other suffix listed in ingest.extensions is read as plain text.
 from pipeline.settings.ingest import FORMATS
+from pipeline.text_split import split_text
 
 # Stable reason kinds: they appear in rejects.parquet, the ledger and the run summary.
 REASONS = (
@@ -65,6 +67,8 @@ REASONS = (
 )
 
 _STREAMED = frozenset({"jsonl", "jsonl.gz", "jsonl.zst", "csv"})
+# Already one record per document: ``[ingest] split`` leaves them alone.
+RECORD_FORMATS = _STREAMED | {"parquet"}
 
 # What the user can do about each kind of problem (the ingest stage adds the on_error option).
 HINTS: dict[str, str] = {
@@ -102,6 +106,9 @@ class ReadOptions:
     csv_column: str
     # 0 = no limit.
     max_document_bytes: int
+    # How a whole-file format becomes documents ("file", "paragraphs", "max_chars"): IngestConfig.split.
+    split: str = "file"
+    split_chars: int = 4000
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,16 +307,26 @@ class SourceFile:
             return
         if self.format == "html":
             result = _decode_html(data)
-            yield result if isinstance(result, Problem) else (0, html_to_text(result))
+            if isinstance(result, Problem):
+                yield result
+                return
+            # Split after extraction: the pieces are cut at the paragraphs a reader sees, never inside a tag.
+            text = html_to_text(result)
+        else:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = data.count(b"\n", 0, exc.start) + 1
+                yield Problem(-1, "not_utf8", f"is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) cannot be decoded")
+                return
+            # A byte-order mark is an encoding artefact (Windows editors), not part of the document.
+            text = text.removeprefix("\ufeff")
+        del data  # the bytes are hashed and decoded: while the pieces go out, hold the text only
+        if self.opts.split == "file":
+            yield 0, text
             return
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data.count(b"\n", 0, exc.start) + 1
-            yield Problem(-1, "not_utf8", f"is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) cannot be decoded")
-            return
-        # A byte-order mark is an encoding artefact (Windows editors), not part of the document.
-        yield 0, text.removeprefix("\ufeff")
+        # Whitespace-only pieces are not documents, so an empty file gives none (unsplit, one empty document).
+        yield from enumerate(split_text(text, self.opts.split, self.opts.split_chars))
 
     # -- streamed formats ----------------------------------------------------------------
 

@@ -29,6 +29,9 @@ FORMATS: dict[str, str] = {
     ".htm": "html",
 }
 _COMPRESSED = (".gz", ".zst", ".bz2", ".xz", ".zip", ".7z")
+_SPLIT_MODES = ("file", "paragraphs", "max_chars")
+# The lower bound of split_chars; why is said at the field.
+_MIN_SPLIT_CHARS = 200
 
 
 @dataclass(kw_only=True)
@@ -50,8 +53,23 @@ class IngestConfig:
     # Dotfiles are editor, VCS and OS artefacts (.git, macOS "._x.txt" forks), not corpus.
     include_hidden: bool = False
     # A document over 64 MiB is almost always a misplaced dump or log, and whole-file formats
-    # are held in memory while read. 0 = no limit.
+    # are held in memory while read. 0 = no limit. With ``split`` it still applies to the
+    # whole file, not to each piece: the file is read whole before it is cut, so this is
+    # what bounds memory (raise it for a big book or log export you mean to split).
     max_document_bytes: int = 64 << 20
+    # How a whole-text file (.txt, .md, another plain-text suffix, .html after its text is
+    # extracted) becomes documents. "file": one document per file, as always. A book, manual
+    # or chat/log export is one file but no one document: "paragraphs" cuts at blank lines
+    # and merges neighbouring paragraphs up to split_chars; "max_chars" cuts pieces of at
+    # most split_chars at the best boundary (blank line, line break, sentence end, space).
+    # JSONL, CSV and parquet are already one record per document: split leaves them alone.
+    split: Literal["file", "paragraphs", "max_chars"] = "file"
+    # About 1k tokens (English averages ~4 characters a token): a piece fits a 1024- or
+    # 2048-token training window whole, with paragraphs of context around each sentence.
+    # At least 200: smaller pieces are sentence fragments, which clean.min_chars and the
+    # Gopher quality filter (min_doc_words = 50, ~300 characters) drop anyway, and a value
+    # like 4 is a typo for 4000 that would shred the corpus.
+    split_chars: int = 4000
     # Fail: a steward looks at bad data before training on the rest. Skip: big, messy corpora,
     # where every skipped item is still listed in rejects.parquet and the ledger.
     on_error: Literal["fail", "skip"] = "fail"
@@ -78,3 +96,8 @@ class IngestConfig:
         check(bool(self.csv_column), "csv_column must not be empty")
         check(self.max_document_bytes >= 0, "max_document_bytes must be >= 0 (0 = no limit)")
         check(self.on_error in ("fail", "skip"), f'on_error is {self.on_error!r}: use "fail" or "skip"')
+        check(self.split in _SPLIT_MODES, f'split is {self.split!r}: use "file", "paragraphs" or "max_chars"')
+        check(
+            type(self.split_chars) is int and self.split_chars >= _MIN_SPLIT_CHARS,
+            f"split_chars must be an integer >= {_MIN_SPLIT_CHARS} (about 1k tokens is 4000), got {self.split_chars!r}",
+        )
