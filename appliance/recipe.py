@@ -10,9 +10,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.recipe_checks import Machine, recipe_problems
 from keys.digest import sha256_bytes
 from pipeline.clean import CleanConfig
-from appliance.recipe_checks import Machine, recipe_problems
 from pipeline.config import check, collect
 from pipeline.errors import ConfigError
 from pipeline.filters import FiltersConfig

@@ -59,9 +59,7 @@ def _gpus() -> tuple[int, int]:
     if tool is None:
         return 0, 0
     try:
-        out = subprocess.run(
-            [tool, "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout
+        out = subprocess.run([tool, "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10, check=True).stdout
         sizes = [int(line.strip()) << 20 for line in out.splitlines() if line.strip().isdigit()]
     except (OSError, subprocess.SubprocessError, ValueError):
         return 0, 0
@@ -81,6 +79,8 @@ def parameter_count(model: ModelConfig, vocab_size: int) -> int:
 
 def _gib(n: float) -> str:
     gib = n / 2**30
+    if gib < 1:
+        return f"{n / 2**20:,.0f} MiB"
     return f"{gib:,.1f} GiB" if gib < 1e6 else f"{gib:.1e} GiB"
 
 
@@ -198,3 +198,38 @@ def _machine_problems(recipe: Any, machine: Machine) -> list[Problem]:
             )
         )
     return problems
+
+
+def recipe_summary(recipe: Any, machine: Machine) -> dict[str, Any]:
+    """What a checked recipe asks of the machine: its model's size, memory and token budget."""
+    model, train = recipe.model, recipe.train
+    vocab = model.vocab_size or recipe.tokenizer.vocab_size
+    params = parameter_count(model, vocab)
+    ranks = _ranks(recipe)
+    sharded = recipe.distributed.engine in ("fsdp", "deepspeed")
+    per_step = int(train.batch_size) * int(train.grad_accum) * int(train.seq_len) * ranks
+    return {
+        "parameters": params,
+        "context": model.shape()["max_seq_len"],
+        "vocab_size": vocab,
+        "train_state_bytes_per_process": int(TRAIN_BYTES_PER_PARAM * params / (ranks if sharded else 1)),
+        "processes": ranks,
+        "tokens_per_step": per_step,
+        "train_tokens": per_step * int(train.steps),
+        "train_flops": 6 * params * per_step * int(train.steps),
+        "device": "gpu" if _on_gpu(recipe, machine) else "cpu",
+        "machine": {
+            "memory_bytes": machine.memory_bytes,
+            "cpu_cores": machine.cpu_cores,
+            "gpus": machine.gpu_count,
+            "gpu_memory_bytes": machine.gpu_memory_bytes,
+        },
+    }
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    return (
+        f"model {_count(s['parameters'])} parameters (vocabulary {s['vocab_size']}, context {s['context']}); "
+        f"about {_gib(s['train_state_bytes_per_process'])} of weights, gradients and Adam state per process on {s['device']}, "
+        f"{s['processes']} process(es); {_count(s['tokens_per_step'])} tokens per step, {_count(s['train_tokens'])} in all ({s['train_flops']:.2g} FLOPs)"
+    )

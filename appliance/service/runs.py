@@ -501,7 +501,7 @@ class RunManager:
         error = outcome.last("error")
         if outcome.returncode != 0 or not result:
             message = error["message"] if error else failure_message(job.work, job.log_file, outcome.returncode)
-            raise StageFailed(f"stage {stage.name} failed: {message}", f"see {job.log_file}; fix the cause, then `appliance resume {run.run_id}`")
+            raise StageFailed(f"stage {stage.name} failed: {message}", failure_hint(run, (error or {}).get("type", ""), job.log_file))
         return StageResult(
             outputs={k: Path(v) for k, v in result["outputs"].items()},
             stats=result.get("stats") or {},
@@ -541,6 +541,21 @@ class RunManager:
 
 class StageFailed(ApplianceError):
     """A stage's job failed: its own message, and the log to read."""
+
+
+# Errors whose cause is the recipe: a run resumes with the recipe it recorded, so it would fail
+# the same way; the fix is a new run with the corrected recipe.
+_RECIPE_ERRORS = frozenset({"ConfigError"})
+
+
+def failure_hint(run: RunState, error_type: str, log_file: Path) -> str:
+    """What to do after a stage failed: a new run when the recipe is at fault, else resume."""
+    if error_type in _RECIPE_ERRORS:
+        return (
+            f"the recipe is at fault, and run {run.run_id} keeps the recipe it recorded, so resuming would fail the same way: "
+            f"fix {run.recipe_source} as the message says and start a new run with `appliance run {run.recipe_source}`"
+        )
+    return f"see {log_file}; fix the cause (the data, the machine), then `appliance resume {run.run_id}` continues from this stage"
 
 
 def _launch_options(launch: dict[str, Any] | None, loaded: LoadedRecipe) -> LaunchOptions:

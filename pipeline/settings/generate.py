@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from pipeline.config import check
 
+# Past a model's context every new token is recomputed by a sliding window; 65,536 tokens is
+# a long book chapter, far past any sample worth waiting for, and still ends.
+MAX_NEW_TOKENS = 1 << 16
+
 
 @dataclass(kw_only=True, slots=True)
 class SampleConfig:
@@ -21,7 +25,7 @@ class SampleConfig:
     seed: int = 1337
 
     def __post_init__(self) -> None:
-        check(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        check(0 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"max_new_tokens must be between 0 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}")
         check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
