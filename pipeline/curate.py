@@ -271,7 +271,7 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
             if kept == 0:
                 raise DataError(
                     f"no documents left after curating {raw_parquet}: {total} in; dropped: {_top_drops(drops, dedup_counts)}",
-                    f"relax {_setting_for(_top_drops(drops, dedup_counts))} in the recipe (the rule that dropped most), or add documents",
+                    _empty_hint(_top_drops(drops, dedup_counts)),
                 )
     except BaseException:
         # A failed stage leaves nothing behind (the sinks remove their partial files).
@@ -377,6 +377,18 @@ def _top_drops(drops: Counter[tuple[str, str]], dedup: Counter[str]) -> str:
 
 def _without_workers(mapping: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in mapping.items() if k != "workers"}
+
+
+# Rules that drop a document for its length: a whole book or log export read as one document.
+_LENGTH_RULES = ("clean.too_long", "gopher_quality.long_doc")
+
+
+def _empty_hint(top: str) -> str:
+    hint = f"relax {_setting_for(top)} in the recipe (the rule that dropped most), or add documents"
+    if top.split(" ", 1)[0] in _LENGTH_RULES:
+        # Most likely a few huge files, each one document: split them rather than relax the rule.
+        hint = f'if the corpus is a few large text files, set [ingest] split = "paragraphs" so each becomes many documents; else {hint}'
+    return hint
 
 
 def _setting_for(top: str) -> str:

@@ -434,3 +434,18 @@ def test_concurrent_clients_while_a_run_streams(served: Served, tiny_recipe: Pat
     assert all(r["allowed"] for r in rows)
     rc, err = served.stop()
     assert rc == 0 and "Traceback" not in err, err
+
+
+def test_a_bad_recipe_comes_back_with_each_problem(served: Served, tiny_recipe: Path) -> None:
+    # The console shows each problem beside its key: the list survives the socket.
+    from pipeline.errors import ConfigError
+
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("lr = 3e-3", "lr = inf").replace("seq_len = 32", "seq_len = 4096"))
+    client = served.client()
+    try:
+        with pytest.raises(ConfigError) as err:
+            client.call("run.start", recipe=str(tiny_recipe))
+    finally:
+        client.close()
+    assert {p.key for p in err.value.problems} == {"train.lr", "train.seq_len"}
+    assert "2 problems" in err.value.message and all(p.fix for p in err.value.problems)

@@ -20,6 +20,7 @@ connections, closes the service (active runs checkpoint and stop) and removes th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import grp
 import json
@@ -73,6 +74,10 @@ def _error_payload(type_name: str, message: str, hint: str, exit_code: int) -> d
 def _appliance_error(exc: ApplianceError) -> web.Response:
     status = 403 if isinstance(exc, PolicyError) else 503 if isinstance(exc, ServiceStopping) else 400
     body = _error_payload(type(exc).__name__, exc.message, exc.hint, exc.exit_code)
+    # A recipe's problems one by one (key, message, fix), so a client can show each beside its key.
+    problems = getattr(exc, "problems", None)
+    if problems:
+        body["error"]["problems"] = [dataclasses.asdict(p) for p in problems]
     return web.Response(status=status, body=_json(body), content_type="application/json")
 
 

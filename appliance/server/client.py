@@ -46,7 +46,7 @@ def error_from(body: dict[str, Any]) -> ApplianceError:
     """Rebuild the service's error on the client side: the same class where we know it."""
     from airgap.errors import AirgapError
     from keys.errors import KeyStoreError, SigningError
-    from pipeline.errors import ConfigError, DataError, ShardIntegrityError, TrainingError
+    from pipeline.errors import ConfigError, DataError, Problem, ShardIntegrityError, TrainingError
     from policies.errors import PolicyError
     from registry.errors import LedgerError, StoreError
 
@@ -57,6 +57,8 @@ def error_from(body: dict[str, Any]) -> ApplianceError:
     err = body.get("error") or {}
     cls = known.get(str(err.get("type")), ApplianceError)
     exc = cls(str(err.get("message", "the service failed")), str(err.get("hint", "")))
+    if isinstance(exc, ConfigError) and isinstance(err.get("problems"), list):
+        exc.problems = [Problem(str(p.get("key", "")), str(p.get("message", "")), str(p.get("fix", ""))) for p in err["problems"] if isinstance(p, dict)]
     exc.exit_code = int(err.get("exit_code", 2))
     return exc
 
