@@ -25,7 +25,7 @@ from pipeline.result import ProgressFn, StageResult, no_progress
 
 # The [evaluate] table lives in a torch-free module, so a recipe loads without torch; its names stay importable from here.
 from pipeline.settings.evaluate import DEFAULT_PROMPTS, EvalConfig  # noqa: F401
-from pipeline.shard_format import open_shards
+from pipeline.shard_format import open_shards, require_val_tokens
 
 REPORT = "eval_report.json"
 
@@ -101,6 +101,9 @@ def run_evaluate(
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"evaluate.seq_len ({seq_len}) exceeds the model's max_seq_len ({model.cfg.max_seq_len})", "lower evaluate.seq_len or set it to 0")
+    # Before any window is built: an empty val split is the recipe's doing, not a damaged shard set.
+    source = "evaluate.seq_len" if cfg.seq_len else "model.max_seq_len"
+    require_val_tokens(shards.root, shards.manifest, seq_len=seq_len, source=source, knob="evaluate.seq_len (0 uses model.max_seq_len)")
     use_bf16 = device.type == "cuda"  # as in training: bf16 autocast on CUDA only
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     val_loss, val_tokens = windows_loss(

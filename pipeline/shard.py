@@ -6,6 +6,11 @@ files: the trainer reads a split as one stream). A document's split depends only
 (seed, sha256 of its text): adding, removing or reordering other documents never moves it
 between train and val, and a duplicate can never sit on both sides.
 
+The stage always writes validation tokens. With two or more documents some document goes
+to val (``assign_splits``); a corpus of one document (one big file ingested whole) is split
+inside that document by token range instead: its tail goes to val (``token_range_cut``).
+The manifest's ``val_split`` ("documents" or "token_range") says which was done.
+
 Encoding runs in worker processes (``pipeline.parallel``) on fixed-size batches whose
 results are consumed in order, so the shards are byte-identical for any worker count.
 The dataset is read memory-mapped, and so are the shards when the trainer opens them.
@@ -14,7 +19,9 @@ The dataset is read memory-mapped, and so are the shards when the trainer opens 
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,9 @@ from pipeline.tokenizer import load_tokenizer
 
 SPLITS = ("train", "val")
 _HINT = "point at the clean stage's dataset.parquet"
+# A side of a token-range split must hold at least this many of the document's own tokens:
+# fewer cannot be called a training or validation set (one token predicts nothing).
+MIN_SIDE_TOKENS = 2
 
 
 def split_key(doc_sha256: str, seed: int) -> float:
@@ -57,6 +67,25 @@ def assign_splits(doc_sha256s: list[str], seed: int, val_fraction: float) -> lis
     if len(keys) >= 2 and "val" not in splits:
         splits[min(range(len(keys)), key=keys.__getitem__)] = "val"
     return splits
+
+
+def token_range_cut(text_tokens: int, val_fraction: float, dataset: Path) -> int:
+    """Text tokens of a lone document that stay in train; the other ``ceil(val_fraction × n)`` go to val.
+
+    Raises DataError when either side would hold fewer than MIN_SIDE_TOKENS.
+    """
+    # The decimal the recipe wrote (0.1), not its binary approximation: ceil(0.1 × 30) must be 3, not 4.
+    val = math.ceil(Fraction(repr(val_fraction)) * text_tokens)
+    train = text_tokens - val
+    if min(val, train) < MIN_SIDE_TOKENS:
+        raise DataError(
+            f"{dataset} holds a single document of {text_tokens} tokens: holding out [shard] val_fraction = {val_fraction} of it"
+            f" by token range would leave train {train} and val {val} (each needs at least {MIN_SIDE_TOKENS} tokens),"
+            " so there can be no usable validation set",
+            'give the corpus more documents (`[ingest] split = "paragraphs"` makes one document per paragraph of a big file)'
+            " or more text, or change [shard] val_fraction so both sides get tokens; then start a new run (`appliance run RECIPE`)",
+        )
+    return train
 
 
 class _SplitWriter:
@@ -106,6 +135,8 @@ def run_shard(dataset_parquet: Path, tokenizer_model: Path, out_dir: Path, cfg: 
     pf = open_parquet(dataset_parquet, ["text"], _HINT)
     total = pf.metadata.num_rows
     splits = assign_splits(_doc_digests(pf, dataset_parquet), cfg.seed, cfg.val_fraction)
+    # assign_splits gives val a document whenever there are two; so this is the one-document corpus.
+    val_split = "documents" if "val" in splits else "token_range"
 
     final, tmp = out_dir / "shards", out_dir / "shards.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -118,7 +149,17 @@ def run_shard(dataset_parquet: Path, tokenizer_model: Path, out_dir: Path, cfg: 
         for lengths, flat in ordered_map(_encode_batch, batches, workers=workers, initializer=_init_encoder, initargs=(str(tokenizer_model),)):
             start = 0
             for n in lengths.tolist():
-                writers[splits[done]].add(flat[start : start + n])
+                doc = flat[start : start + n]
+                if val_split == "token_range":
+                    # Head to train, tail to val, bos and eos left where they are: train gets
+                    # [bos] + head, val gets tail + [eos]. The two pieces joined are the document
+                    # as any other corpus would shard it, and no <s>/</s> is invented at the cut,
+                    # which would teach the model that text ends (or starts) mid-sentence.
+                    cut = 1 + token_range_cut(n - 2, cfg.val_fraction, dataset_parquet)
+                    writers["train"].add(doc[:cut])
+                    writers["val"].add(doc[cut:])
+                else:
+                    writers[splits[done]].add(doc)
                 start += n
                 done += 1
             progress(done, total, {"train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens})
@@ -133,7 +174,9 @@ def run_shard(dataset_parquet: Path, tokenizer_model: Path, out_dir: Path, cfg: 
             extra={
                 "tokenizer_sha256": sha256_file(tokenizer_model),
                 "dataset_sha256": sha256_file(dataset_parquet),
+                # Documents each split holds text of: with "token_range" the one document is in both.
                 "documents": {s: writers[s].documents for s in SPLITS},
+                "val_split": val_split,
                 "seed": cfg.seed,
                 "val_fraction": cfg.val_fraction,
                 "shard_tokens": cfg.shard_tokens,
@@ -143,7 +186,7 @@ def run_shard(dataset_parquet: Path, tokenizer_model: Path, out_dir: Path, cfg: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    stats: dict[str, Any] = {"documents": done, "workers": workers}
+    stats: dict[str, Any] = {"documents": done, "workers": workers, "val_split": val_split}
     for s in SPLITS:
         stats[f"{s}_documents"] = writers[s].documents
         stats[f"{s}_tokens"] = writers[s].tokens

@@ -4,6 +4,11 @@ Header (64 bytes, little-endian): magic ``b"APLTOKS\\0"``, format version (u32),
 token (u32: 2 for uint16, 4 for uint32), token count (u64), vocabulary size (u32), zeros.
 A shard set is a directory holding the shards and ``manifest.json``, which lists each
 shard's split, token count and sha256; every shard is checked against it when opened.
+
+A split with no tokens is not damage: the manifest says so, and it comes from the corpus and
+the recipe (a one-document corpus sharded before the shard stage split such a document by
+token range). ``require_val_tokens`` refuses it, and a val split shorter than one evaluation
+window, with a hint naming the recipe settings that fix it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from keys.digest import sha256_file
-from pipeline.errors import ShardIntegrityError
+from pipeline.errors import DataError, ShardIntegrityError
 
 MAGIC = b"APLTOKS\x00"
 VERSION = 1
@@ -25,6 +30,13 @@ HEADER = struct.Struct("<8sIIQI36x")
 MANIFEST = "manifest.json"
 FORMAT_NAME = "appliance-token-shards"
 FIX_HINT = "the shard set is damaged: restore it from the store (`appliance artifact verify DIGEST`) or re-run the shard stage"
+# An empty or short val split is a recipe problem, not damage: the shard set holds what the
+# corpus and the recipe gave it, and only a new run with a fixed recipe changes that.
+VAL_FIX = (
+    'give the corpus more than one document (`[ingest] split = "paragraphs"` makes one per paragraph of a big file) or more text, or raise [shard] val_fraction'
+)
+NEW_RUN = "then start a new run (`appliance run RECIPE`)"
+VAL_HINT = f"fix the recipe so text is held out for validation: {VAL_FIX}; {NEW_RUN}"
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -85,12 +97,68 @@ class ShardSet:
     def shard_files(self, split: str) -> list[Path]:
         return [self.root / s["file"] for s in self.manifest["shards"] if s["split"] == split]
 
+    def split_tokens(self, split: str) -> int:
+        """Tokens of ``split`` as the manifest counts them (no shard is read)."""
+        return split_tokens(self.manifest, split)
+
     def tokens(self, split: str) -> np.ndarray:
         """All ids of ``split`` as one array (memory-mapped when there is a single shard)."""
         parts = [read_shard(p) for p in self.shard_files(split)]
         if not parts:
-            raise ShardIntegrityError(f"shard set {self.root} has no '{split}' shards", FIX_HINT)
+            if split == "val":
+                raise DataError(empty_val_message(self.root, self.manifest), VAL_HINT)
+            raise DataError(f"shard set {self.root} has no '{split}' shards in its manifest", "re-run the shard stage on a dataset that holds text")
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def split_tokens(manifest: dict[str, Any], split: str) -> int:
+    """Tokens of ``split`` summed over the manifest's shard entries."""
+    return sum(int(e["tokens"]) for e in manifest["shards"] if e["split"] == split)
+
+
+def empty_val_message(root: Path, manifest: dict[str, Any]) -> str:
+    """Why a shard set has no validation tokens: its manifest says so, so it is not damaged."""
+    documents = manifest.get("documents", {}).get("val")
+    listed = f"{documents} validation documents" if documents is not None else "no validation shards"
+    return (
+        f"shard set {root} has no validation tokens (its manifest lists {listed}). It is not damaged: nothing"
+        " was held out for validation, which is what the shard stage did with a corpus of one document"
+        " (one big file ingested whole) before it learned to split such a document by token range"
+    )
+
+
+def require_val_tokens(root: Path, manifest: dict[str, Any], *, seq_len: int, source: str, knob: str = "") -> int:
+    """The val split's token count; DataError if it is empty or shorter than one window of ``seq_len + 1``.
+
+    ``source`` says where ``seq_len`` came from (``train.seq_len``) and ``knob`` which setting
+    lowers it (default: ``source``), so the error can offer the fix. Reads only the manifest.
+    """
+    n = split_tokens(manifest, "val")
+    if n == 0:
+        raise DataError(empty_val_message(root, manifest), VAL_HINT)
+    if n < seq_len + 1:
+        # Evaluation does not shrink its window to fit: a loss over shorter contexts would not
+        # compare with other runs' losses. So a run that could never measure one is refused.
+        raise DataError(
+            f"shard set {root} holds {n} validation tokens, fewer than one evaluation window of {seq_len + 1}"
+            f" ({source} = {seq_len}, plus the next-token target): no validation loss could be measured",
+            f"fix the recipe so more text is held out for validation: {VAL_FIX}; or lower {knob or source}; {NEW_RUN}",
+        )
+    return n
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """``root/manifest.json``, checked to be a shard manifest of this version; no shard is read."""
+    mpath = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShardIntegrityError(f"no {MANIFEST} in {root}: not a shard set", "point at the shard stage's output directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardIntegrityError(f"{mpath} is not valid JSON ({exc})", FIX_HINT) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or manifest.get("version") != VERSION:
+        raise ShardIntegrityError(f"{mpath} is not a version-{VERSION} {FORMAT_NAME} manifest", FIX_HINT)
+    return manifest
 
 
 def open_shards(root: Path, *, verify_digests: bool = True) -> ShardSet:
@@ -102,14 +170,7 @@ def open_shards(root: Path, *, verify_digests: bool = True) -> ShardSet:
     """
     root = Path(root)
     mpath = root / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ShardIntegrityError(f"no {MANIFEST} in {root}: not a shard set", "point at the shard stage's output directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardIntegrityError(f"{mpath} is not valid JSON ({exc})", FIX_HINT) from None
-    if manifest.get("format") != FORMAT_NAME or manifest.get("version") != VERSION:
-        raise ShardIntegrityError(f"{mpath} is not a version-{VERSION} {FORMAT_NAME} manifest", FIX_HINT)
+    manifest = read_manifest(root)
     for entry in manifest["shards"]:
         path = root / entry["file"]
         if not path.is_file():

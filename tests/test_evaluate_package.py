@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import from_mapping
-from pipeline.errors import ConfigError, TrainingError
+from pipeline.errors import ConfigError, DataError, TrainingError
 from pipeline.evaluate import EvalConfig, run_evaluate
 from pipeline.generate import SampleConfig, generate_text, load_for_generation
 from pipeline.model import load_checkpoint
 from pipeline.package import PackageConfig, run_package
 from pipeline.train import run_train
+from tests.test_val_split import strip_val
 from tests.training_fixtures import shards_dir, tiny_model, tiny_train, tokenizer_path  # noqa: F401  (fixtures)
 
 PROVENANCE = {
@@ -63,6 +64,22 @@ def test_evaluate_seq_len_defaults_to_model_and_is_bounded(checkpoint: Path, sha
         run_evaluate(checkpoint, shards_dir, tokenizer_path, tmp_path, EvalConfig(seq_len=64, device="cpu"))
     with pytest.raises(ConfigError, match=r"evaluate\.bogus"):
         from_mapping(EvalConfig, {"bogus": 1}, source="recipe.toml", prefix="evaluate")
+
+
+def test_evaluate_calls_an_empty_val_split_a_recipe_problem_not_damage(checkpoint: Path, shards_dir: Path, tokenizer_path: Path, tmp_path: Path) -> None:
+    empty = strip_val(shards_dir, tmp_path / "empty")
+    cfg = EvalConfig(max_batches=1, batch_size=2, seq_len=16, prompts=[], max_new_tokens=0, device="cpu")
+    with pytest.raises(DataError) as err:
+        run_evaluate(checkpoint, empty, tokenizer_path, tmp_path / "out", cfg)
+    assert type(err.value) is DataError  # not ShardIntegrityError: nothing is damaged
+    assert f"shard set {empty} has no validation tokens (its manifest lists 0 validation documents). It is not damaged" in err.value.message
+    assert "damaged" not in err.value.hint and "[ingest] split" in err.value.hint and "[shard] val_fraction" in err.value.hint
+    assert not (tmp_path / "out").exists()
+    short = strip_val(shards_dir, tmp_path / "short", keep_val_tokens=20)
+    with pytest.raises(DataError, match=r"holds 20 validation tokens, fewer than one evaluation window of 33 \(model\.max_seq_len = 32") as err:
+        run_evaluate(checkpoint, short, tokenizer_path, tmp_path / "out", EvalConfig(max_batches=1, prompts=[], max_new_tokens=0, device="cpu"))
+    assert "lower evaluate.seq_len" in err.value.hint
+    assert run_evaluate(checkpoint, short, tokenizer_path, tmp_path / "out", cfg).stats["val_tokens"] == 16
 
 
 def test_package_loads_in_transformers_with_matching_logits(checkpoint: Path, tokenizer_path: Path, tmp_path: Path) -> None:

@@ -113,8 +113,27 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
+def require_validation(recipe: Any, shards: Path) -> None:
+    """Refuse a shard set whose val split the run could not measure a loss on, before the job starts.
+
+    In-training validation (at the last step at least) needs one window of ``train.seq_len + 1``
+    tokens; the evaluate stage after it one of ``evaluate.seq_len + 1`` (0: ``model.max_seq_len``).
+    Without this, an empty or short val split surfaced only after every step was paid for.
+    Only the manifest is read: the job verifies every shard before its first step.
+    """
+    from pipeline.shard_format import read_manifest, require_val_tokens  # lazy: numpy, which a client command never loads
+
+    manifest = read_manifest(shards)
+    require_val_tokens(shards, manifest, seq_len=recipe.train.seq_len, source="train.seq_len")
+    ecfg = recipe.evaluate
+    source = "evaluate.seq_len" if ecfg.seq_len else "model.max_seq_len"
+    knob = "evaluate.seq_len (0 uses model.max_seq_len)"
+    require_val_tokens(shards, manifest, seq_len=ecfg.seq_len or recipe.model.max_seq_len, source=source, knob=knob)
+
+
 def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: ProgressFn, ctx: StageContext) -> StageResult:
     """Run (or resume) training as a child job and return what it produced."""
+    require_validation(recipe, artifacts["shards"])
     deepspeed = _deepspeed_config(recipe, ctx)
     launch = ctx.launch
     if recipe.distributed.engine in ("fsdp", "deepspeed"):

@@ -39,7 +39,7 @@ from pipeline.errors import ConfigError, TrainingError
 from pipeline.evaluate import windows_loss
 from pipeline.model import MODEL_CONFIG, WEIGHTS, LlamaModel, ModelConfig, model_flops_per_token, read_model_config, save_model_config
 from pipeline.result import ProgressFn, StageResult, no_progress, write_json
-from pipeline.shard_format import MANIFEST, open_shards
+from pipeline.shard_format import MANIFEST, open_shards, require_val_tokens
 from pipeline.training import checkpoint as ckpt
 from pipeline.training import dist
 from pipeline.training.config import DistConfig, TrainConfig
@@ -153,8 +153,11 @@ def _train(
     mcfg = model_cfg.resolved(vocab_size=shards.vocab_size)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"train.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({mcfg.max_seq_len})", "lower train.seq_len or raise model.max_seq_len")
+    # Validation runs at the end of every run (and every eval_every steps): a val split that is
+    # empty or shorter than one window would fail only then, after all the compute is spent.
+    require_val_tokens(shards.root, shards.manifest, seq_len=cfg.seq_len, source="train.seq_len")
     loader = TokenLoader(shards, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world=ctx.world)
-    val_tokens = shards.tokens("val") if shards.shard_files("val") else None
+    val_tokens = shards.tokens("val")
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)  # process-wide: a training job owns its process
@@ -278,7 +281,7 @@ def _train(
             if ctx.is_main:
                 log(done, values)
                 progress(done, cfg.steps, {"loss": round(loss_value, 4), "tok/s": round(rate)})
-        if val_tokens is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             last_val = _validate(engine, val_tokens, cfg, device)
             if ctx.is_main:
                 log(done, {"val_loss": last_val, "val_perplexity": math.exp(min(last_val, 50.0))})
