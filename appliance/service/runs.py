@@ -501,7 +501,7 @@ class RunManager:
         error = outcome.last("error")
         if outcome.returncode != 0 or not result:
             message = error["message"] if error else failure_message(job.work, job.log_file, outcome.returncode)
-            raise StageFailed(f"stage {stage.name} failed: {message}", failure_hint(run, (error or {}).get("type", ""), job.log_file))
+            raise StageFailed(f"stage {stage.name} failed: {message}", failure_hint(run, (error or {}).get("type", ""), job.log_file, stage.name))
         return StageResult(
             outputs={k: Path(v) for k, v in result["outputs"].items()},
             stats=result.get("stats") or {},
@@ -543,19 +543,22 @@ class StageFailed(ApplianceError):
     """A stage's job failed: its own message, and the log to read."""
 
 
-# Errors whose cause is the recipe: a run resumes with the recipe it recorded, so it would fail
-# the same way; the fix is a new run with the corrected recipe.
+# A run keeps the recipe it recorded and, past ingest, the data it read: resuming re-runs the
+# failed stage on both, so a recipe error, or a data error after ingest, fails the same way again.
 _RECIPE_ERRORS = frozenset({"ConfigError"})
+_DATA_ERRORS = frozenset({"DataError"})
 
 
-def failure_hint(run: RunState, error_type: str, log_file: Path) -> str:
-    """What to do after a stage failed: a new run when the recipe is at fault, else resume."""
+def failure_hint(run: RunState, error_type: str, log_file: Path, stage: str = "") -> str:
+    """What to do after a stage failed: a new run when the recipe (or the data it was given) is at fault, else resume."""
+    new_run = f"start a new run with `appliance run {run.recipe_source}`"
     if error_type in _RECIPE_ERRORS:
-        return (
-            f"the recipe is at fault, and run {run.run_id} keeps the recipe it recorded, so resuming would fail the same way: "
-            f"fix {run.recipe_source} as the message says and start a new run with `appliance run {run.recipe_source}`"
-        )
-    return f"see {log_file}; fix the cause (the data, the machine), then `appliance resume {run.run_id}` continues from this stage"
+        return f"the recipe is at fault, and run {run.run_id} keeps the recipe it recorded, so resuming would fail the same way: fix {run.recipe_source} as the message says and {new_run}"
+    if error_type in _DATA_ERRORS and stage != "ingest":
+        return f"run {run.run_id} keeps the recipe and the data it recorded, so resuming would fail the same way: fix the recipe or the corpus as the message says and {new_run}"
+    if error_type in _DATA_ERRORS:
+        return f"fix the files the message names, then `appliance resume {run.run_id}` reads the corpus again"
+    return f"see {log_file}; fix the cause (the machine, a full disk), then `appliance resume {run.run_id}` continues from this stage"
 
 
 def _launch_options(launch: dict[str, Any] | None, loaded: LoadedRecipe) -> LaunchOptions:

@@ -128,7 +128,7 @@ def require_validation(recipe: Any, shards: Path) -> None:
     ecfg = recipe.evaluate
     source = "evaluate.seq_len" if ecfg.seq_len else "model.max_seq_len"
     knob = "evaluate.seq_len (0 uses model.max_seq_len)"
-    require_val_tokens(shards, manifest, seq_len=ecfg.seq_len or recipe.model.max_seq_len, source=source, knob=knob)
+    require_val_tokens(shards, manifest, seq_len=ecfg.seq_len or recipe.model.shape()["max_seq_len"], source=source, knob=knob)
 
 
 def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: ProgressFn, ctx: StageContext) -> StageResult:
@@ -165,7 +165,9 @@ def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: P
     if stopped is None and outcome.returncode != 0:
         raise TrainingError(
             failure_message(work, job.log_file, outcome.returncode),
-            f"see {job.log_file}; fix the cause, then `appliance resume {ctx.run_id}` continues from the last verified checkpoint",
+            f"see {job.log_file}. If the message names a recipe setting, fix it in the recipe and start a new run (`appliance run RECIPE`): "
+            f"run {ctx.run_id} keeps the recipe it recorded. Otherwise (a machine fault, a killed process) "
+            f"`appliance resume {ctx.run_id}` continues from the last verified checkpoint",
         )
     if finished is None or not finished["stats"].get("completed"):
         step = (finished or {}).get("stats", {}).get("steps") or (stopped or {}).get("step")

@@ -391,8 +391,8 @@ def _agree(ctx: dist.DistContext, loss: torch.Tensor, stop: bool) -> tuple[float
 def _diverged(loss: float, step: int, cfg: TrainConfig, out_dir: Path) -> None:
     raise TrainingError(
         f"training diverged: loss is {loss} at step {step}",
-        f"lower train.lr (now {cfg.lr:g}, try {cfg.lr / 3:g}) or raise train.warmup_steps, then run again:"
-        f" it resumes from the last checkpoint under {out_dir / ckpt.CKPT_DIR}, if any",
+        f"lower train.lr (now {cfg.lr:g}, try {cfg.lr / 3:g}) or raise train.warmup_steps (now {cfg.warmup_steps}) in the recipe and"
+        f" train again; a run keeps the recipe it recorded, so start a new one (its checkpoints are under {out_dir / ckpt.CKPT_DIR})",
     )
 
 
