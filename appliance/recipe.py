@@ -95,7 +95,9 @@ def parse_recipe(text: str, *, source: str, machine: Machine | None = None) -> R
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML ({exc})", "fix the TOML syntax at the position shown") from None
     except RecursionError:
-        raise ConfigError(f"{source}: TOML nested too deeply to read", "a recipe is a few flat tables of values: remove the nested arrays or tables") from None
+        raise ConfigError(
+            f"{source}: TOML nested too deeply to read (line {_deep_line(text)})", "a recipe is a few flat tables of values: remove the nested arrays or tables"
+        ) from None
     if "recipe" not in data:
         raise ConfigError(f"{source}: missing [recipe] section", 'add [recipe] with name = "..."')
     recipe, problems = collect(Recipe, data, source=source)
@@ -111,6 +113,42 @@ def parse_recipe(text: str, *, source: str, machine: Machine | None = None) -> R
     if problems or recipe is None:
         raise ConfigError.of(source, problems)
     return recipe
+
+
+# Deeper than any recipe needs (a table of lists of tables is 3), far below Python's recursion limit.
+_DEEP = 64
+
+
+def _deep_line(text: str) -> int:
+    """The line where arrays and inline tables first nest past ``_DEEP``, for the message.
+
+    tomllib gives up with a RecursionError and no position; this scan skips strings and
+    comments well enough to point at the right line.
+    """
+    depth, quote, line, comment = 0, "", 1, False
+    for ch in text:
+        if ch == "\n":
+            line, comment = line + 1, False
+            if quote in ('"', "'"):
+                quote = ""  # a one-line string cannot span lines; resynchronise
+            continue
+        if comment:
+            continue
+        if quote:
+            if ch == quote:
+                quote = ""
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            comment = True
+        elif ch in "[{":
+            depth += 1
+            if depth > _DEEP:
+                return line
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    return line
 
 
 def load_recipe(path: Path, machine: Machine | None = None) -> LoadedRecipe:

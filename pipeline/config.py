@@ -42,8 +42,11 @@ class _Invalid(Exception):
         self.partial = partial
 
 
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+    return _TYPE_WORDS.get(tp) or getattr(tp, "__name__", str(tp))
 
 
 def toml_value(value: Any) -> str:
@@ -62,6 +65,10 @@ def toml_value(value: Any) -> str:
 
 def _shown(value: Any) -> str:
     # A hostile recipe can hold a megabyte string or a 2,000-deep list: show its start only.
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "a list"
     text = toml_value(value) if isinstance(value, (bool, int, float, str)) else type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -122,7 +129,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         raise _Invalid([Problem(key, f"must be an integer, got {_shown(value)}", f"set {key} to a whole number")])
     if isinstance(tp, type) and not isinstance(value, tp):
         raise _Invalid(
-            [Problem(key, f"must be {_type_name(tp)}, got {type(value).__name__} {_shown(value)}", f"set {key} to a value of type {_type_name(tp)}")]
+            [Problem(key, f"must be {_type_name(tp)}, got {_shown(value)}", f"set {key} to {_type_name(tp)}")]
         )
     return value
 

@@ -353,7 +353,7 @@ def test_cli_refuses_a_tampered_or_unsigned_directory_before_loading(
     [
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
-        (["--max-new-tokens", "-2"], "--max-new-tokens must be >= 0"),
+        (["--max-new-tokens", "-2"], "--max-new-tokens must be between 0 and 65536"),
         (["--top-k", "-1"], "--top-k must be >= 0"),
     ],
 )

@@ -104,5 +104,5 @@ def test_stage_configs_are_the_recipe_configs() -> None:
 
 def test_a_recipe_nested_2000_deep_is_a_clear_error() -> None:
     text = '[recipe]\nname = "deep"\nx = ' + "[" * 2000 + "]" * 2000 + "\n"
-    with pytest.raises(ConfigError, match="r.toml: TOML nested too deeply"):
+    with pytest.raises(ConfigError, match=r"r.toml: TOML nested too deeply to read \(line 3\)"):
         parse_recipe(text, source="r.toml")

@@ -41,9 +41,9 @@ BAD = [
     ("lr_nan", "[train]\nlr = nan\n", "train.lr", "is nan", "train.lr = 0.001"),
     ("min_lr_neg_inf", "[train]\nmin_lr = -inf\n", "train.min_lr", "-inf", "train.min_lr = 0.0001"),
     ("steps_2_63", "[train]\nsteps = 9223372036854775807\n", "train.steps", "years", "at most"),
-    ("steps_1e26", "[train]\nsteps = 1e26\n", "train.steps", "must be int, got float", "train.steps = 2000"),
+    ("steps_1e26", "[train]\nsteps = 1e26\n", "train.steps", "must be a whole number, got 1e+26", "train.steps = 2000"),
     ("max_new_tokens_1e8", "[evaluate]\nmax_new_tokens = 100000000\n", "evaluate.max_new_tokens", "more than the model's context", "at most 256"),
-    ("max_new_tokens_float", "[evaluate]\nmax_new_tokens = 1e8\n", "evaluate.max_new_tokens", "must be int", "= 64"),
+    ("max_new_tokens_float", "[evaluate]\nmax_new_tokens = 1e8\n", "evaluate.max_new_tokens", "must be a whole number", "= 64"),
     ("model_vocab_below_tokenizer", "[model]\nvocab_size = 300\n", "model.vocab_size", "smaller than the tokenizer's", "model.vocab_size = 0"),
     ("typo_with_close_match", "[train]\nstpes = 10\n", "train.stpes", "unknown key", "did you mean 'steps'"),
 ]
