@@ -128,9 +128,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is int and isinstance(value, bool):
         raise _Invalid([Problem(key, f"must be an integer, got {_shown(value)}", f"set {key} to a whole number")])
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise _Invalid(
-            [Problem(key, f"must be {_type_name(tp)}, got {_shown(value)}", f"set {key} to {_type_name(tp)}")]
-        )
+        raise _Invalid([Problem(key, f"must be {_type_name(tp)}, got {_shown(value)}", f"set {key} to {_type_name(tp)}")])
     return value
 
 
