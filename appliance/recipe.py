@@ -19,6 +19,7 @@ from pipeline.filters import FiltersConfig
 from pipeline.pii import PiiConfig
 from pipeline.settings.dedup import DedupConfig
 from pipeline.settings.evaluate import EvalConfig
+from pipeline.settings.finetune import FinetuneConfig
 from pipeline.settings.ingest import IngestConfig
 from pipeline.settings.model import ModelConfig
 from pipeline.settings.package import PackageConfig
@@ -56,6 +57,8 @@ class Recipe:
     distributed: DistConfig = field(default_factory=DistConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
+    # Present: adapt a local base model instead of pre-training (see pipeline.settings.finetune).
+    finetune: FinetuneConfig | None = None
 
 
 @dataclass(frozen=True)

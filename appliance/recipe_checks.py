@@ -105,6 +105,9 @@ def _duration(seconds: float) -> str:
 def recipe_problems(recipe: Any, machine: Machine | None = None) -> list[Problem]:
     """Problems across the recipe's tables and, with ``machine``, against that machine."""
     problems: list[Problem] = []
+    if getattr(recipe, "finetune", None) is not None:
+        # The model is the base's, known once its config.json is read: checked when it is imported.
+        return problems
     model, train, tok, ev = recipe.model, recipe.train, recipe.tokenizer, recipe.evaluate
     shape = model.shape()
     context = shape["max_seq_len"]

@@ -106,9 +106,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 items.append(_coerce(v, item_tp, f"{key}[{i}]", source))
             except _Invalid as exc:
                 bad.extend(exc.problems)
+                if exc.partial is not None:
+                    items.append(exc.partial)
+        result = tuple(items) if origin is tuple else items
         if bad:
-            raise _Invalid(bad)
-        return tuple(items) if origin is tuple else items
+            raise _Invalid(bad, partial=result)
+        return result
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if not isinstance(value, (str, int, float, bool)) or value not in allowed:
