@@ -1,0 +1,1 @@
+"""Fine-tuning a local base model: example files, rendering, packing, and (elsewhere) the job."""
