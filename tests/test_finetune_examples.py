@@ -14,6 +14,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import DataError
 from pipeline.finetune.examples import example_hash, load_examples, split_validation
@@ -442,3 +444,56 @@ def test_packed_examples_do_not_see_each_other(base: Path, tok: Any, attn: str) 
     # The check has teeth: position ids alone (what transformers would detect without a cache)
     # do not isolate here, so b's logits follow a's tokens.
     assert not torch.allclose(logits_of_b(a, isolate=False), logits_of_b(a2, isolate=False), atol=1e-5)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path: Path, base: Path) -> None:
+    from transformers import AutoTokenizer
+
+    odd = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    # Like templates that drop earlier turns' reasoning: the last message renders differently.
+    odd.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] if loop.last else m['content'][:3] }}\n{% endfor %}"
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    with pytest.raises(DataError) as err:
+        load_examples(config(DatasetConfig(path="c.jsonl", format="chat")), odd, tmp_path)
+    assert "c.jsonl: line 1: field 'messages'" in err.value.message and "chat_template" in err.value.hint
+
+
+def test_qwen2_packed_examples_do_not_see_each_other(tmp_path: Path, tok: Any) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_base(tmp_path / "qwen", arch="qwen2"), local_files_only=True).eval()
+    b = render(tok, {"text": "Lists hold items."}, "completion")
+    outs = []
+    for first in (render(tok, {"messages": CHAT[:3]}, "chat"), render(tok, {"messages": CHAT[3:5]}, "chat")):
+        (window,) = build_windows([first, b], 128, packing=True).windows
+        batch = collate([window], pad_id_of(tok))
+        at = window.segments.index(1)
+        with torch.no_grad():
+            outs.append(model(**{k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}).logits[0, at:])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40)), min_size=1, max_size=30),
+    seq_len=st.integers(2, 32),
+    packing=st.booleans(),
+)
+def test_windows_hold_every_kept_example_once(lengths: list[tuple[int, int]], seq_len: int, packing: bool) -> None:
+    examples = [
+        Example(list(range(100 * i, 100 * i + n)), [IGNORE] * min(p, n) + list(range(100 * i + min(p, n), 100 * i + n)), "x", i)
+        for i, (n, p) in enumerate(lengths)
+    ]
+    packed = build_windows(examples, seq_len, packing)
+    assert packed.truncated == sum(n > seq_len for n, _ in lengths)
+    pieces = []
+    for w in packed.windows:
+        assert 0 < len(w.input_ids) <= seq_len and len(w.labels) == len(w.position_ids) == len(w.segments) == len(w.input_ids)
+        for s in sorted(set(w.segments)):
+            idx = [i for i, seg in enumerate(w.segments) if seg == s]
+            assert [w.position_ids[i] for i in idx] == list(range(len(idx)))
+            pieces.append(([w.input_ids[i] for i in idx], [w.labels[i] for i in idx]))
+    expected = [(e.input_ids[:seq_len], e.labels[:seq_len]) for e in examples if any(label != IGNORE for label in e.labels[:seq_len])]
+    assert sorted(pieces) == sorted(expected)
+    assert len(expected) == len(examples) - packed.dropped

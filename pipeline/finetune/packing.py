@@ -16,8 +16,8 @@ the mask in the model's dtype, hence ``collate(dtype=...)``. The mask costs batc
 elements (seq 2048, batch 8, bf16: 64 MiB).
 
 An example longer than ``seq_len`` keeps its first ``seq_len`` tokens and is counted in
-``truncated``; one whose cut leaves no trained token (a long prompt) is dropped, counted in
-``dropped``. Without ``packing`` each window is one example; ``collate`` right-pads the batch to
+``truncated``; one with no trained token in what is kept (a prompt longer than the window)
+is dropped, counted in ``dropped``. Without ``packing`` each window is one example; ``collate`` right-pads the batch to
 its longest window with the pad id, labels ``IGNORE`` and a 2-D attention mask of 0 there.
 """
 
@@ -56,7 +56,7 @@ class Window:
 @dataclass(slots=True)
 class Packed:
     windows: list[Window]
-    # Examples cut to seq_len; of them, those dropped because no trained token was left.
+    # Examples cut to seq_len; examples left out because no trained token was kept.
     truncated: int = 0
     dropped: int = 0
 
@@ -72,9 +72,9 @@ def build_windows(examples: Sequence[Example], seq_len: int, packing: bool) -> P
         if length > seq_len:
             truncated += 1
             length = seq_len
-            if all(label == IGNORE for label in example.labels[:length]):
-                dropped += 1
-                continue
+        if all(label == IGNORE for label in example.labels[:length]):
+            dropped += 1  # a window row that teaches nothing would still cost a forward pass
+            continue
         kept.append((example, length))
     if not packing:
         windows = []
