@@ -154,7 +154,7 @@ def test_base_without_template_uses_the_recipes_then_the_default(base: Path) -> 
     own = render(bare, {"messages": CHAT[:3]}, "chat", chat_template=mine)
     assert tok_text(bare, own) == "[system] Be brief.\n[user] What is a list?\n[assistant] Lists hold items in order.\n"
     assert trained_text(bare, own).strip() == "Lists hold items in order."
-    assert DEFAULT_CHAT_TEMPLATE == bare.chat_template or DEFAULT_CHAT_TEMPLATE.startswith("{% for message in messages %}")
+    assert tok_text(bare, default) == bare.apply_chat_template(CHAT[:3], chat_template=DEFAULT_CHAT_TEMPLATE, tokenize=False)
 
 
 def tok_text(tok: Any, e: Example) -> str:

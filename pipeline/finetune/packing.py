@@ -85,7 +85,8 @@ def build_windows(examples: Sequence[Example], seq_len: int, packing: bool) -> P
         return Packed(windows, truncated, dropped)
     # Best-fit decreasing: each example (longest first) goes to the fullest window it fits in.
     order = sorted(range(len(kept)), key=lambda i: -kept[i][1])
-    windows, free = [], []  # free: sorted (room left, window index)
+    windows: list[Window] = []
+    free: list[tuple[int, int]] = []  # (room left, window index), sorted
     for i in order:
         example, length = kept[i]
         at = bisect.bisect_left(free, (length, -1))
