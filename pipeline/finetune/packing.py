@@ -76,8 +76,8 @@ def build_windows(examples: Sequence[Example], seq_len: int, packing: bool) -> P
             dropped += 1  # a window row that teaches nothing would still cost a forward pass
             continue
         kept.append((example, length))
+    windows: list[Window] = []
     if not packing:
-        windows = []
         for example, length in kept:
             window = Window()
             window.add(example, length)
@@ -85,7 +85,6 @@ def build_windows(examples: Sequence[Example], seq_len: int, packing: bool) -> P
         return Packed(windows, truncated, dropped)
     # Best-fit decreasing: each example (longest first) goes to the fullest window it fits in.
     order = sorted(range(len(kept)), key=lambda i: -kept[i][1])
-    windows: list[Window] = []
     free: list[tuple[int, int]] = []  # (room left, window index), sorted
     for i in order:
         example, length = kept[i]
