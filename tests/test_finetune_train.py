@@ -294,6 +294,8 @@ def test_qlora_on_cpu_trains_its_adapters(llama_base: Path, rows: tuple[Any, Any
 def test_qlora_without_bitsandbytes_says_so_before_loading(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from pipeline.finetune import spec as spec_mod
 
+    spec_mod.qlora_available()  # the real probe passes here: bitsandbytes runs NF4 on CPU
+
     def missing() -> Any:
         raise ImportError("No module named 'bitsandbytes'")
 
