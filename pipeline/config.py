@@ -42,11 +42,11 @@ class _Invalid(Exception):
         self.partial = partial
 
 
-_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+_TYPE_WORDS: dict[Any, str] = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _type_name(tp: Any) -> str:
-    return _TYPE_WORDS.get(tp) or getattr(tp, "__name__", str(tp))
+    return _TYPE_WORDS.get(tp) or str(getattr(tp, "__name__", tp))
 
 
 def toml_value(value: Any) -> str:
