@@ -20,7 +20,7 @@ from keys.errors import ApplianceError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from appliance.cli import data, generate, ledger, recipe, runs, serve, slurm, store
+    from appliance.cli import data, finetune, generate, ledger, recipe, runs, serve, slurm, store
 
     parser = argparse.ArgumentParser(prog="appliance", description="Sovereign LLM training appliance: dataset to signed model, proven in a ledger.")
     parser.add_argument("--home", help="local mode: run the service in-process on this home (default: $APPLIANCE_HOME or ~/.local/share/appliance)")
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.register(sub, add)
     generate.register(sub, add)
     recipe.register(sub, add)
+    finetune.register(sub, add)
     slurm.register(sub, add)
     serve.add_serve_parser(sub, add)
     return parser
