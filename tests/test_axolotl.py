@@ -341,9 +341,15 @@ def test_cli_refusals_and_bad_yaml_end_without_a_traceback(tmp_path: Path, capsy
     assert code == 2 and "cannot read" in err
 
 
-def test_finetune_with_a_recipe_says_what_exists_today(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(capsys, "finetune", "recipe.toml")
-    assert code == 2 and "--from-axolotl" in err and "training job" in err
+def test_finetune_needs_a_recipe_with_a_finetune_table(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = cli(capsys, "finetune")
+    assert code == 2 and "--from-axolotl" in err
+    code, _, err = cli(capsys, "finetune", str(tmp_path / "recipe.toml"))
+    assert code == 2 and "cannot read recipe" in err and "Traceback" not in err
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[recipe]\nname = "x"\n')
+    code, _, err = cli(capsys, "finetune", str(plain))
+    assert code == 2 and "no [finetune] table" in err and "appliance run" in err
     with pytest.raises(SystemExit):
         cli(capsys, "finetune", "recipe.toml", "--from-axolotl", "x.yml")
 

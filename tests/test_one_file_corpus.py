@@ -48,7 +48,7 @@ def _recipe(tmp_path: Path, book: Path, split: str) -> Path:
 
 
 def _stages(svc: object, kind: str) -> list[str]:
-    rows = svc.ledger.select("SELECT json_extract_string(body, '$.stage') FROM events WHERE kind = ? ORDER BY seq", [kind])  # type: ignore[attr-defined]
+    rows = svc.ledger.select("SELECT json_extract_string(body, '$.data.stage') FROM events WHERE kind = ? ORDER BY seq", [kind])  # type: ignore[attr-defined]
     return [r[0] for r in rows]
 
 

@@ -116,9 +116,14 @@ def test_corpus_too_small_names_the_key(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         run_tokenizer(dataset, tmp_path / "out", TokenizerConfig(vocab_size=20000))
     assert "tokenizer.vocab_size" in info.value.message and "lower tokenizer.vocab_size" in info.value.hint
+    # Above the fixed minimum (5 special + 256 byte pieces + 1) but below what this corpus's
+    # characters need: only the corpus can say so.
     with pytest.raises(ConfigError) as info:
-        run_tokenizer(dataset, tmp_path / "out", TokenizerConfig(vocab_size=100))
+        run_tokenizer(dataset, tmp_path / "out", TokenizerConfig(vocab_size=270))
     assert "raise tokenizer.vocab_size" in info.value.hint
+    # Below the fixed minimum: refused when the recipe is read, before any stage.
+    with pytest.raises(ValueError, match="below the 262 pieces"):
+        TokenizerConfig(vocab_size=100)
     assert not (tmp_path / "out").exists()
 
 

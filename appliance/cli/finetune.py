@@ -20,12 +20,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a local base model. With --from-axolotl FILE.yml: convert that Axolotl config into a recipe (printed, or written to --out), with a note per key on stderr."""
     if args.from_axolotl:
         return _from_axolotl(args)
-    # Kept as a positional now so that `appliance finetune RECIPE.toml` keeps its shape when the
-    # training job arrives; until then, say what does exist.
-    raise ApplianceError(
-        "running a fine-tune from a recipe lands with the fine-tuning training job; this version converts Axolotl configs only",
-        "convert one with `appliance finetune --from-axolotl FILE.yml --out RECIPE.toml`, and check the recipe with `appliance recipe check RECIPE.toml`",
-    )
+    if not args.recipe:
+        raise ApplianceError(
+            "give a recipe with a [finetune] table, or --from-axolotl FILE.yml",
+            "convert one with `appliance finetune --from-axolotl FILE.yml --out RECIPE.toml`, then `appliance finetune RECIPE.toml`",
+        )
+    from appliance.cli.runs import start_and_follow
+    from appliance.recipe import load_recipe
+
+    recipe = Path(args.recipe).resolve()
+    if load_recipe(recipe).recipe.finetune is None:
+        raise ApplianceError(
+            f"recipe {recipe} has no [finetune] table, so it would pre-train", f"add [finetune] with base = ..., or run it with `appliance run {recipe}`"
+        )
+    return start_and_follow(args, recipe=str(recipe))
 
 
 def _from_axolotl(args: argparse.Namespace) -> int:
@@ -75,7 +83,7 @@ def _from_axolotl(args: argparse.Namespace) -> int:
 def register(sub: Any, add: Any) -> None:
     p = add("finetune", cmd_finetune)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("recipe", nargs="?", help="recipe TOML file with a [finetune] table (runs land with the training job)")
+    which.add_argument("recipe", nargs="?", help="recipe TOML file with a [finetune] table: run it through the service")
     which.add_argument("--from-axolotl", metavar="FILE.yml", help="convert this Axolotl config into a recipe instead of running one")
     p.add_argument("--out", help="with --from-axolotl: write the recipe here (default: stdout); paths in it are then relative to its folder")
     p.add_argument("--force", action="store_true", help="with --out: replace an existing file")

@@ -79,7 +79,30 @@ def _package(r: Any, a: dict[str, Path], src: Path, work: Path, progress: Progre
     return run_package(a["checkpoint"], a["tokenizer"], work, r.package, prov)
 
 
+def _ft_base(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.finetune.stages import run_base
+
+    # A fine-tuning run's source is the recipe's folder (its data sets are named relative to it);
+    # the service passes the keys it trusts, so its own packaged models are valid bases.
+    return run_base(r.finetune, src, work, [Path(p) for p in prov.get("trusted_keys", [])])
+
+
+def _ft_examples(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.finetune.stages import run_examples
+
+    return run_examples(r.finetune, src, a["base"], work, progress)
+
+
+def _ft_train(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.finetune.stages import run_finetune
+
+    return run_finetune(r.finetune, r.train, a["base"], a["examples"], work, progress)
+
+
 FUNCTIONS: dict[str, StageFn] = {
+    "base": _ft_base,
+    "examples": _ft_examples,
+    "finetune": _ft_train,
     "ingest": _ingest,
     "curate": _curate,
     "tokenizer": _tokenizer,

@@ -102,7 +102,7 @@ class Recorder:
                     actor,
                     {
                         "digest": digest,
-                        "kind": "source",
+                        "kind": src.get("kind", "source"),
                         "name": src["path"],
                         "size_bytes": src["bytes"],
                         "files": 1,
@@ -110,7 +110,7 @@ class Recorder:
                         "run_id": run.run_id,
                         "stage": stage.name,
                         "parents": [],
-                        "meta": jsonable({k: v for k, v in src.items() if k not in ("sha256", "path", "bytes")}),
+                        "meta": jsonable({k: v for k, v in src.items() if k not in ("sha256", "path", "bytes", "kind")}),
                     },
                 )
             )
@@ -120,7 +120,8 @@ class Recorder:
         parents = sorted(set(source_digests) | {run.artifacts[p].digest for p in stage.parents})
         for out_name, path in result.outputs.items():
             kind = stage.kind_of(out_name)
-            if kind == "model":
+            if kind in ("model", "adapter"):
+                # model_signing's own format, so a third party verifies it with its CLI.
                 sign_model_dir(path, svc.key)
             stored = svc.store.import_path(path, kind=kind, name=f"{run.run_id}/{out_name}", signer=svc.key, move=True)
             run.artifacts[out_name] = stored

@@ -42,7 +42,7 @@ from appliance.service.resolve import (
     run_status,
     stage_artifacts,
 )
-from appliance.service.stage_table import DATA_STAGES, STAGES, Stage
+from appliance.service.stage_table import DATA_STAGES, Stage, stages_for
 from appliance.service.training import StageContext, TrainingStopped, precheck, train_stage
 from keys.errors import ApplianceError
 from pipeline.config import to_mapping
@@ -106,6 +106,11 @@ class RunManager:
         if data_from is not None:
             from_run = resolve_run(svc.ledger, data_from)
             source_dir = Path(self._started(from_run)["source"])
+        elif loaded.recipe.finetune is not None:
+            # Fine-tuning reads its base and data sets from paths relative to the recipe.
+            source_dir = loaded.path.parent
+            caller.require_readable(source_dir / loaded.recipe.finetune.base, what="base model", tree=True)
+            from_run = None
         else:
             source_dir = loaded.source_dir(Path(source) if source else None)
             caller.require_readable(source_dir, what="corpus folder", tree=True)
@@ -357,7 +362,7 @@ class RunManager:
             lock.acquire(wait_s=LOCK_WAIT_S)
             feed.push({"event": "run_started", "run_id": run.run_id})
             try:
-                for stage in STAGES:
+                for stage in stages_for(parse_recipe(run.recipe_text, source=run.recipe_source)):
                     if active.cancel_requested or self._closing:
                         raise RunStopped(
                             f"run {run.run_id} was cancelled by {active.cancelled_by} before stage {stage.name}",
@@ -382,7 +387,8 @@ class RunManager:
                 feed.push({"event": "run_finished", "run_id": run.run_id, "status": status, "error": message, "exit_code": getattr(exc, "exit_code", 2)})
             return
         wall = time.monotonic() - started
-        model = run.artifacts["model"]
+        # A fine-tuning run ends with its adapter (packaging it as a model is a later stage).
+        model = run.artifacts.get("model") or run.artifacts["adapter"]
         summary = {
             "run_id": run.run_id,
             "recipe_name": run.recipe_name,
@@ -464,6 +470,15 @@ class RunManager:
         run.stats[stage.name] = result.stats
         feed.push({"event": "stage_finished", "stage": stage.name, "stats": jsonable(result.stats)})
 
+    def _job_context(self, run: RunState, stage: Stage) -> dict[str, Any]:
+        """What a stage needs from the service beyond its inputs: the run's provenance for the
+        model card; the keys it trusts for a base model (its own packaged models are valid bases)."""
+        if stage.name == "package":
+            return self.recorder.provenance(run)
+        if stage.name == "base":
+            return {"trusted_keys": [str(self.svc.home.public_key_file)]}
+        return {}
+
     def _paths(self, run: RunState) -> dict[str, Path]:
         return {k: a.path for k, a in run.artifacts.items()}
 
@@ -478,7 +493,7 @@ class RunManager:
             "artifacts": {k: str(v) for k, v in self._paths(run).items()},
             "source": str(run.source),
             "work": str(work / "out"),
-            "provenance": self.recorder.provenance(run) if stage.name == "package" else {},
+            "provenance": self._job_context(run, stage),
         }
         job = Job(JOB_MODULE, spec, work / "job", lock=lock)
         result: dict[str, Any] = {}

@@ -37,6 +37,19 @@ STAGES: tuple[Stage, ...] = (
     Stage("package", "package + sign", ("checkpoint", "tokenizer", "report", "recipe"), {"model": "model"}),
 )
 
+# A recipe with [finetune] adapts a local base model instead: verify the base before any of its
+# files is loaded, render the examples with its tokenizer, train the adapter.
+FINETUNE_STAGES: tuple[Stage, ...] = (
+    Stage("base", "verify base model", (), {"base": "base-model"}),
+    Stage("examples", "render examples", ("base",), {"examples": "finetune-examples"}),
+    Stage("finetune", "fine-tune", ("base", "examples", "recipe"), {"adapter": "adapter"}),
+)
+
 # Stages `appliance train --data RUN` takes from an earlier run: everything before training.
 DATA_STAGES = ("ingest", "curate", "tokenizer", "shard", "card")
-BY_NAME = {s.name: s for s in STAGES}
+BY_NAME = {s.name: s for s in STAGES + FINETUNE_STAGES}
+
+
+def stages_for(recipe: object) -> tuple[Stage, ...]:
+    """The stages a recipe runs: pre-training's, or fine-tuning's when it has [finetune]."""
+    return FINETUNE_STAGES if getattr(recipe, "finetune", None) is not None else STAGES

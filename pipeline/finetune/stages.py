@@ -1,0 +1,210 @@
+"""The stages of a fine-tuning run, each called in a job of the service: base, examples, finetune.
+
+``base`` inspects and verifies the base model before any of its files is loaded, and reports
+every file's digest as an input, so the ledger holds exactly what was adapted. ``examples``
+renders the recipe's data sets with the base's own tokenizer into a Parquet file of token
+ids and loss labels. ``finetune`` re-checks the base against what ``base`` recorded (it may
+have changed on disk since), then trains the adapter with checkpoints a stop or a crash
+resumes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from keys.digest import sha256_file
+from keys.files import atomic_write_text
+from pipeline.errors import DataError, TrainingError
+from pipeline.result import ProgressFn, StageResult
+from pipeline.settings.finetune import FinetuneConfig
+
+BASE_RECORD = "base.json"
+EXAMPLES_FILE = "examples.parquet"
+
+
+def run_base(fcfg: FinetuneConfig, recipe_dir: Path, work: Path, trusted_keys: list[Path]) -> StageResult:
+    """Inspect and verify the base model; its manifest and the verdict become ``base.json``."""
+    from pipeline.finetune.base_sig import import_base
+
+    base, verdict = import_base(fcfg, recipe_dir, trusted_keys)
+    work.mkdir(parents=True, exist_ok=True)
+    record = {
+        "path": str(base.path),
+        "model_type": base.model_type,
+        "architecture": base.architecture,
+        "shape": dataclasses.asdict(base.shape),
+        "parameters": base.parameters,
+        "digest": base.digest,
+        "manifest": base.manifest_dict(),
+        "verification": verdict.record(),
+    }
+    out = work / BASE_RECORD
+    atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n", mode=0o644)
+    inputs = [
+        {"path": f"base:{base.path.name}/{rel}", "sha256": entry["sha256"], "bytes": entry["size"], "kind": "base-model-file", "base_digest": base.digest}
+        for rel, entry in sorted(base.manifest_dict().items())
+    ]
+    stats = {
+        "base": str(base.path),
+        "model_type": base.model_type,
+        "parameters": base.parameters,
+        "digest": base.digest,
+        "files": len(inputs),
+        "verification": verdict.method,
+        "signer": verdict.signer,
+        "unsigned_allowed": verdict.method == "unsigned-allowed",
+    }
+    return StageResult(outputs={"base": out}, stats=stats, inputs=inputs)
+
+
+def _base_dir(base_json: Path) -> tuple[Path, dict[str, Any]]:
+    record = json.loads(base_json.read_text(encoding="utf-8"))
+    return Path(record["path"]), record
+
+
+def _recheck_base(base_json: Path) -> Path:
+    """The base directory, after proving it still holds the files the base stage recorded."""
+    from pipeline.finetune.base import inspect_base
+
+    path, record = _base_dir(base_json)
+    now = inspect_base(path)
+    if now.digest != record["digest"]:
+        changed = sorted(set(now.manifest_dict().items()) ^ set((k, tuple(v.items())) for k, v in record["manifest"].items()))
+        raise DataError(
+            f"base model {path} changed since it was verified (digest {record['digest'][:16]}… then, {now.digest[:16]}… now)",
+            "restore the base model's files, or start a new run so the new files are verified and recorded"
+            + (f" ({len(changed)} differences)" if changed else ""),
+        )
+    return path
+
+
+def _tokenizer(base_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+
+
+def run_examples(fcfg: FinetuneConfig, recipe_dir: Path, base_json: Path, work: Path, progress: ProgressFn) -> StageResult:
+    """Render the data sets with the base's tokenizer into ``examples.parquet`` (train and val rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.finetune.examples import load_examples
+
+    base_dir = _recheck_base(base_json)
+    examples = load_examples(fcfg, _tokenizer(base_dir), recipe_dir)
+    progress(1, 1, {"train": len(examples.train), "val": len(examples.val)})
+    rows = [("train", e) for e in examples.train] + [("val", e) for e in examples.val]
+    table = pa.table(
+        {
+            "split": pa.array([s for s, _ in rows], pa.string()),
+            "input_ids": pa.array([e.input_ids for _, e in rows], pa.list_(pa.int32())),
+            "labels": pa.array([e.labels for _, e in rows], pa.list_(pa.int32())),
+            "file": pa.array([e.file for _, e in rows], pa.string()),
+            "line": pa.array([e.line for _, e in rows], pa.int64()),
+        }
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / EXAMPLES_FILE
+    pq.write_table(table, out)
+    inputs = []
+    for ds in fcfg.datasets:
+        path = (recipe_dir / ds.path).resolve()
+        inputs.append({"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size, "format": ds.format, "split": ds.split})
+    stats = {
+        "read": examples.read,
+        "train_examples": len(examples.train),
+        "val_examples": len(examples.val),
+        "train_tokens": sum(len(e.input_ids) for e in examples.train),
+        "trained_tokens": sum(sum(1 for x in e.labels if x != -100) for e in examples.train),
+        "skipped": len(examples.skips),
+    }
+    return StageResult(outputs={"examples": out}, stats=stats, inputs=inputs, skipped=[s.as_dict() for s in examples.skips])
+
+
+def read_examples(path: Path, split: str) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    from pipeline.finetune.render import Example
+
+    table = pq.read_table(path).to_pylist()
+    return [Example(input_ids=r["input_ids"], labels=r["labels"], file=r["file"], line=r["line"]) for r in table if r["split"] == split]
+
+
+def _batches(windows: list[Any], cfg: Any, pad_id: int, dtype: Any) -> Any:
+    """``batches(step, micro)``: a pure function of its arguments, so resume is exact.
+
+    Epochs are seeded permutations of the windows; micro-batch (step, micro) takes the next
+    ``batch_size`` windows of the stream they form.
+    """
+    from pipeline.finetune.packing import collate
+
+    n = len(windows)
+    orders: dict[int, list[int]] = {}
+
+    def order(epoch: int) -> list[int]:
+        if epoch not in orders:
+            idx = list(range(n))
+            random.Random(f"{cfg.seed}:{epoch}").shuffle(idx)
+            orders[epoch] = idx
+        return orders[epoch]
+
+    def batches(step: int, micro: int) -> dict[str, Any]:
+        start = (step * cfg.grad_accum + micro) * cfg.batch_size
+        picked = [windows[order(i // n)[i % n]] for i in range(start, start + cfg.batch_size)]
+        return collate(picked, pad_id, dtype=dtype)
+
+    return batches
+
+
+def run_finetune(fcfg: FinetuneConfig, tcfg: Any, base_json: Path, examples: Path, work: Path, progress: ProgressFn) -> StageResult:
+    """Train the adapter; SIGTERM saves a checkpoint, and the re-run stage resumes from it."""
+    import torch
+
+    from pipeline.finetune.packing import build_windows, pad_id_of
+    from pipeline.finetune.spec import build_spec
+    from pipeline.finetune.train import base_dtype, resolve_device, train_adapter
+
+    base_dir = _recheck_base(base_json)
+    train = read_examples(examples, "train")
+    packed = build_windows(train, tcfg.seq_len, fcfg.packing)
+    if not packed.windows:
+        raise DataError(f"no training example of {examples} fits train.seq_len = {tcfg.seq_len}", "raise train.seq_len or check [finetune] datasets")
+    device = resolve_device(tcfg)
+    dtype = base_dtype(tcfg, device)
+    spec = build_spec(fcfg, base_dir, dtype=dtype)
+    stop = threading.Event()
+    # A stop asks for a checkpoint first; the stage job's default handler would unwind at once.
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "log":
+            progress(int(event["step"]), tcfg.steps, {k: event[k] for k in ("loss", "lr", "tokens_per_s") if k in event})
+
+    try:
+        stats = train_adapter(
+            spec,
+            _batches(packed.windows, tcfg, pad_id_of(_tokenizer(base_dir)), torch_dtype),
+            tcfg,
+            work,
+            on_event=on_event,
+            should_stop=stop.is_set,
+            device=device,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not stats.get("completed"):
+        raise KeyboardInterrupt  # the job reports "stopped"; resume continues from the checkpoint
+    adapter = Path(stats["adapter"])
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise TrainingError(f"training finished without an adapter in {adapter}", "report this: it is a bug in the appliance")
+    stats = {k: v for k, v in stats.items() if k not in ("adapter", "checkpoint")}
+    stats.update({"windows": len(packed.windows), "truncated": packed.truncated, "dropped": packed.dropped, "method": fcfg.method})
+    return StageResult(outputs={"adapter": adapter}, stats=stats)

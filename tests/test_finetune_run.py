@@ -1,0 +1,110 @@
+"""A fine-tuning run through the service: base verified and recorded file by file, examples
+rendered with the base's tokenizer, the adapter trained, signed and recorded with its lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli, new_home, run_to_end
+from tests.finetune_fixtures import build_tiny_base
+
+pytestmark = pytest.mark.slow
+
+LINES = [
+    "The module provides functions for working with paths.",
+    "Call open() to read a file; the result is a file object.",
+    "Lists hold items in order, and dictionaries map keys to values.",
+    "A function returns a value; a generator yields many.",
+    "Errors are raised as exceptions and handled with try and except.",
+    "Strings are immutable; numbers can be integers or floating point.",
+]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_base(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+def _recipe(folder: Path, base: Path, *, unsigned_ok: bool = True) -> Path:
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    (folder / "data" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES * 3))
+    recipe = folder / "ft.toml"
+    recipe.write_text(
+        f"""[recipe]
+name = "ft-test"
+
+[finetune]
+base = "{base}"
+allow_unsigned_base = {"true" if unsigned_ok else "false"}
+method = "lora"
+target_modules = ["q_proj", "v_proj"]
+lora_r = 4
+lora_alpha = 8
+val_fraction = 0.2
+
+[[finetune.datasets]]
+path = "data/train.jsonl"
+format = "completion"
+
+[train]
+steps = 4
+batch_size = 2
+seq_len = 64
+lr = 1e-3
+warmup_steps = 1
+checkpoint_every = 2
+log_every = 1
+"""
+    )
+    return recipe
+
+
+def _artifacts(svc: object, run_id: str) -> list[tuple[str, str, str]]:
+    rows = svc.ledger.select(  # type: ignore[attr-defined]
+        "SELECT json_extract_string(body, '$.data.kind'), json_extract_string(body, '$.data.name'), json_extract_string(body, '$.data.stage') FROM events "
+        "WHERE kind = 'artifact.recorded' AND json_extract_string(body, '$.data.run_id') = ? ORDER BY seq",
+        [run_id],
+    )
+    return [tuple(r) for r in rows]
+
+
+def test_a_lora_run_records_base_examples_and_a_signed_adapter(tmp_path: Path, base: Path) -> None:
+    recipe = _recipe(tmp_path, base)
+    with new_home(tmp_path / "home") as svc:
+        final = run_to_end(svc, recipe)
+        assert final["status"] == "succeeded", final
+        run_id = final["run_id"]
+        arts = _artifacts(svc, run_id)
+    stats = final["summary"]["stats"]
+    assert stats["base"]["unsigned_allowed"] is True and stats["base"]["verification"] == "unsigned-allowed"
+    assert stats["examples"]["train_examples"] > 0 and stats["examples"]["val_examples"] > 0
+    assert stats["finetune"]["steps"] == 4 and stats["finetune"]["completed"] is True
+    kinds = {k for k, _, _ in arts}
+    assert {"base-model-file", "base-model", "finetune-examples", "adapter", "source"} <= kinds, arts
+    base_files = [n for k, n, _ in arts if k == "base-model-file"]
+    assert any(n.endswith("/model.safetensors") for n in base_files) and any(n.endswith("/tokenizer.json") for n in base_files)
+    adapter = Path(final["summary"]["model_path"])
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "model.sig").is_file()
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, local_files_only=True), adapter)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_an_unsigned_base_is_refused_before_anything_loads(tmp_path: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = _recipe(tmp_path, base, unsigned_ok=False)
+    new_home(tmp_path / "home").close()
+    code, _, err = cli(capsys, "--home", str(tmp_path / "home"), "finetune", str(recipe))
+    assert code != 0 and "allow_unsigned_base" in err and "Traceback" not in err
+    # Refused in the base stage: nothing of the base was recorded, no adapter trained.
+    from appliance.service import Service
+    from tests.conftest import PASSPHRASE
+
+    with Service.open(tmp_path / "home", PASSPHRASE.encode()) as svc:
+        kinds = svc.ledger.select("SELECT DISTINCT json_extract_string(body, '$.data.kind') FROM events WHERE kind = 'artifact.recorded'")
+    assert {k for (k,) in kinds} == {"recipe"}, kinds
