@@ -28,7 +28,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_base(tmp_path_factory.mktemp("base") / "tiny-llama")
 
 
-def _recipe(folder: Path, base: Path, *, unsigned_ok: bool = True) -> Path:
+def _recipe(folder: Path, base: Path, *, unsigned_ok: bool = True, gate: str = "") -> Path:
     (folder / "data").mkdir(parents=True, exist_ok=True)
     (folder / "data" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES * 3))
     recipe = folder / "ft.toml"
@@ -58,6 +58,7 @@ warmup_steps = 1
 checkpoint_every = 2
 log_every = 1
 """
+        + gate
     )
     return recipe
 
@@ -83,11 +84,13 @@ def test_a_lora_run_records_base_examples_and_a_signed_adapter(tmp_path: Path, b
     assert stats["examples"]["train_examples"] > 0 and stats["examples"]["val_examples"] > 0
     assert stats["finetune"]["steps"] == 4 and stats["finetune"]["completed"] is True
     kinds = {k for k, _, _ in arts}
-    assert {"base-model-file", "base-model", "finetune-examples", "adapter", "source"} <= kinds, arts
+    assert {"base-model-file", "base-model", "finetune-examples", "adapter", "source", "eval-report", "model"} <= kinds, arts
+    assert stats["ft_evaluate"]["promoted"] is True and stats["ft_evaluate"]["val_loss"] > 0
+    assert stats["ft_package"]["packaged"] is True
     base_files = [n for k, n, _ in arts if k == "base-model-file"]
     assert any(n.endswith("/model.safetensors") for n in base_files) and any(n.endswith("/tokenizer.json") for n in base_files)
     adapter = Path(final["summary"]["model_path"])
-    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "model.sig").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "model.sig").is_file() and (adapter / "MODEL_CARD.md").is_file()
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -108,3 +111,17 @@ def test_an_unsigned_base_is_refused_before_anything_loads(tmp_path: Path, base:
     with Service.open(tmp_path / "home", PASSPHRASE.encode()) as svc:
         kinds = svc.ledger.select("SELECT DISTINCT json_extract_string(body, '$.data.kind') FROM events WHERE kind = 'artifact.recorded'")
     assert {k for (k,) in kinds} == {"recipe"}, kinds
+
+
+def test_a_model_below_the_gate_is_recorded_and_not_packaged(tmp_path: Path, base: Path) -> None:
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"prompt": t[:20], "reference": t[20:]}) + "\n" for t in LINES[:3]))
+    recipe = _recipe(tmp_path, base, gate='\n[finetune.gate]\ntask_file = "tasks.jsonl"\nmin_chrf = 99.0\nmax_new_tokens = 8\n')
+    with new_home(tmp_path / "home") as svc:
+        final = run_to_end(svc, recipe)
+        arts = _artifacts(svc, final["run_id"])
+    assert final["status"] == "succeeded", final
+    stats = final["summary"]["stats"]
+    assert stats["ft_evaluate"]["promoted"] is False and any("finetune.gate.min_chrf" in r for r in stats["ft_evaluate"]["reasons"])
+    assert "base_scores" in stats["ft_evaluate"] and "tuned_scores" in stats["ft_evaluate"]
+    assert stats["ft_package"] == {"promoted": False, "reasons": stats["ft_evaluate"]["reasons"], "packaged": False}
+    assert "model" not in {k for k, _, _ in arts}

@@ -99,8 +99,22 @@ def _ft_train(r: Any, a: dict[str, Path], src: Path, work: Path, progress: Progr
     return run_finetune(r.finetune, r.train, a["base"], a["examples"], work, progress)
 
 
+def _ft_evaluate(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.finetune.stages import run_ft_evaluate
+
+    return run_ft_evaluate(r.finetune, r.train, src, a["base"], a["examples"], a["adapter"], work)
+
+
+def _ft_package(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
+    from pipeline.finetune.stages import run_ft_package
+
+    return run_ft_package(r.finetune, a["base"], a["adapter"], a["report"], work)
+
+
 FUNCTIONS: dict[str, StageFn] = {
     "base": _ft_base,
+    "ft_evaluate": _ft_evaluate,
+    "ft_package": _ft_package,
     "examples": _ft_examples,
     "finetune": _ft_train,
     "ingest": _ingest,

@@ -43,6 +43,8 @@ FINETUNE_STAGES: tuple[Stage, ...] = (
     Stage("base", "verify base model", (), {"base": "base-model"}),
     Stage("examples", "render examples", ("base",), {"examples": "finetune-examples"}),
     Stage("finetune", "fine-tune", ("base", "examples", "recipe"), {"adapter": "adapter"}),
+    Stage("ft_evaluate", "evaluate + promotion gate", ("adapter", "examples", "base"), {"report": "eval-report"}),
+    Stage("ft_package", "package + sign", ("adapter", "report", "base", "recipe"), {"model": "model"}),
 )
 
 # Stages `appliance train --data RUN` takes from an earlier run: everything before training.

@@ -208,3 +208,76 @@ def run_finetune(fcfg: FinetuneConfig, tcfg: Any, base_json: Path, examples: Pat
     stats = {k: v for k, v in stats.items() if k not in ("adapter", "checkpoint")}
     stats.update({"windows": len(packed.windows), "truncated": packed.truncated, "dropped": packed.dropped, "method": fcfg.method})
     return StageResult(outputs={"adapter": adapter}, stats=stats)
+
+
+def _tuned_model(base_dir: Path, adapter: Path, tcfg: Any) -> Any:
+    """Base + adapter for evaluation: the base in full precision (a QLoRA adapter is scored on
+    the dequantised base, as it is merged and as it ships)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.finetune.train import resolve_device
+
+    device = resolve_device(tcfg)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True).to(device)
+    return PeftModel.from_pretrained(model, adapter).to(device)
+
+
+def run_ft_evaluate(fcfg: FinetuneConfig, tcfg: Any, recipe_dir: Path, base_json: Path, examples: Path, adapter: Path, work: Path) -> StageResult:
+    """Validation loss and perplexity, task scores base vs tuned, and the promotion gate's verdict."""
+    from pipeline.finetune.evaluate import Prompter, compare_on_tasks, gate_verdict, load_tasks, validation_loss
+    from pipeline.finetune.packing import build_windows, pad_id_of
+    from pipeline.finetune.report import write_report
+
+    base_dir = _recheck_base(base_json)
+    tokenizer = _tokenizer(base_dir)
+    model = _tuned_model(base_dir, adapter, tcfg)
+    windows = build_windows(read_examples(examples, "val"), tcfg.seq_len, fcfg.packing).windows
+    val = validation_loss(model, windows, pad_id_of(tokenizer), batch_size=tcfg.batch_size)
+    comparison = None
+    if fcfg.gate.task_file:
+        tasks = load_tasks((recipe_dir / fcfg.gate.task_file).resolve(), label=f"finetune.gate.task_file {fcfg.gate.task_file}")
+        comparison = compare_on_tasks(model, Prompter(tokenizer, fcfg), tasks, max_new_tokens=fcfg.gate.max_new_tokens)
+    verdict = gate_verdict(comparison.tuned if comparison else None, val, fcfg.gate)
+    out = work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, val=val, verdict=verdict, comparison=comparison, extra={"method": fcfg.method, "base": str(base_dir)})
+    stats: dict[str, Any] = {"val_loss": val["loss"], "perplexity": val["perplexity"], "val_tokens": val["tokens"], **verdict.as_dict()}
+    if comparison is not None:
+        stats["base_scores"] = dataclasses.asdict(comparison.base)
+        stats["tuned_scores"] = dataclasses.asdict(comparison.tuned)
+    return StageResult(outputs={"report": out}, stats=stats)
+
+
+def run_ft_package(fcfg: FinetuneConfig, base_json: Path, adapter: Path, report: Path, work: Path) -> StageResult:
+    """The promoted model, ready to sign: the adapter with a model card, or (``merge``) the merged model.
+
+    A model below the gate's thresholds is not packaged: the stage records why and outputs nothing.
+    """
+    import shutil
+
+    from pipeline.finetune.lora import merge_and_export
+
+    verdict = json.loads((report / "report.json").read_text(encoding="utf-8")).get("verdict", {})
+    if not verdict.get("promoted"):
+        return StageResult(outputs={}, stats={"promoted": False, "reasons": verdict.get("reasons", []), "packaged": False})
+    base_dir, record = _base_dir(base_json)
+    out = work / "model"
+    if out.exists():
+        shutil.rmtree(out)
+    if fcfg.merge:
+        merge_and_export(_recheck_base(base_json), adapter, out)
+    else:
+        shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("model.sig"))
+    card = [
+        f"# {out.name}: {'merged model' if fcfg.merge else 'LoRA adapter'} for {base_dir.name}",
+        "",
+        f"- base: `{base_dir}` (manifest digest `{record['digest']}`, {record['verification']['method']})",
+        f"- method: {fcfg.method}, r {fcfg.lora_r}, alpha {fcfg.lora_alpha}, targets {', '.join(fcfg.target_modules)}",
+        f"- gate: {verdict.get('status', 'promoted')}",
+        "",
+        "Load the adapter with `peft.PeftModel.from_pretrained(base, this_directory)`; verify it with"
+        " `model_signing verify key DIR --public_key node.pub.pem --signature DIR/model.sig`.",
+    ]
+    (out / "MODEL_CARD.md").write_text("\n".join(card) + "\n", encoding="utf-8")
+    return StageResult(outputs={"model": out}, stats={"promoted": True, "packaged": True, "merged": fcfg.merge})
