@@ -125,3 +125,48 @@ def test_a_model_below_the_gate_is_recorded_and_not_packaged(tmp_path: Path, bas
     assert "base_scores" in stats["ft_evaluate"] and "tuned_scores" in stats["ft_evaluate"]
     assert stats["ft_package"] == {"promoted": False, "reasons": stats["ft_evaluate"]["reasons"], "packaged": False}
     assert "model" not in {k for k, _, _ in arts}
+
+
+def _adapter_tensors(path: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_kill_9_mid_finetune_then_resume_is_bit_identical(tmp_path: Path, base: Path) -> None:
+    import os
+    import signal
+    import time
+
+    import torch
+
+    from appliance.service import Caller
+    from appliance.service.api import dispatch
+
+    steps = "steps = 8\nbatch_size = 2"
+    straight = _recipe(tmp_path / "a", base)
+    straight.write_text(straight.read_text().replace("steps = 4\nbatch_size = 2", steps))
+    with new_home(tmp_path / "a" / "home") as svc:
+        final = run_to_end(svc, straight)
+    assert final["status"] == "succeeded", final
+    want = _adapter_tensors(Path(final["summary"]["model_path"]))
+
+    killed = _recipe(tmp_path / "b", base)
+    killed.write_text(killed.read_text().replace("steps = 4\nbatch_size = 2", steps))
+    with new_home(tmp_path / "b" / "home") as svc:
+        run_id = dispatch(svc, Caller.current(), "run.start", {"recipe": str(killed)})["run_id"]
+        ckpts = tmp_path / "b" / "home" / "work" / run_id / "finetune" / "out" / "checkpoints"
+        deadline = time.monotonic() + 300
+        while not (ckpts.is_dir() and any((d / "COMPLETE").is_file() for d in ckpts.iterdir())):
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        job = svc.runs.active[run_id].job
+        assert job is not None and job.proc is not None
+        os.kill(job.proc.pid, signal.SIGKILL)  # no handler runs: the newest complete checkpoint is all there is
+        assert svc.runs.wait(run_id)["status"] == "failed"
+        dispatch(svc, Caller.current(), "run.resume", {"run": run_id})
+        final = svc.runs.wait(run_id)
+    assert final["status"] == "succeeded", final
+    assert final["summary"]["stats"]["finetune"]["resumed_from_step"] > 0
+    got = _adapter_tensors(Path(final["summary"]["model_path"]))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # type: ignore[arg-type]

@@ -425,8 +425,9 @@ class RunManager:
         reused: dict[str, str] = {}
         clock = time.perf_counter()
         for d in stage_artifacts(svc.ledger, from_run, stage.name):
-            if d["kind"] == "source":
-                if not d["meta"].get("skipped"):
+            if d.get("store_path") is None:
+                # An input recorded where it lies (a corpus file, a base model's file), not copied.
+                if d["kind"] == "source" and not d["meta"].get("skipped"):
                     run.sources.append((d["name"], d["digest"]))
                 continue
             out_name = d["name"].split("/", 1)[1]
