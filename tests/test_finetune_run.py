@@ -170,3 +170,56 @@ def test_kill_9_mid_finetune_then_resume_is_bit_identical(tmp_path: Path, base: 
     assert final["summary"]["stats"]["finetune"]["resumed_from_step"] > 0
     got = _adapter_tensors(Path(final["summary"]["model_path"]))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # type: ignore[arg-type]
+
+
+def test_pre_train_here_adapt_here(tmp_path: Path, home_copy: tuple[Path, object]) -> None:
+    # The appliance's own packaged model, named by digest, is a base: found in the store, its
+    # model-signing signature verified with the home's key, never copied out.
+    from appliance.service import Service
+    from tests.conftest import PASSPHRASE
+
+    home, summary = home_copy
+    digest = summary.model_digest  # type: ignore[attr-defined]
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES * 2))
+    recipe = tmp_path / "ft" / "adapt.toml"
+    recipe.write_text(
+        f"""[recipe]
+name = "adapt-here"
+
+[finetune]
+base = "model:{digest[:16]}"
+target_modules = ["q_proj", "v_proj"]
+val_fraction = 0.2
+
+[[finetune.datasets]]
+path = "train.jsonl"
+format = "completion"
+
+[train]
+steps = 3
+batch_size = 2
+seq_len = 64
+warmup_steps = 1
+checkpoint_every = 3
+"""
+    )
+    with Service.open(home, PASSPHRASE.encode()) as svc:
+        final = run_to_end(svc, recipe)
+        arts = _artifacts(svc, final["run_id"])
+    assert final["status"] == "succeeded", final
+    base = final["summary"]["stats"]["base"]
+    assert base["verification"] == "key" and base["unsigned_allowed"] is False
+    assert base["base"] == str(svc.store.path_of(digest))
+    assert "model" in {k for k, _, _ in arts}
+
+
+def test_a_window_longer_than_the_base_context_stops_at_the_base_stage(tmp_path: Path, base: Path) -> None:
+    recipe = _recipe(tmp_path, base)
+    recipe.write_text(recipe.read_text().replace("seq_len = 64", "seq_len = 1024"))
+    with new_home(tmp_path / "home") as svc:
+        final = run_to_end(svc, recipe)
+        failed = svc.ledger.select("SELECT json_extract_string(body, '$.data.stage') FROM events WHERE kind = 'stage.failed'")
+    assert final["status"] == "failed" and [r[0] for r in failed] == ["base"]
+    assert "train.seq_len = 1024 is longer than the base model's context (256 positions" in final["error"]
+    assert "start a new run with `appliance run" in final["error"]

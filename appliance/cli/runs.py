@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.cli.common import connect, emit, home_of, local_mode, note
+from keys.errors import ApplianceError
 from pipeline.errors import ConfigError
 
 
@@ -185,7 +186,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build the standard-library corpus and run the packaged demo recipe on it."""
+    """Build the standard-library corpus and run the packaged demo recipe on it (--finetune: then adapt its model with LoRA)."""
+    if getattr(args, "finetune", False):
+        return _demo_finetune(args)
     from appliance.demo import build_stdlib_corpus
     from appliance.recipe import packaged_recipe
 
@@ -203,6 +206,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     corpus = build_stdlib_corpus(where / f"python-{version}-stdlib-docs")
     context = {"corpus": {"name": "python-stdlib-docs", "python": corpus.python, "sha256": corpus.digest, "documents": corpus.documents, "bytes": corpus.bytes}}
     return start_and_follow(args, create=True, recipe=str(recipe), source=str(corpus.path), context=context)
+
+
+def _demo_model(args: argparse.Namespace) -> str | None:
+    """The digest of the newest model a succeeded demo run packaged, if any."""
+    from appliance.recipe import load_recipe, packaged_recipe
+
+    name = load_recipe(packaged_recipe("demo")).recipe.recipe.name
+    with connect(args, create=True) as client:
+        runs = [r["run_id"] for r in client.call("run.list") if r["recipe_name"] == name and r["status"] == "succeeded"]
+        models = {m["name"]: m["digest"] for m in client.call("model.list")}
+    return next((models[f"{run}/model"] for run in reversed(runs) if f"{run}/model" in models), None)
+
+
+def _demo_finetune(args: argparse.Namespace) -> int:
+    """Adapt the demo's pre-trained model with LoRA on an instruction set built from the standard library."""
+    from appliance.demo_finetune import build_instruction_set, write_recipe
+
+    digest = _demo_model(args)
+    if digest is None:
+        note("no pre-trained demo model in this home yet: running the demo first…")
+        args.finetune = False
+        code = cmd_demo(args)
+        if code != 0:
+            return code
+        digest = _demo_model(args)
+        if digest is None:
+            raise ApplianceError("the demo run left no packaged model", "see `appliance runs list` and `appliance runs show latest`")
+    where = (home_of(args).corpora_dir if local_mode(args) else Path.cwd() / ".appliance-demo") / "finetune-demo"
+    note(f"building the instruction set from Python {sys.version.split()[0]}'s standard library…")
+    built = build_instruction_set(where)
+    note(f"{built.pairs} training pairs, {built.held_out} held out as tasks; base model sha256:{digest[:16]}…")
+    recipe = write_recipe(where, digest)
+    context = {"instructions": {"name": "python-stdlib-signatures", "python": sys.version.split()[0], "sha256": built.digest, "pairs": built.pairs}}
+    return start_and_follow(args, recipe=str(recipe), context=context)
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
@@ -237,6 +274,7 @@ def register(sub: Any, add: Any) -> None:
     p.add_argument("--owner", help="the user who owns the home (default: you); in serve mode the people who act through the socket")
     p = add("demo", cmd_demo)
     p.add_argument("--recipe", help="run this recipe on the stdlib corpus instead of the packaged demo")
+    p.add_argument("--finetune", action="store_true", help="adapt the demo's pre-trained model with LoRA (running the demo first if needed)")
     p = add("run", cmd_run)
     p.add_argument("recipe", help="recipe TOML file")
     p.add_argument("--source", help="corpus folder (overrides [recipe] source)")

@@ -84,7 +84,8 @@ def _ft_base(r: Any, a: dict[str, Path], src: Path, work: Path, progress: Progre
 
     # A fine-tuning run's source is the recipe's folder (its data sets are named relative to it);
     # the service passes the keys it trusts, so its own packaged models are valid bases.
-    return run_base(r.finetune, src, work, [Path(p) for p in prov.get("trusted_keys", [])])
+    base_path = Path(prov["base_path"]) if prov.get("base_path") else None
+    return run_base(r.finetune, src, work, [Path(p) for p in prov.get("trusted_keys", [])], base_path, r.train.seq_len)
 
 
 def _ft_examples(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:

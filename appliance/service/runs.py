@@ -30,10 +30,12 @@ from appliance.recipe import LoadedRecipe, load_recipe, parse_recipe
 from appliance.recipe_checks import Machine
 from appliance.service.caller import Caller
 from appliance.service.feed import ActiveRun, RunFeed
+from appliance.service.reads import verify_stored
 from appliance.service.record import Recorder, RunState, failure_text, jsonable
 from appliance.service.resolve import (
     checkpoint_saved,
     finished_stages,
+    resolve_digest,
     resolve_run,
     run_event,
     run_events,
@@ -109,7 +111,10 @@ class RunManager:
         elif loaded.recipe.finetune is not None:
             # Fine-tuning reads its base and data sets from paths relative to the recipe.
             source_dir = loaded.path.parent
-            caller.require_readable(source_dir / loaded.recipe.finetune.base, what="base model", tree=True)
+            if loaded.recipe.finetune.base.startswith("model:"):
+                self._stored_base(loaded.recipe.finetune.base)  # one the service holds: found and verified now
+            else:
+                caller.require_readable(source_dir / loaded.recipe.finetune.base, what="base model", tree=True)
             from_run = None
         else:
             source_dir = loaded.source_dir(Path(source) if source else None)
@@ -477,8 +482,17 @@ class RunManager:
         if stage.name == "package":
             return self.recorder.provenance(run)
         if stage.name == "base":
-            return {"trusted_keys": [str(self.svc.home.public_key_file)]}
+            recipe = parse_recipe(run.recipe_text, source=run.recipe_source)
+            return {"trusted_keys": [str(self.svc.home.public_key_file)], "base_path": self._stored_base(recipe.finetune.base)}
         return {}
+
+    def _stored_base(self, base: str) -> str | None:
+        """The store path of a ``model:DIGEST`` base, after verifying the stored copy; else None."""
+        if not base.startswith("model:"):
+            return None
+        digest = resolve_digest(self.svc.ledger, base.removeprefix("model:"), kind="model")
+        verify_stored(self.svc, digest, self.svc.trusted)
+        return str(self.svc.store.path_of(digest))
 
     def _paths(self, run: RunState) -> dict[str, Path]:
         return {k: a.path for k, a in run.artifacts.items()}

@@ -20,19 +20,38 @@ from typing import Any
 
 from keys.digest import sha256_file
 from keys.files import atomic_write_text
-from pipeline.errors import DataError, TrainingError
+from pipeline.errors import ConfigError, DataError, TrainingError
 from pipeline.result import ProgressFn, StageResult
 from pipeline.settings.finetune import FinetuneConfig
 
 BASE_RECORD = "base.json"
+# Task answers shown in a run's summary (all of them are in the report).
+SAMPLES = 5
 EXAMPLES_FILE = "examples.parquet"
 
 
-def run_base(fcfg: FinetuneConfig, recipe_dir: Path, work: Path, trusted_keys: list[Path]) -> StageResult:
-    """Inspect and verify the base model; its manifest and the verdict become ``base.json``."""
+MODEL_REF = "model:"
+
+
+def run_base(fcfg: FinetuneConfig, recipe_dir: Path, work: Path, trusted_keys: list[Path], base_path: Path | None = None, seq_len: int = 0) -> StageResult:
+    """Inspect and verify the base model; its manifest and the verdict become ``base.json``.
+
+    ``base_path``: where the service found a ``model:DIGEST`` base in its store.
+    """
     from pipeline.finetune.base_sig import import_base
 
+    if fcfg.base.startswith(MODEL_REF):
+        if base_path is None:
+            raise DataError(f"finetune.base {fcfg.base} names a stored model, but no path was given for it", "report this: it is a bug in the appliance")
+        fcfg = dataclasses.replace(fcfg, base=str(base_path))
     base, verdict = import_base(fcfg, recipe_dir, trusted_keys)
+    context = base.shape.max_positions
+    if seq_len > context:
+        # Known only now that the base's config.json is read; refused before any weight is loaded.
+        raise ConfigError(
+            f"train.seq_len = {seq_len} is longer than the base model's context ({context} positions, {base.path}/config.json)",
+            f"set train.seq_len = {context} or less in the recipe and start a new run",
+        )
     work.mkdir(parents=True, exist_ok=True)
     record = {
         "path": str(base.path),
@@ -246,6 +265,8 @@ def run_ft_evaluate(fcfg: FinetuneConfig, tcfg: Any, recipe_dir: Path, base_json
     if comparison is not None:
         stats["base_scores"] = dataclasses.asdict(comparison.base)
         stats["tuned_scores"] = dataclasses.asdict(comparison.tuned)
+        # A few answers side by side for the run's summary; report.json holds them all.
+        stats["samples"] = [{"prompt": r.prompt, "reference": r.reference, "base": r.base, "tuned": r.tuned} for r in comparison.rows[:SAMPLES]]
     return StageResult(outputs={"report": out}, stats=stats)
 
 

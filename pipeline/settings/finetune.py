@@ -78,7 +78,8 @@ class GateConfig:
 @dataclass(kw_only=True)
 class FinetuneConfig:
     # The base model: a local directory in Hugging Face layout (config.json, *.safetensors,
-    # tokenizer files), relative to the recipe, or a model this appliance packaged. Never a hub id.
+    # tokenizer files), relative to the recipe, or "model:DIGEST" (a prefix will do) for a model
+    # this appliance packaged and holds in its store. Never a hub id.
     base: str
     # A base is verified before use: a model-signing bundle (base_signature, default
     # <base>/model.sig) by key (base_public_key, a PEM) or keyless (a sigstore bundle checked
