@@ -24,8 +24,11 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
+
+from keys.errors import ApplianceError
 
 # A temporary name is ".<name>.<12 hex>.tmp"; long target names are cut so that it stays
 # under NAME_MAX (255 bytes on every Linux file system).
@@ -81,6 +84,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, exclusive: bool 
     and ``path`` keeps its old content.
     """
     path = Path(path)
+    _refuse_special(path)
     directory = path.parent
     tmp, fd = _create_temp(directory, path.name, mode)
     placed = False
@@ -100,6 +104,18 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, exclusive: bool 
         if exclusive or not placed:
             tmp.unlink(missing_ok=True)
     fsync_dir(directory)
+
+
+def _refuse_special(path: Path) -> None:
+    """Refuse to replace what is not a regular file: renaming over ``/dev/null`` (say, from
+    ``--out /dev/null``, run as root) would leave the whole machine a regular file in its place."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+        raise ApplianceError(f"{path} is {what}, not a regular file: refusing to replace it", "give the path of a file to write")
 
 
 def atomic_write_text(path: Path, text: str, *, mode: int = 0o600, exclusive: bool = False) -> None:

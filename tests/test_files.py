@@ -183,3 +183,22 @@ def test_publish_dir_failing_fsync_leaves_nothing_published(tmp_path, monkeypatc
         publish_dir(tmp, final, replace=True)
     monkeypatch.undo()
     assert not final.exists() and (tmp / "a.bin").is_file()  # the caller removes or retries its temp dir
+
+
+def test_atomic_write_never_replaces_a_device_pipe_or_directory(tmp_path: Path) -> None:
+    # Run as root, `--out /dev/null` once turned /dev/null into a regular file: never again.
+    import os
+
+    from keys.errors import ApplianceError
+    from keys.files import atomic_write_text
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "dir").mkdir()
+    for target in (fifo, tmp_path / "dir"):
+        with pytest.raises(ApplianceError, match="not a regular file: refusing to replace it"):
+            atomic_write_text(target, "x")
+    assert fifo.is_fifo() and (tmp_path / "dir").is_dir()
+    atomic_write_text(tmp_path / "file", "ok")
+    atomic_write_text(tmp_path / "file", "again")
+    assert (tmp_path / "file").read_text() == "again"
