@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
