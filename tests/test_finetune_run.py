@@ -223,3 +223,19 @@ def test_a_window_longer_than_the_base_context_stops_at_the_base_stage(tmp_path:
     assert final["status"] == "failed" and [r[0] for r in failed] == ["base"]
     assert "train.seq_len = 1024 is longer than the base model's context (256 positions" in final["error"]
     assert "start a new run with `appliance run" in final["error"]
+
+
+def test_a_missing_finetune_extra_is_refused_at_the_start(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from appliance.service import Caller
+    from appliance.service.api import dispatch
+    from pipeline.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    recipe = _recipe(tmp_path, base)
+    with new_home(tmp_path / "home") as svc:
+        with pytest.raises(ConfigError, match="fine-tuning needs peft") as err:
+            dispatch(svc, Caller.current(), "run.start", {"recipe": str(recipe)})
+        assert ".[finetune]" in err.value.hint and svc.runs.list(Caller.current()) == []

@@ -109,6 +109,9 @@ class RunManager:
             from_run = resolve_run(svc.ledger, data_from)
             source_dir = Path(self._started(from_run)["source"])
         elif loaded.recipe.finetune is not None:
+            from pipeline.finetune.stages import require_libraries
+
+            require_libraries()
             # Fine-tuning reads its base and data sets from paths relative to the recipe.
             source_dir = loaded.path.parent
             if loaded.recipe.finetune.base.startswith("model:"):

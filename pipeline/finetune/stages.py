@@ -31,6 +31,20 @@ EXAMPLES_FILE = "examples.parquet"
 
 
 MODEL_REF = "model:"
+# What fine-tuning imports (the `finetune` extra); bitsandbytes only for QLoRA, checked by its own probe.
+LIBRARIES = ("transformers", "peft", "safetensors", "sacrebleu")
+
+
+def require_libraries() -> None:
+    """Refuse a fine-tuning run at its start, not in its third stage, when the extra is missing."""
+    import importlib.util
+
+    missing = [name for name in LIBRARIES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"fine-tuning needs {', '.join(missing)}, which this installation lacks",
+            "install the fine-tuning extra: pip install -c constraints/cpu.txt -e '.[finetune]' (GPU sites: without the constraints file)",
+        )
 
 
 def run_base(fcfg: FinetuneConfig, recipe_dir: Path, work: Path, trusted_keys: list[Path], base_path: Path | None = None, seq_len: int = 0) -> StageResult:
