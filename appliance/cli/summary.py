@@ -43,7 +43,6 @@ def render_summary(summary: dict[str, Any], *, local: bool) -> tuple[dict[str, A
         "public_key": str(summary["public_key_file"]),
         "context": context,
     }
-    mp = summary["model_path"]
     h = f" --home {summary['home']}" if local else ""
     lines = [
         f"run {summary['run_id']} ({summary['recipe_name']}) succeeded in {summary['wall_s']:.0f} s",
@@ -60,15 +59,8 @@ def render_summary(summary: dict[str, Any], *, local: bool) -> tuple[dict[str, A
     if "corpus" in context:
         c = context["corpus"]
         lines.append(f"  corpus      Python {c['python']} stdlib docs, sha256 {c['sha256'][:16]}…")
+    lines += ["", f"model id: sha256:{summary['model_digest']}", "", *_verify_lines(summary, h)]
     lines += [
-        "",
-        f"model id: sha256:{summary['model_digest']}",
-        "",
-        "verify it:",
-        f"  appliance{h} ledger verify",
-        f"  appliance{h} artifact verify {summary['model_digest'][:16]}",
-        f"  model_signing verify key {mp} --signature {mp}/model.sig --public_key {summary['public_key_file']}",
-        f"  appliance{h} ledger query \"SELECT kind, name, depth FROM ancestors('{summary['model_digest']}') ORDER BY depth\"",
         f"  appliance{h} data card {summary['run_id']}",
         f"  appliance{h} model export {summary['model_digest'][:16]} --out ./exported-model",
     ]
@@ -109,7 +101,6 @@ def _finetune_summary(summary: dict[str, Any], *, local: bool) -> tuple[dict[str
         "model_id": f"sha256:{summary['model_digest']}",
         "model_path": str(summary["model_path"]),
     }
-    mp = summary["model_path"]
     h = f" --home {summary['home']}" if local else ""
     what = "packaged" if pkg.get("packaged") else "NOT promoted (not packaged): " + "; ".join(ev.get("reasons", []))
     lines = [
@@ -130,14 +121,17 @@ def _finetune_summary(summary: dict[str, Any], *, local: bool) -> tuple[dict[str
             f"    base      {' '.join(sample['base'].split())[:90]!r}",
             f"    tuned     {' '.join(sample['tuned'].split())[:90]!r}",
         ]
-    lines += [
-        "",
-        f"{'model' if pkg.get('packaged') else 'adapter'} id: sha256:{summary['model_digest']}",
-        "",
+    lines += ["", f"{'model' if pkg.get('packaged') else 'adapter'} id: sha256:{summary['model_digest']}", "", *_verify_lines(summary, h)]
+    return payload, "\n".join(lines)
+
+
+def _verify_lines(summary: dict[str, Any], h: str) -> list[str]:
+    """The commands that prove a run's model: the ledger, the stored copy, its signature, its lineage."""
+    mp, digest = summary["model_path"], summary["model_digest"]
+    return [
         "verify it:",
         f"  appliance{h} ledger verify",
-        f"  appliance{h} artifact verify {summary['model_digest'][:16]}",
+        f"  appliance{h} artifact verify {digest[:16]}",
         f"  model_signing verify key {mp} --signature {mp}/model.sig --public_key {summary['public_key_file']}",
-        f"  appliance{h} ledger query \"SELECT kind, name, depth FROM ancestors('{summary['model_digest']}') ORDER BY depth\"",
+        f"  appliance{h} ledger query \"SELECT kind, name, depth FROM ancestors('{digest}') ORDER BY depth\"",
     ]
-    return payload, "\n".join(lines)

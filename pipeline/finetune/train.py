@@ -151,14 +151,17 @@ def train_adapter(
             trainer = {"step": step, "tokens_seen": tokens_seen, "recent_losses": recent, **described, "train": dataclasses.asdict(cfg)}
             return [tmp / TRAINABLE, tmp / ckpt.STATE_DIR / OPTIMIZER, tmp / ckpt.RNG_DIR / "rank_00000.pt", write_json(tmp / ckpt.TRAINER_JSON, trainer)]
 
-        info = ckpt.save_checkpoint(DistContext(), out_dir, step, write_rank_files=lambda tmp: [], write_main_files=files)
-        if info is None:
-            return None
-        emit({"event": "checkpoint", "step": step, "path": str(info.path), "files": info.files, "manifest_sha256": info.manifest_sha256})
-        recorded = ckpt.recorded_steps(records_dir) if records_dir is not None else None
-        for gone in ckpt.prune(out_dir, cfg.keep_last, cfg.keep_every, recorded):
-            emit({"event": "checkpoint_pruned", "step": gone})
-        return info.path
+        return ckpt.save_and_prune(
+            DistContext(),
+            out_dir,
+            step,
+            write_rank_files=lambda tmp: [],
+            write_main_files=files,
+            keep_last=cfg.keep_last,
+            keep_every=cfg.keep_every,
+            records_dir=records_dir,
+            emit=emit,
+        )
 
     model.train()
     done, last_ckpt, stopped_by = start, None, None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import TrainingError
 from pipeline.training import dist
@@ -83,6 +84,33 @@ __all__ = [
     "step_of",
     "verify_checkpoint",
 ]
+
+
+def save_and_prune(
+    ctx: DistContext,
+    out_dir: Path,
+    step: int,
+    *,
+    write_rank_files: Callable[[Path], list[Path]],
+    write_main_files: Callable[[Path], list[Path]],
+    keep_last: int,
+    keep_every: int,
+    records_dir: Path | None,
+    emit: Callable[[dict[str, Any]], None],
+) -> Path | None:
+    """Save a checkpoint, report it, and apply retention: what every training loop does at a save.
+
+    With a service watching (``records_dir``), only what it has recorded may go: the others
+    wait for a later save. Returns the checkpoint's path on rank 0, None elsewhere.
+    """
+    info = save_checkpoint(ctx, out_dir, step, write_rank_files=write_rank_files, write_main_files=write_main_files)
+    if info is None:
+        return None
+    emit({"event": "checkpoint", "step": step, "path": str(info.path), "files": info.files, "manifest_sha256": info.manifest_sha256})
+    recorded = recorded_steps(records_dir) if records_dir is not None else None
+    for gone in prune(out_dir, keep_last, keep_every, recorded):
+        emit({"event": "checkpoint_pruned", "step": gone})
+    return info.path
 
 
 def save_checkpoint(

@@ -235,15 +235,17 @@ def _train(
             }
             return [*files, write_json(tmp / ckpt.TRAINER_JSON, trainer)]
 
-        info = ckpt.save_checkpoint(ctx, out_dir, step, write_rank_files=rank_files, write_main_files=main_files)
-        if info is None:
-            return None
-        on_event({"event": "checkpoint", "step": step, "path": str(info.path), "files": info.files, "manifest_sha256": info.manifest_sha256})
-        # With a service watching, only what it has recorded may go: the others wait for a later save.
-        recorded = ckpt.recorded_steps(records_dir) if records_dir is not None else None
-        for gone in ckpt.prune(out_dir, cfg.keep_last, cfg.keep_every, recorded):
-            on_event({"event": "checkpoint_pruned", "step": gone})
-        return info.path
+        return ckpt.save_and_prune(
+            ctx,
+            out_dir,
+            step,
+            write_rank_files=rank_files,
+            write_main_files=main_files,
+            keep_last=cfg.keep_last,
+            keep_every=cfg.keep_every,
+            records_dir=records_dir,
+            emit=on_event,
+        )
 
     engine.model.train()
     loop_t0 = time.perf_counter()
