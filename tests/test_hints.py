@@ -78,3 +78,15 @@ def test_the_checker_catches_a_command_that_does_not_exist() -> None:
         _check(build_parser(), ["model", "sign"], "model sign")
     with pytest.raises(AssertionError, match="no option"):
         _check(build_parser(), ["ledger", "verify", "--hed"], "ledger verify --hed")
+
+
+def test_the_cli_run_in_process_gives_back_the_sigterm_handler(capsys: pytest.CaptureFixture[str]) -> None:
+    # A test runner that calls main() keeps its own SIGTERM handling afterwards (CI's pytest
+    # once outlived a SIGTERM because an in-process CLI call had left its handler behind).
+    import signal
+
+    from tests.conftest import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    cli(capsys, "recipe", "check", "/nonexistent.toml")
+    assert signal.getsignal(signal.SIGTERM) is before

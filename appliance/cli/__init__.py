@@ -57,8 +57,8 @@ def _cancel(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        signal.signal(signal.SIGTERM, _cancel)
+    # Restored on return: a caller running the CLI in-process (a test runner) keeps its own.
+    previous = signal.signal(signal.SIGTERM, _cancel) if in_main_thread else None
     try:
         args = build_parser().parse_args(argv)
         return int(args.fn(args))
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # `appliance … | head`: the reader left; nothing to say to it.
         return 0
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
