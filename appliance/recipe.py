@@ -87,11 +87,13 @@ class LoadedRecipe:
         return path
 
 
-def parse_recipe(text: str, *, source: str, machine: Machine | None = None) -> Recipe:
+def parse_recipe(text: str, *, source: str, machine: Machine | None = None, recipe_dir: Path | None = None) -> Recipe:
     """Parse and check recipe TOML text; ``source`` names the file in error messages.
 
     Every problem is reported in one ConfigError: each table's own, then those across tables
     (``appliance.recipe_checks``) and, given ``machine``, those against it (memory, time).
+    Given ``recipe_dir`` (the file's folder), a fine-tuning recipe is checked against its local
+    base's config.json too.
     """
     try:
         data = tomllib.loads(text)
@@ -107,7 +109,7 @@ def parse_recipe(text: str, *, source: str, machine: Machine | None = None) -> R
     if recipe is not None:
         named = {p.key for p in problems}
         try:
-            problems += [p for p in recipe_problems(recipe, machine) if p.key not in named]
+            problems += [p for p in recipe_problems(recipe, machine, recipe_dir) if p.key not in named]
         except Exception:  # noqa: BLE001
             # The tables already hold defaults in place of bad values; a check across them may
             # trip over what is left. Those problems are reported; this one would be noise.
@@ -154,8 +156,13 @@ def _deep_line(text: str) -> int:
     return line
 
 
-def load_recipe(path: Path, machine: Machine | None = None) -> LoadedRecipe:
-    """Read and validate a recipe file (against ``machine`` too, when given)."""
+def load_recipe(path: Path, machine: Machine | None = None, *, read_base: bool = False) -> LoadedRecipe:
+    """Read and validate a recipe file (against ``machine`` too, when given).
+
+    ``read_base``: also read a fine-tuning recipe's local base's config.json (relative to the
+    recipe's folder) and check the recipe against it. Off by default: the service reads files
+    its callers may not, so it asks only once it has checked the caller may read the base.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -165,7 +172,9 @@ def load_recipe(path: Path, machine: Machine | None = None) -> LoadedRecipe:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {path} is not UTF-8 text", "save it as UTF-8") from None
-    return LoadedRecipe(recipe=parse_recipe(text, source=str(path), machine=machine), path=path.resolve(), digest=sha256_bytes(raw), text=text)
+    folder = path.resolve().parent if read_base else None
+    recipe = parse_recipe(text, source=str(path), machine=machine, recipe_dir=folder)
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), digest=sha256_bytes(raw), text=text)
 
 
 def packaged_recipe(name: str) -> Path:

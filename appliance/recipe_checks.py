@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import Problem
@@ -80,7 +81,8 @@ def parameter_count(model: ModelConfig, vocab_size: int) -> int:
 def _gib(n: float) -> str:
     gib = n / 2**30
     if gib < 1:
-        return f"{n / 2**20:,.0f} MiB"
+        # A tiny fine-tuning base's adapters and activations are kilobytes, not "0 MiB".
+        return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
     return f"{gib:,.1f} GiB" if gib < 1e6 else f"{gib:.1e} GiB"
 
 
@@ -102,12 +104,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:,.0f} minutes"
 
 
-def recipe_problems(recipe: Any, machine: Machine | None = None) -> list[Problem]:
-    """Problems across the recipe's tables and, with ``machine``, against that machine."""
+def recipe_problems(recipe: Any, machine: Machine | None = None, recipe_dir: Path | None = None) -> list[Problem]:
+    """Problems across the recipe's tables and, with ``machine``, against that machine.
+
+    A fine-tuning recipe's model is its base's: with ``recipe_dir`` (the recipe file's folder,
+    against which ``finetune.base`` is resolved) a local base's config.json is read and the
+    recipe checked against it (``appliance.recipe_checks_ft``); without it, the base stage
+    checks the context when the run reaches it.
+    """
     problems: list[Problem] = []
     if getattr(recipe, "finetune", None) is not None:
-        # The model is the base's, known once its config.json is read: checked when it is imported.
-        return problems
+        from appliance.recipe_checks_ft import finetune_problems
+
+        return finetune_problems(recipe, machine, recipe_dir)
     model, train, tok, ev = recipe.model, recipe.train, recipe.tokenizer, recipe.evaluate
     shape = model.shape()
     context = shape["max_seq_len"]
@@ -158,21 +167,50 @@ def _on_gpu(recipe: Any, machine: Machine) -> bool:
     return recipe.train.device == "cuda" or (recipe.train.device == "auto" and machine.gpu_count > 0)
 
 
+def memory_budget(recipe: Any, machine: Machine, processes_per_node: int) -> tuple[int, str]:
+    """Bytes one training process may hold on ``machine``, and how the message names them."""
+    if _on_gpu(recipe, machine) and machine.gpu_memory_bytes:
+        return machine.gpu_memory_bytes, "of memory on one of this machine's GPUs"
+    # CPU processes of one node share its memory.
+    have = machine.memory_bytes // max(1, processes_per_node)
+    what = "of this machine's memory" + (f" per process ({processes_per_node} processes per node)" if processes_per_node > 1 else "")
+    return have, what
+
+
+def steps_problem(recipe: Any, machine: Machine, params: int, flops_per_param_token: float, ranks: int, nodes: int) -> Problem | None:
+    """``train.steps`` that no hardware could finish within ``MAX_RUN_SECONDS``, or None.
+
+    ``flops_per_param_token``: 6 where every weight trains (forward 2, backward 4), about 4 where
+    frozen weights only pass gradients on (LoRA). ``ranks`` processes, over ``nodes`` nodes.
+    """
+    train = recipe.train
+    gpu = _on_gpu(recipe, machine)
+    per_step = int(train.batch_size) * int(train.grad_accum) * int(train.seq_len) * ranks
+    tokens = int(train.steps) * per_step
+    flops = flops_per_param_token * params * tokens if tokens < 1e300 else math.inf
+    ceiling = GPU_FLOPS_CEILING * ranks if gpu else CPU_CORE_FLOPS_CEILING * machine.cpu_cores * nodes
+    seconds = flops / ceiling
+    if seconds <= MAX_RUN_SECONDS:
+        return None
+    fitting = max(1, int(MAX_RUN_SECONDS * ceiling / (flops_per_param_token * params * per_step)))
+    device = f"1 PFLOP/s on each of {ranks} GPU process(es)" if gpu else f"200 GFLOP/s on each of {machine.cpu_cores * nodes} CPU core(s)"
+    return Problem(
+        "train.steps",
+        f"train.steps = {train.steps} would train on {_count(tokens)} tokens ({flops:.2g} FLOPs for {_count(params)} parameters): "
+        f"at least {_duration(seconds)} even at {device}, more than such hardware delivers",
+        f"set train.steps to at most {min(fitting, 10**12):,} for this model and batch (the default is 2000)",
+    )
+
+
 def _machine_problems(recipe: Any, machine: Machine) -> list[Problem]:
     problems: list[Problem] = []
-    model, train, dist = recipe.model, recipe.train, recipe.distributed
+    model, dist = recipe.model, recipe.distributed
     vocab = model.vocab_size or recipe.tokenizer.vocab_size
     params = parameter_count(model, vocab)
     ranks = _ranks(recipe)
     sharded = dist.engine in ("fsdp", "deepspeed")
     per_rank = TRAIN_BYTES_PER_PARAM * params / (ranks if sharded else 1)
-    gpu = _on_gpu(recipe, machine)
-    if gpu and machine.gpu_memory_bytes:
-        have, what = machine.gpu_memory_bytes, "of memory on one of this machine's GPUs"
-    else:
-        # CPU processes of one node share its memory.
-        have = machine.memory_bytes // max(1, dist.nproc_per_node)
-        what = "of this machine's memory" + (f" per process ({dist.nproc_per_node} processes per node)" if dist.nproc_per_node > 1 else "")
+    have, what = memory_budget(recipe, machine, dist.nproc_per_node)
     if per_rank > have:
         problems.append(
             Problem(
@@ -184,27 +222,19 @@ def _machine_problems(recipe: Any, machine: Machine) -> list[Problem]:
         )
     if problems:
         return problems  # a model that cannot be held has no meaningful time to train
-    tokens = int(train.steps) * int(train.batch_size) * int(train.grad_accum) * int(train.seq_len) * ranks
-    flops = 6.0 * params * tokens if tokens < 1e300 else math.inf
-    ceiling = GPU_FLOPS_CEILING * ranks if gpu else CPU_CORE_FLOPS_CEILING * machine.cpu_cores * dist.nnodes
-    seconds = flops / ceiling
-    if seconds > MAX_RUN_SECONDS:
-        per_step = int(train.batch_size) * int(train.grad_accum) * int(train.seq_len) * ranks
-        fitting = max(1, int(MAX_RUN_SECONDS * ceiling / (6.0 * params * per_step)))
-        device = f"1 PFLOP/s on each of {ranks} GPU process(es)" if gpu else f"200 GFLOP/s on each of {machine.cpu_cores * dist.nnodes} CPU core(s)"
-        problems.append(
-            Problem(
-                "train.steps",
-                f"train.steps = {train.steps} would train on {_count(tokens)} tokens ({flops:.2g} FLOPs for {_count(params)} parameters): "
-                f"at least {_duration(seconds)} even at {device}, more than such hardware delivers",
-                f"set train.steps to at most {min(fitting, 10**12):,} for this model and batch (the default is 2000)",
-            )
-        )
-    return problems
+    slow = steps_problem(recipe, machine, params, 6.0, ranks, int(dist.nnodes))
+    return [slow] if slow else []
 
 
-def recipe_summary(recipe: Any, machine: Machine) -> dict[str, Any]:
-    """What a checked recipe asks of the machine: its model's size, memory and token budget."""
+def recipe_summary(recipe: Any, machine: Machine, recipe_dir: Path | None = None) -> dict[str, Any]:
+    """What a checked recipe asks of the machine: its model's size, memory and token budget.
+
+    A fine-tuning recipe's is its base's (read from ``recipe_dir``, as in ``recipe_problems``).
+    """
+    if getattr(recipe, "finetune", None) is not None:
+        from appliance.recipe_checks_ft import finetune_summary
+
+        return finetune_summary(recipe, machine, recipe_dir)
     model, train = recipe.model, recipe.train
     vocab = model.vocab_size or recipe.tokenizer.vocab_size
     params = parameter_count(model, vocab)
@@ -221,16 +251,25 @@ def recipe_summary(recipe: Any, machine: Machine) -> dict[str, Any]:
         "train_tokens": per_step * int(train.steps),
         "train_flops": 6 * params * per_step * int(train.steps),
         "device": "gpu" if _on_gpu(recipe, machine) else "cpu",
-        "machine": {
-            "memory_bytes": machine.memory_bytes,
-            "cpu_cores": machine.cpu_cores,
-            "gpus": machine.gpu_count,
-            "gpu_memory_bytes": machine.gpu_memory_bytes,
-        },
+        "machine": machine_summary(machine),
+    }
+
+
+def machine_summary(machine: Machine) -> dict[str, int]:
+    return {
+        "memory_bytes": machine.memory_bytes,
+        "cpu_cores": machine.cpu_cores,
+        "gpus": machine.gpu_count,
+        "gpu_memory_bytes": machine.gpu_memory_bytes,
     }
 
 
 def summary_text(s: dict[str, Any]) -> str:
+    """One line of ``recipe_summary``'s dict, for `appliance recipe check`."""
+    if "finetune" in s:
+        from appliance.recipe_checks_ft import finetune_summary_text
+
+        return finetune_summary_text(s)
     return (
         f"model {_count(s['parameters'])} parameters (vocabulary {s['vocab_size']}, context {s['context']}); "
         f"about {_gib(s['train_state_bytes_per_process'])} of weights, gradients and Adam state per process on {s['device']}, "

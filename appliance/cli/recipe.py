@@ -15,11 +15,15 @@ def cmd_recipe_check(args: argparse.Namespace) -> int:
     from appliance.recipe_checks import Machine, recipe_summary, summary_text
 
     machine = Machine.here()
-    loaded = load_recipe(Path(args.recipe), machine=machine)
+    # The caller's own files: a fine-tuning recipe's local base is read (its config.json) and checked too.
+    loaded = load_recipe(Path(args.recipe), machine=machine, read_base=True)
     source = loaded.source_dir(Path(args.source) if args.source else None) if (args.source or loaded.recipe.recipe.source) else None
-    summary = recipe_summary(loaded.recipe, machine)
+    summary = recipe_summary(loaded.recipe, machine, loaded.path.parent)
     payload = {"recipe": str(loaded.path), "digest": loaded.digest, "ok": True, "source": str(source) if source else None, **summary}
-    where = f"corpus {source}" if source else "no corpus named yet (give --source to `appliance run`)"
+    if loaded.recipe.finetune is not None:
+        where = f"data sets from {loaded.path.parent}"  # a fine-tuning recipe names its files relative to itself
+    else:
+        where = f"corpus {source}" if source else "no corpus named yet (give --source to `appliance run`)"
     emit(args, payload, f"{loaded.path}: ok — {summary_text(summary)}; {where}")
     return 0
 
