@@ -2,7 +2,8 @@
 
 ``out_dir/model/`` holds config.json (LlamaForCausalLM), generation_config.json,
 model.safetensors (HF tensor names; a tied lm_head is not stored twice), the SentencePiece
-tokenizer with its configs, and README.md, a model card listing the provenance the caller
+tokenizer with its configs (``tokenizer_config.json`` carries ``pipeline.chat_template``'s
+template), and README.md, a model card listing the provenance the caller
 passes in. The output is deterministic (no timestamps of its own), so packaging the same
 checkpoint twice gives the same directory digest. The caller signs it afterwards, adding
 ``model.sig``; nothing else is written into the directory after this stage.
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keys.files import publish_dir
+from pipeline.chat_template import CHAT_TEMPLATE
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.model import WEIGHTS, ModelConfig, hf_config, read_model_config
 from pipeline.result import StageResult, write_json
@@ -132,6 +134,8 @@ def _tokenizer_files(sp: spm.SentencePieceProcessor, max_len: int) -> tuple[dict
         "legacy": False,
         "model_max_length": max_len,
         "sp_model_kwargs": {},
+        # Plain-text role headers and eos per turn: ChatML's markers are no pieces of ours (see the module).
+        "chat_template": CHAT_TEMPLATE,
     }
     return tokenizer_config, specials
 
