@@ -155,7 +155,7 @@ def test_kill_9_mid_finetune_then_resume_is_bit_identical(tmp_path: Path, base: 
     killed.write_text(killed.read_text().replace("steps = 4\nbatch_size = 2", steps))
     with new_home(tmp_path / "b" / "home") as svc:
         run_id = dispatch(svc, Caller.current(), "run.start", {"recipe": str(killed)})["run_id"]
-        ckpts = tmp_path / "b" / "home" / "work" / run_id / "finetune" / "out" / "checkpoints"
+        ckpts = tmp_path / "b" / "home" / "work" / run_id / "finetune" / "checkpoints"
         deadline = time.monotonic() + 300
         while not (ckpts.is_dir() and any((d / "COMPLETE").is_file() for d in ckpts.iterdir())):
             assert time.monotonic() < deadline, "no checkpoint appeared"
@@ -166,8 +166,18 @@ def test_kill_9_mid_finetune_then_resume_is_bit_identical(tmp_path: Path, base: 
         assert svc.runs.wait(run_id)["status"] == "failed"
         dispatch(svc, Caller.current(), "run.resume", {"run": run_id})
         final = svc.runs.wait(run_id)
+        saved = svc.ledger.select(
+            "SELECT CAST(body ->> '$.data.step' AS BIGINT), body ->> '$.data.stage' FROM events WHERE kind = 'checkpoint.saved' AND body ->> '$.data.run_id' = ? ORDER BY seq",
+            [run_id],
+        )
+        resumed = svc.ledger.select(
+            "SELECT CAST(body ->> '$.data.step' AS BIGINT) FROM events WHERE kind = 'train.resumed' AND body ->> '$.data.run_id' = ?", [run_id]
+        )
     assert final["status"] == "succeeded", final
     assert final["summary"]["stats"]["finetune"]["resumed_from_step"] > 0
+    # Every checkpoint the job wrote was recorded as it appeared, and the resume started from one of them.
+    assert saved and {stage for _, stage in saved} == {"finetune"} and [s for s, _ in saved][-1] == 8
+    assert resumed and resumed[0][0] in {s for s, _ in saved}
     got = _adapter_tensors(Path(final["summary"]["model_path"]))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # type: ignore[arg-type]
 

@@ -94,22 +94,16 @@ def _ft_examples(r: Any, a: dict[str, Path], src: Path, work: Path, progress: Pr
     return run_examples(r.finetune, src, a["base"], work, progress)
 
 
-def _ft_train(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
-    from pipeline.finetune.stages import run_finetune
-
-    return run_finetune(r.finetune, r.train, a["base"], a["examples"], work, progress)
-
-
 def _ft_evaluate(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
     from pipeline.finetune.stages import run_ft_evaluate
 
-    return run_ft_evaluate(r.finetune, r.train, src, a["base"], a["examples"], a["adapter"], work)
+    return run_ft_evaluate(r.finetune, r.train, src, a["base"], a["examples"], a.get("adapter") or a["tuned"], work)
 
 
 def _ft_package(r: Any, a: dict[str, Path], src: Path, work: Path, progress: ProgressFn, prov: dict[str, Any]) -> StageResult:
     from pipeline.finetune.stages import run_ft_package
 
-    return run_ft_package(r.finetune, a["base"], a["adapter"], a["report"], work)
+    return run_ft_package(r.finetune, a["base"], a.get("adapter") or a["tuned"], a["report"], work)
 
 
 FUNCTIONS: dict[str, StageFn] = {
@@ -117,7 +111,6 @@ FUNCTIONS: dict[str, StageFn] = {
     "ft_evaluate": _ft_evaluate,
     "ft_package": _ft_package,
     "examples": _ft_examples,
-    "finetune": _ft_train,
     "ingest": _ingest,
     "curate": _curate,
     "tokenizer": _tokenizer,

@@ -117,10 +117,10 @@ class Recorder:
         # Nothing is lost silently: every file that lost documents gets its own signed event.
         for item in result.skipped:
             events.append(("data.skipped", actor, {"run_id": run.run_id, "stage": stage.name, **jsonable(item)}))
-        parents = sorted(set(source_digests) | {run.artifacts[p].digest for p in stage.parents})
+        parents = sorted(set(source_digests) | {run.artifacts[p].digest for p in stage.parent_names(run.artifacts)})
         for out_name, path in result.outputs.items():
             kind = stage.kind_of(out_name)
-            if kind in ("model", "adapter"):
+            if kind in ("model", "adapter", "finetuned-model"):
                 # model_signing's own format, so a third party verifies it with its CLI.
                 sign_model_dir(path, svc.key)
             stored = svc.store.import_path(path, kind=kind, name=f"{run.run_id}/{out_name}", signer=svc.key, move=True)

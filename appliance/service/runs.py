@@ -45,7 +45,7 @@ from appliance.service.resolve import (
     stage_artifacts,
 )
 from appliance.service.stage_table import DATA_STAGES, Stage, stages_for
-from appliance.service.training import StageContext, TrainingStopped, precheck, train_stage
+from appliance.service.training import StageContext, TrainingStopped, finetune_stage, precheck, train_stage
 from keys.errors import ApplianceError
 from pipeline.config import to_mapping
 from pipeline.errors import TrainingError
@@ -118,6 +118,9 @@ class RunManager:
                 self._stored_base(loaded.recipe.finetune.base)  # one the service holds: found and verified now
             else:
                 caller.require_readable(source_dir / loaded.recipe.finetune.base, what="base model", tree=True)
+                # Now that the caller may read it: the base's shape against the recipe and this
+                # machine (its config.json only), before anything is recorded.
+                parse_recipe(loaded.text, source=str(loaded.path), machine=Machine.here(), recipe_dir=source_dir)
             from_run = None
         else:
             source_dir = loaded.source_dir(Path(source) if source else None)
@@ -395,8 +398,8 @@ class RunManager:
                 feed.push({"event": "run_finished", "run_id": run.run_id, "status": status, "error": message, "exit_code": getattr(exc, "exit_code", 2)})
             return
         wall = time.monotonic() - started
-        # A fine-tuning run ends with its adapter (packaging it as a model is a later stage).
-        model = run.artifacts.get("model") or run.artifacts["adapter"]
+        # A fine-tuning run whose model the gate did not promote ends with its adapter (or full weights).
+        model = run.artifacts.get("model") or run.artifacts.get("adapter") or run.artifacts["tuned"]
         summary = {
             "run_id": run.run_id,
             "recipe_name": run.recipe_name,
@@ -458,9 +461,11 @@ class RunManager:
             feed.push({"event": "progress", "stage": stage.name, "done": done, "total": total, "fields": jsonable(fields)})
 
         try:
-            if stage.name == "train":
-                result = train_stage(
-                    parse_recipe(run.recipe_text, source=run.recipe_source), self._paths(run), work, progress, self._train_context(active, lock)
+            if stage.name in ("train", "finetune"):
+                # Training jobs are followed as they run: checkpoints recorded as they appear.
+                trainer = train_stage if stage.name == "train" else finetune_stage
+                result = trainer(
+                    parse_recipe(run.recipe_text, source=run.recipe_source), self._paths(run), work, progress, self._train_context(active, lock, stage.name)
                 )
             else:
                 result = self._job_stage(active, stage, work, progress, lock)
@@ -543,12 +548,12 @@ class RunManager:
             skipped=result.get("skipped") or [],
         )
 
-    def _train_context(self, active: ActiveRun, lock: RunLock) -> StageContext:
+    def _train_context(self, active: ActiveRun, lock: RunLock, stage: str = "train") -> StageContext:
         run, svc = active.state, self.svc
 
         def note(kind: str, data: dict[str, Any]) -> None:
             clock = time.perf_counter()
-            body = jsonable({"run_id": run.run_id, "stage": "train", **data})
+            body = jsonable({"run_id": run.run_id, "stage": stage, **data})
             if kind == "metrics.recorded":
                 body["points"] = [p for p in body["points"] if isinstance(p.get("value"), (int, float))]
             svc.ledger.append(kind, run.actor, body)

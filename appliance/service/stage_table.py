@@ -14,10 +14,21 @@ class Stage:
     name: str
     title: str
     # Earlier outputs (by name) this stage reads: they become its outputs' lineage parents.
+    # "a|b": whichever of a and b the run has (the fine-tune's adapter or full model).
     parents: tuple[str, ...]
     # Artifact kind of each output; names that start with a key take its kind
     # (the trainer's "checkpoint_step_000100" is a "checkpoint").
     kinds: dict[str, str]
+
+    def parent_names(self, present: object) -> list[str]:
+        """The parents as outputs of this run (``present`` holds the run's output names); KeyError if one is missing."""
+        names = []
+        for parent in self.parents:
+            found = [n for n in parent.split("|") if n in present]  # type: ignore[operator]
+            if not found:
+                raise KeyError(f"stage {self.name} reads '{parent}', which the run has not produced")
+            names.extend(found)
+        return names
 
     def kind_of(self, output: str) -> str:
         for prefix, kind in self.kinds.items():
@@ -42,9 +53,10 @@ STAGES: tuple[Stage, ...] = (
 FINETUNE_STAGES: tuple[Stage, ...] = (
     Stage("base", "verify base model", (), {"base": "base-model"}),
     Stage("examples", "render examples", ("base",), {"examples": "finetune-examples"}),
-    Stage("finetune", "fine-tune", ("base", "examples", "recipe"), {"adapter": "adapter"}),
-    Stage("ft_evaluate", "evaluate + promotion gate", ("adapter", "examples", "base"), {"report": "eval-report"}),
-    Stage("ft_package", "package + sign", ("adapter", "report", "base", "recipe"), {"model": "model"}),
+    # LoRA / QLoRA produce an adapter; method = "full" a whole fine-tuned model ("tuned").
+    Stage("finetune", "fine-tune", ("base", "examples", "recipe"), {"adapter": "adapter", "tuned": "finetuned-model"}),
+    Stage("ft_evaluate", "evaluate + promotion gate", ("adapter|tuned", "examples", "base"), {"report": "eval-report"}),
+    Stage("ft_package", "package + sign", ("adapter|tuned", "report", "base", "recipe"), {"model": "model"}),
 )
 
 # Stages `appliance train --data RUN` takes from an earlier run: everything before training.

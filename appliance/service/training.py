@@ -27,6 +27,7 @@ from pipeline.training import ckpt_files as ckpt
 # Metrics reach the ledger in batches: one signed event per interval, not one per point.
 METRICS_FLUSH_S = 2.0
 TRAIN_MODULE = "pipeline.training.job"
+FINETUNE_MODULE = "pipeline.finetune.job"
 # Where the service marks each checkpoint it has recorded; the job prunes only marked ones.
 RECORDS_DIR = "recorded"
 
@@ -134,6 +135,47 @@ def require_validation(recipe: Any, shards: Path) -> None:
 def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: ProgressFn, ctx: StageContext) -> StageResult:
     """Run (or resume) training as a child job and return what it produced."""
     require_validation(recipe, artifacts["shards"])
+    spec = {
+        "shards": str(artifacts["shards"]),
+        "model": to_mapping(recipe.model),
+        "train": to_mapping(recipe.train),
+    }
+    stats = _run_training_job(TRAIN_MODULE, spec, recipe, work, progress, ctx, stage="train")
+    outputs: dict[str, Path] = {"checkpoint": work / "final", "logs": work / "logs"}
+    # Intermediate checkpoints that retention kept are provenance too.
+    for path in ckpt.list_checkpoints(work):
+        outputs[f"checkpoint_{path.name}"] = path
+    return StageResult(outputs=outputs, stats=stats)
+
+
+def finetune_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: ProgressFn, ctx: StageContext) -> StageResult:
+    """Run (or resume) fine-tuning as a child job, as training runs: its checkpoints recorded as they
+    appear, a resume only from one the ledger holds. Full fine-tuning may span processes and nodes."""
+    from pipeline.finetune.train_state import engine_for
+    from pipeline.training.dist import DistContext
+
+    if ctx.launch.world > 1 or recipe.finetune.method != "full":
+        # An adapter run on several processes is refused before any is started.
+        engine_for(recipe.finetune.method, recipe.distributed, DistContext(world=ctx.launch.world))
+    spec = {
+        "base_json": str(artifacts["base"]),
+        "examples": str(artifacts["examples"]),
+        "finetune": to_mapping(recipe.finetune),
+        "train": to_mapping(recipe.train),
+    }
+    stats = _run_training_job(FINETUNE_MODULE, spec, recipe, work, progress, ctx, stage="finetune")
+    final = work / "final"
+    full = recipe.finetune.method == "full"
+    marker = final / ("config.json" if full else "adapter_model.safetensors")
+    if not marker.is_file():
+        raise TrainingError(f"fine-tuning finished without {marker.name} in {final}", "report this: it is a bug in the appliance")
+    stats = {k: v for k, v in stats.items() if k not in ("adapter", "checkpoint")}
+    return StageResult(outputs={"tuned" if full else "adapter": final}, stats=stats)
+
+
+def _run_training_job(module: str, body: dict[str, Any], recipe: Any, work: Path, progress: ProgressFn, ctx: StageContext, *, stage: str) -> dict[str, Any]:
+    """Launch a training job (``module``: pre-training's or fine-tuning's), follow it to its end, and
+    return the stats of its ``finished`` event. A stop raises TrainingStopped, a failure TrainingError."""
     deepspeed = _deepspeed_config(recipe, ctx)
     launch = ctx.launch
     if recipe.distributed.engine in ("fsdp", "deepspeed"):
@@ -143,17 +185,15 @@ def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: P
     records = work / RECORDS_DIR
     records.mkdir(parents=True, exist_ok=True)
     spec = {
-        "shards": str(artifacts["shards"]),
+        **body,
         "out_dir": str(work),
-        "model": to_mapping(recipe.model),
-        "train": to_mapping(recipe.train),
         "distributed": to_mapping(recipe.distributed),
         "deepspeed": deepspeed,
         "resume_from": str(resume_from) if resume_from else None,
         "records_dir": str(records),
     }
-    job = Job(TRAIN_MODULE, spec, work, launch=launch, spec_file=ctx.job_file, lock=ctx.lock)
-    follower = _Follower(work, ctx, progress, recipe.train.steps)
+    job = Job(module, spec, work, launch=launch, spec_file=ctx.job_file, lock=ctx.lock)
+    follower = _Follower(work, ctx, progress, recipe.train.steps, stage=stage)
     ctx.set_job(job)
     try:
         outcome = job.run(follower)
@@ -173,24 +213,20 @@ def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: P
         step = (finished or {}).get("stats", {}).get("steps") or (stopped or {}).get("step")
         how = f"cancelled by {ctx.cancelled_by()}" if outcome.cancelled else (stopped or {}).get("signal") or "on request"
         raise TrainingStopped(
-            f"training of run {ctx.run_id} stopped at step {step} ({how}); its checkpoint is saved and recorded",
+            f"{'training' if stage == 'train' else 'fine-tuning'} of run {ctx.run_id} stopped at step {step} ({how}); its checkpoint is saved and recorded",
             f"continue with `appliance resume {ctx.run_id}`",
         )
     # Every checkpoint is recorded now: retention may drop what the job had to keep waiting.
     for gone in ckpt.prune(work, recipe.train.keep_last, recipe.train.keep_every, recorded=ckpt.recorded_steps(records)):
         ctx.note("checkpoint.pruned", {"step": gone})
-    outputs: dict[str, Path] = {"checkpoint": work / "final", "logs": work / "logs"}
-    # Intermediate checkpoints that retention kept are provenance too.
-    for path in ckpt.list_checkpoints(work):
-        outputs[f"checkpoint_{path.name}"] = path
-    return StageResult(outputs=outputs, stats=finished["stats"])
+    return dict(finished["stats"])
 
 
 class _Follower:
     """Turns the job's events into ledger events and progress updates."""
 
-    def __init__(self, work: Path, ctx: StageContext, progress: ProgressFn, steps: int) -> None:
-        self.work, self.ctx, self.progress, self.steps = work, ctx, progress, steps
+    def __init__(self, work: Path, ctx: StageContext, progress: ProgressFn, steps: int, *, stage: str = "train") -> None:
+        self.work, self.ctx, self.progress, self.steps, self.stage = work, ctx, progress, steps, stage
         self.points: list[dict[str, Any]] = []
         self.flushed = time.monotonic()
 
@@ -254,6 +290,6 @@ class _Follower:
 
     def flush(self) -> None:
         if self.points:
-            self.ctx.note("metrics.recorded", {"stage": "train", "points": self.points})
+            self.ctx.note("metrics.recorded", {"stage": self.stage, "points": self.points})
             self.points = []
         self.flushed = time.monotonic()

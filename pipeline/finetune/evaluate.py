@@ -291,14 +291,18 @@ class TaskComparison:
         return {"base": asdict(self.base), "tuned": asdict(self.tuned), "rows": [asdict(r) for r in self.rows]}
 
 
-def compare_on_tasks(model: Any, prompter: Prompter, tasks: Sequence[TaskPair], *, max_new_tokens: int) -> TaskComparison:
-    """Answers and scores of the base (adapter disabled) and the tuned peft ``model`` on ``tasks``."""
+def compare_on_tasks(model: Any, prompter: Prompter, tasks: Sequence[TaskPair], *, max_new_tokens: int, base: Any = None) -> TaskComparison:
+    """Answers and scores of the base and the tuned ``model`` on ``tasks``.
+
+    ``base``: the base model itself (a full fine-tune); None = ``model`` is a peft model and the
+    base is ``model`` with its adapter disabled.
+    """
     import sacrebleu
 
-    if not hasattr(model, "disable_adapter"):
+    if base is None and not hasattr(model, "disable_adapter"):
         raise TrainingError(
-            f"comparing base and tuned answers needs the peft model (base + adapter), got a {type(model).__name__}",
-            "pass the model LoraSpec.build returned after training, not a merged or bare base",
+            f"comparing base and tuned answers needs the peft model (base + adapter) or the base model, got a {type(model).__name__} alone",
+            "pass the model LoraSpec.build returned after training, or the base as base=",
         )
     prompts = [t.prompt for t in tasks]
     for t in tasks:  # a prompt the chat template refuses is the task file's fault: name its line before any generation
@@ -306,8 +310,11 @@ def compare_on_tasks(model: Any, prompter: Prompter, tasks: Sequence[TaskPair], 
             prompter.ids(t.prompt)
         except Malformed as bad:
             raise DataError(Skip(t.file, t.line, "prompt", bad.reason, bad.detail).text(), _TASK_HINT) from None
-    with model.disable_adapter():
-        base = generate_answers(model, prompter, prompts, max_new_tokens=max_new_tokens)
+    if base is not None:
+        base_answers = generate_answers(base, prompter, prompts, max_new_tokens=max_new_tokens)
+    else:
+        with model.disable_adapter():
+            base_answers = generate_answers(model, prompter, prompts, max_new_tokens=max_new_tokens)
     tuned = generate_answers(model, prompter, prompts, max_new_tokens=max_new_tokens)
     refs = [t.reference for t in tasks]
     rows = [
@@ -323,9 +330,9 @@ def compare_on_tasks(model: Any, prompter: Prompter, tasks: Sequence[TaskPair], 
             t.file,
             t.line,
         )
-        for t, b, a in zip(tasks, base, tuned, strict=True)
+        for t, b, a in zip(tasks, base_answers, tuned, strict=True)
     ]
-    return TaskComparison(score_answers(base, refs), score_answers(tuned, refs), rows)
+    return TaskComparison(score_answers(base_answers, refs), score_answers(tuned, refs), rows)
 
 
 # -- the promotion gate --------------------------------------------------------------------------

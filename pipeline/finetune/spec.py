@@ -3,7 +3,8 @@
 ``train.train_adapter`` is written once against ``ModelSpec``: build the module on a device,
 name its trainable parameters, save and load just those (a checkpoint of a LoRA run holds the
 adapters, not the frozen base), and export the result. ``lora.LoraSpec`` implements it for
-``method = "lora"`` and ``"qlora"``. This module imports neither torch nor peft, so a recipe
+``method = "lora"`` and ``"qlora"``, ``full.FullSpec`` for ``"full"`` (every weight, stepped
+by a pre-training engine). This module imports neither torch nor peft, so a recipe
 can be checked (``build_spec``, ``qlora_available``) before anything heavy is loaded.
 """
 
@@ -63,12 +64,10 @@ def build_spec(fcfg: FinetuneConfig, base_dir: Path, *, dtype: str = "float32") 
     always float32. QLoRA is probed (``qlora_available``) on the run's device by ``build``.
     """
     if fcfg.method == "full":
-        # Full fine-tuning updates every weight, which is what the pre-training loop's engines
-        # (DDP, FSDP2, DeepSpeed) are for; it does not go through this adapter trainer.
-        raise ConfigError(
-            'finetune.method = "full" is not trained by the adapter trainer (pipeline.finetune), and its route through the pre-training engines is not built yet',
-            'set finetune.method = "lora" (or "qlora" for a 4-bit base) in the recipe',
-        )
+        # Every weight trains, in float32 master weights, inside a pre-training engine (train_state).
+        from pipeline.finetune.full import FullSpec
+
+        return FullSpec(base_dir, fcfg)
     from pipeline.finetune.lora import LoraSpec  # torch, transformers and peft load only here
 
     return LoraSpec(base_dir, fcfg, dtype=dtype)

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
 from keys.digest import sha256_file
 from keys.files import atomic_write_text
-from pipeline.errors import ConfigError, DataError, TrainingError
+from pipeline.errors import ConfigError, DataError
 from pipeline.result import ProgressFn, StageResult
 from pipeline.settings.finetune import FinetuneConfig
 
@@ -170,11 +169,12 @@ def read_examples(path: Path, split: str) -> list[Any]:
     return [Example(input_ids=r["input_ids"], labels=r["labels"], file=r["file"], line=r["line"]) for r in table if r["split"] == split]
 
 
-def _batches(windows: list[Any], cfg: Any, pad_id: int, dtype: Any) -> Any:
-    """``batches(step, micro)``: a pure function of its arguments, so resume is exact.
+def _batches(windows: list[Any], cfg: Any, pad_id: int, dtype: Any, rank: int = 0, world: int = 1) -> Any:
+    """``batches(step, micro)`` of rank ``rank`` of ``world``: a pure function of its arguments, so resume is exact.
 
-    Epochs are seeded permutations of the windows; micro-batch (step, micro) takes the next
-    ``batch_size`` windows of the stream they form.
+    Epochs are seeded permutations of the windows; micro-batch (step, micro) of a rank takes the
+    next ``batch_size`` windows of the stream they form, the ranks of a step taking consecutive
+    slices (so one process with ``grad_accum`` × world sees what world ranks see together).
     """
     from pipeline.finetune.packing import collate
 
@@ -189,71 +189,98 @@ def _batches(windows: list[Any], cfg: Any, pad_id: int, dtype: Any) -> Any:
         return orders[epoch]
 
     def batches(step: int, micro: int) -> dict[str, Any]:
-        start = (step * cfg.grad_accum + micro) * cfg.batch_size
+        start = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
         picked = [windows[order(i // n)[i % n]] for i in range(start, start + cfg.batch_size)]
         return collate(picked, pad_id, dtype=dtype)
 
     return batches
 
 
-def run_finetune(fcfg: FinetuneConfig, tcfg: Any, base_json: Path, examples: Path, work: Path, progress: ProgressFn) -> StageResult:
-    """Train the adapter; SIGTERM saves a checkpoint, and the re-run stage resumes from it."""
+def train_finetune(
+    fcfg: FinetuneConfig,
+    tcfg: Any,
+    base_json: Path,
+    examples: Path,
+    work: Path,
+    *,
+    dist_cfg: Any = None,
+    deepspeed_config: dict[str, Any] | None = None,
+    resume_from: Path | None = None,
+    records_dir: Path | None = None,
+    on_event: Any = None,
+    should_stop: Any = None,
+) -> dict[str, Any]:
+    """Train (or resume) the fine-tune in ``work`` on this process; under torchrun, as one rank of many.
+
+    What ``pipeline.finetune.job`` runs: the base is re-verified, the training examples packed
+    into windows, and ``train.train_adapter`` steps the method's train state (adapters on one
+    process; every weight on the engine ``dist_cfg`` names). Returns the trainer's stats plus
+    the packing counts; ``stats["adapter"]`` is the exported result of a completed run.
+    """
     import torch
 
     from pipeline.finetune.packing import build_windows, pad_id_of
     from pipeline.finetune.spec import build_spec
     from pipeline.finetune.train import base_dtype, resolve_device, train_adapter
+    from pipeline.training import dist
+    from pipeline.training.config import DistConfig
+    from pipeline.training.loop import _backend
 
-    base_dir = _recheck_base(base_json)
-    train = read_examples(examples, "train")
-    packed = build_windows(train, tcfg.seq_len, fcfg.packing)
-    if not packed.windows:
-        raise DataError(f"no training example of {examples} fits train.seq_len = {tcfg.seq_len}", "raise train.seq_len or check [finetune] datasets")
-    device = resolve_device(tcfg)
-    dtype = base_dtype(tcfg, device)
-    spec = build_spec(fcfg, base_dir, dtype=dtype)
-    stop = threading.Event()
-    # A stop asks for a checkpoint first; the stage job's default handler would unwind at once.
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-    def on_event(event: dict[str, Any]) -> None:
-        if event.get("event") == "log":
-            progress(int(event["step"]), tcfg.steps, {k: event[k] for k in ("loss", "lr", "tokens_per_s") if k in event})
-
+    dist_cfg = dist_cfg or DistConfig()
+    # Under torchrun each rank takes its own GPU; alone, the current one.
+    device = resolve_device(tcfg, dist.from_env().local_rank if "RANK" in os.environ else None)
+    ctx = dist.init(_backend(dist_cfg, device), dist_cfg.timeout_s)
     try:
+        base_dir = _recheck_base(base_json) if ctx.local_rank == 0 else _base_dir(base_json)[0]
+        dist.barrier(ctx)
+        train = read_examples(examples, "train")
+        packed = build_windows(train, tcfg.seq_len, fcfg.packing)
+        if not packed.windows:
+            raise DataError(f"no training example of {examples} fits train.seq_len = {tcfg.seq_len}", "raise train.seq_len or check [finetune] datasets")
+        # Full fine-tuning keeps float32 master weights (bf16 compute comes from the engine).
+        dtype = "float32" if fcfg.method == "full" else base_dtype(tcfg, device)
+        spec = build_spec(fcfg, base_dir, dtype=dtype)
+        batches = _batches(packed.windows, tcfg, pad_id_of(_tokenizer(base_dir)), getattr(torch, dtype), ctx.rank, ctx.world)
         stats = train_adapter(
             spec,
-            _batches(packed.windows, tcfg, pad_id_of(_tokenizer(base_dir)), torch_dtype),
+            batches,
             tcfg,
             work,
+            resume_from=resume_from,
             on_event=on_event,
-            should_stop=stop.is_set,
+            should_stop=should_stop,
+            records_dir=records_dir,
             device=device,
+            method=fcfg.method,
+            dist_cfg=dist_cfg,
+            ctx=ctx,
+            deepspeed_config=deepspeed_config,
+            extra_stats={"windows": len(packed.windows), "truncated": packed.truncated, "dropped": packed.dropped, "method": fcfg.method},
         )
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    if not stats.get("completed"):
-        raise KeyboardInterrupt  # the job reports "stopped"; resume continues from the checkpoint
-    adapter = Path(stats["adapter"])
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise TrainingError(f"training finished without an adapter in {adapter}", "report this: it is a bug in the appliance")
-    stats = {k: v for k, v in stats.items() if k not in ("adapter", "checkpoint")}
-    stats.update({"windows": len(packed.windows), "truncated": packed.truncated, "dropped": packed.dropped, "method": fcfg.method})
-    return StageResult(outputs={"adapter": adapter}, stats=stats)
+        dist.shutdown(ctx)
+    return stats
 
 
-def _tuned_model(base_dir: Path, adapter: Path, tcfg: Any) -> Any:
+def _is_adapter(tuned: Path) -> bool:
+    """A peft adapter directory (LoRA, QLoRA), else a whole fine-tuned model (full)."""
+    return (tuned / "adapter_config.json").is_file()
+
+
+def _tuned_model(base_dir: Path, tuned: Path, tcfg: Any) -> Any:
     """Base + adapter for evaluation: the base in full precision (a QLoRA adapter is scored on
-    the dequantised base, as it is merged and as it ships)."""
-    from peft import PeftModel
+    the dequantised base, as it is merged and as it ships); or the fully fine-tuned model."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.finetune.train import resolve_device
 
     device = resolve_device(tcfg)
+    if not _is_adapter(tuned):
+        return AutoModelForCausalLM.from_pretrained(tuned, local_files_only=True).to(device)
+    from peft import PeftModel
+
     model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True).to(device)
-    return PeftModel.from_pretrained(model, adapter).to(device)
+    return PeftModel.from_pretrained(model, tuned).to(device)
 
 
 def run_ft_evaluate(fcfg: FinetuneConfig, tcfg: Any, recipe_dir: Path, base_json: Path, examples: Path, adapter: Path, work: Path) -> StageResult:
@@ -270,7 +297,12 @@ def run_ft_evaluate(fcfg: FinetuneConfig, tcfg: Any, recipe_dir: Path, base_json
     comparison = None
     if fcfg.gate.task_file:
         tasks = load_tasks((recipe_dir / fcfg.gate.task_file).resolve(), label=f"finetune.gate.task_file {fcfg.gate.task_file}")
-        comparison = compare_on_tasks(model, Prompter(tokenizer, fcfg), tasks, max_new_tokens=fcfg.gate.max_new_tokens)
+        base = None
+        if not _is_adapter(adapter):  # a full fine-tune: the base is a model of its own
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True).to(next(model.parameters()).device)
+        comparison = compare_on_tasks(model, Prompter(tokenizer, fcfg), tasks, max_new_tokens=fcfg.gate.max_new_tokens, base=base)
     verdict = gate_verdict(comparison.tuned if comparison else None, val, fcfg.gate)
     out = work / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -300,19 +332,26 @@ def run_ft_package(fcfg: FinetuneConfig, base_json: Path, adapter: Path, report:
     out = work / "model"
     if out.exists():
         shutil.rmtree(out)
-    if fcfg.merge:
+    full = not _is_adapter(adapter)
+    if fcfg.merge and not full:
         merge_and_export(_recheck_base(base_json), adapter, out)
     else:
         shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("model.sig"))
+    what = "full fine-tune" if full else "merged model" if fcfg.merge else "LoRA adapter"
+    method = "full (every weight)" if full else f"{fcfg.method}, r {fcfg.lora_r}, alpha {fcfg.lora_alpha}, targets {', '.join(fcfg.target_modules)}"
+    load = (
+        "Load it with `transformers.AutoModelForCausalLM.from_pretrained(this_directory)`"
+        if full or fcfg.merge
+        else "Load the adapter with `peft.PeftModel.from_pretrained(base, this_directory)`"
+    )
     card = [
-        f"# {out.name}: {'merged model' if fcfg.merge else 'LoRA adapter'} for {base_dir.name}",
+        f"# {out.name}: {what} of {base_dir.name}",
         "",
         f"- base: `{base_dir}` (manifest digest `{record['digest']}`, {record['verification']['method']})",
-        f"- method: {fcfg.method}, r {fcfg.lora_r}, alpha {fcfg.lora_alpha}, targets {', '.join(fcfg.target_modules)}",
+        f"- method: {method}",
         f"- gate: {verdict.get('status', 'promoted')}",
         "",
-        "Load the adapter with `peft.PeftModel.from_pretrained(base, this_directory)`; verify it with"
-        " `model_signing verify key DIR --public_key node.pub.pem --signature DIR/model.sig`.",
+        f"{load}; verify it with `model_signing verify key DIR --public_key node.pub.pem --signature DIR/model.sig`.",
     ]
     (out / "MODEL_CARD.md").write_text("\n".join(card) + "\n", encoding="utf-8")
-    return StageResult(outputs={"model": out}, stats={"promoted": True, "packaged": True, "merged": fcfg.merge})
+    return StageResult(outputs={"model": out}, stats={"promoted": True, "packaged": True, "merged": fcfg.merge and not full, "full": full})

@@ -8,19 +8,23 @@ marked *collective* must be called by every rank, in the same order.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from pipeline.model import LlamaModel
+# A loss from the module the engine steps: how a caller with its own batch layout (fine-tuning's
+# labels and block masks) drives an engine built for pre-training's (x, y) windows.
+LossFn = Callable[[nn.Module], torch.Tensor]
 
 
 class Engine(Protocol):
     name: str
-    # The unwrapped model (HF parameter names); on FSDP/ZeRO-3 its parameters are shards.
-    model: LlamaModel
+    # The unwrapped model (HF parameter names); on FSDP/ZeRO-3 its parameters are shards. The
+    # appliance's LlamaModel for pre-training, a transformers model for full fine-tuning.
+    model: nn.Module
     # What to call for a forward pass (wrapped, maybe compiled). Under FSDP/ZeRO-3 a forward is
     # collective, so evaluation runs it on every rank.
     module: nn.Module
@@ -30,6 +34,12 @@ class Engine(Protocol):
         """Forward under the engine's precision, backward of loss / accum_steps; grads are
         synchronised across ranks only when ``last`` (the final micro-batch of a step).
         Returns the detached, unscaled loss of this micro-batch."""
+        ...
+
+    def backward_on(self, loss_fn: LossFn, *, last: bool) -> torch.Tensor:
+        """As ``forward_backward`` for any batch: ``loss_fn(module)`` under the engine's precision,
+        then backward of that loss as given (the caller scales it); grads sync only when ``last``.
+        Returns the detached loss."""
         ...
 
     def optimizer_step(self, lr: float, grad_clip: float) -> float | torch.Tensor:
@@ -67,3 +77,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output head shares the input embedding's weight (ours: cfg; transformers: config)."""
+    ours = getattr(getattr(model, "cfg", None), "tie_embeddings", None)
+    if ours is not None:
+        return bool(ours)
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks FSDP shards one by one: ``model.model.layers`` in our LlamaModel and
+    in transformers' Llama, Qwen2 and Mistral; else the first ModuleList named ``layers``."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return list(layers)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "layers" and isinstance(module, nn.ModuleList):
+            return list(module)
+    raise ValueError(f"{type(model).__name__} has no ModuleList named 'layers' to shard")
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The model's width (ours: cfg.dim; transformers: config.hidden_size): DeepSpeed sizes buckets by it."""
+    ours = getattr(getattr(model, "cfg", None), "dim", None)
+    if ours:
+        return int(ours)
+    config: Any = getattr(model, "config", None)
+    return int(getattr(config, "hidden_size"))

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from pipeline.errors import ConfigError, TrainingError
-from pipeline.model import LlamaModel
 from pipeline.training.config import TrainConfig
 from pipeline.training.ds_config import resolve_model_autos
-from pipeline.training.engine import param_groups
+from pipeline.training.engine import LossFn, hidden_size, param_groups
 
 # DeepSpeed writes its files under <checkpoint dir>/<tag>/.
 TAG = "deepspeed"
@@ -48,7 +48,7 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, ds_engine: Any, model: LlamaModel, optimizer: torch.optim.Optimizer, *, stage: int, grad_clip: float) -> None:
+    def __init__(self, ds_engine: Any, model: nn.Module, optimizer: torch.optim.Optimizer, *, stage: int, grad_clip: float) -> None:
         self._ds = ds_engine
         self.model = model
         self.module = ds_engine
@@ -68,6 +68,12 @@ class DeepSpeedEngine:
         # Scale by the caller's accum_steps (not the JSON's) so the gradient is the mean over the
         # step's micro-batches whatever the JSON says; DeepSpeed still applies its fp16 loss scale.
         self._ds.backward(loss / accum_steps, scale_wrt_gas=False)
+        return loss.detach()
+
+    def backward_on(self, loss_fn: LossFn, *, last: bool) -> torch.Tensor:
+        self._ds.set_gradient_accumulation_boundary(last)
+        loss = loss_fn(self._ds)
+        self._ds.backward(loss, scale_wrt_gas=False)
         return loss.detach()
 
     def optimizer_step(self, lr: float, grad_clip: float) -> float:
@@ -172,7 +178,7 @@ class DeepSpeedEngine:
         return h.hexdigest()
 
 
-def build_deepspeed_engine(model: LlamaModel, train: TrainConfig, ds_config: dict[str, Any], device: torch.device) -> DeepSpeedEngine:
+def build_deepspeed_engine(model: nn.Module, train: TrainConfig, ds_config: dict[str, Any], device: torch.device) -> DeepSpeedEngine:
     """Wrap ``model`` with ``deepspeed.initialize`` on the process group already set up.
 
     ``ds_config`` comes from ``ds_config.load_deepspeed_config``; model-sized ``"auto"`` keys are
@@ -183,7 +189,7 @@ def build_deepspeed_engine(model: LlamaModel, train: TrainConfig, ds_config: dic
         _init_single_process_group()
     # A torch process group already exists, so DeepSpeed wraps it instead of creating its own.
     deepspeed.init_distributed(dist_backend=dist.get_backend())
-    config = resolve_model_autos(ds_config, model.cfg.dim)
+    config = resolve_model_autos(ds_config, hidden_size(model))
     zero = config.get("zero_optimization", {})
     model.to(device)
     offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"

@@ -18,10 +18,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
 from pipeline.errors import TrainingError
-from pipeline.model import LlamaModel
 from pipeline.training.config import TrainConfig
 from pipeline.training.dist import DistContext
-from pipeline.training.engine import autocast, param_groups
+from pipeline.training.engine import LossFn, autocast, decoder_layers, param_groups, tied_embeddings
 
 
 class NativeEngine:
@@ -29,16 +28,17 @@ class NativeEngine:
 
     name = "single"
 
-    def __init__(self, model: LlamaModel, cfg: TrainConfig, device: torch.device, ctx: DistContext) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, ctx: DistContext) -> None:
         self.model, self.cfg, self.device, self.ctx = model, cfg, device, ctx
-        model.activation_checkpointing = cfg.activation_checkpointing
+        if hasattr(model, "activation_checkpointing"):  # ours; a transformers model sets its own up
+            model.activation_checkpointing = cfg.activation_checkpointing
         self.wrapped = self._wrap(model)
         # fused AdamW is one kernel on CUDA. On CPU it would save ~7 ms of a ~720 ms step (1 %),
         # not worth an optimizer path the CPU tests have not covered under FSDP's DTensors.
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
         self.module: nn.Module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
 
-    def _wrap(self, model: LlamaModel) -> nn.Module:
+    def _wrap(self, model: nn.Module) -> nn.Module:
         return model
 
     def _sync(self, last: bool) -> contextlib.AbstractContextManager:
@@ -49,6 +49,13 @@ class NativeEngine:
             with autocast(self.device, self.cfg.precision):
                 _, loss = self.module(x, y)
             (loss / accum_steps).backward()
+        return loss.detach()
+
+    def backward_on(self, loss_fn: LossFn, *, last: bool) -> torch.Tensor:
+        with self._sync(last):
+            with autocast(self.device, self.cfg.precision):
+                loss = loss_fn(self.module)
+            loss.backward()
         return loss.detach()
 
     def optimizer_step(self, lr: float, grad_clip: float) -> torch.Tensor:
@@ -88,7 +95,7 @@ class NativeEngine:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.ctx.is_main:
             return None
-        if self.model.cfg.tie_embeddings:
+        if tied_embeddings(self.model):
             sd.pop("lm_head.weight", None)
         return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
 
@@ -96,7 +103,7 @@ class NativeEngine:
 class DDPEngine(NativeEngine):
     name = "ddp"
 
-    def _wrap(self, model: LlamaModel) -> nn.Module:
+    def _wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -113,14 +120,14 @@ class FSDPEngine(NativeEngine):
 
     name = "fsdp"
 
-    def _wrap(self, model: LlamaModel) -> nn.Module:
+    def _wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy()
         if self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda"):
             # Compute in bf16, reduce gradients in fp32: the usual FSDP2 recipe (torchtitan).
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
@@ -130,7 +137,7 @@ class FSDPEngine(NativeEngine):
         return contextlib.nullcontext()
 
 
-def build_native_engine(name: str, model: LlamaModel, cfg: TrainConfig, device: torch.device, ctx: DistContext) -> NativeEngine:
+def build_native_engine(name: str, model: nn.Module, cfg: TrainConfig, device: torch.device, ctx: DistContext) -> NativeEngine:
     engines = {"single": NativeEngine, "ddp": DDPEngine, "fsdp": FSDPEngine}
     return engines[name](model, cfg, device, ctx)
 

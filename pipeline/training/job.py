@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,39 +121,31 @@ def _follow_parent() -> None:
         die_with_parent()
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_job(argv: list[str] | None, *, module: str, read: Callable[[Path], Any], train: Callable[[Any, StopFlag, Events], dict[str, Any]]) -> int:
+    """The job process around a trainer: spec, stop flag, events, and every failure reported.
+
+    ``read(path)`` parses the spec (which has ``out_dir`` and ``events``); ``train(spec, stop,
+    events)`` trains and returns its stats (``completed``, ``steps``). Shared by pre-training
+    (this module) and fine-tuning (``pipeline.finetune.job``).
+    """
     _follow_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m pipeline.training.job SPEC.json", file=sys.stderr)
+        print(f"usage: python -m {module} SPEC.json", file=sys.stderr)
         return EXIT_ERROR
     rank = int(os.environ.get("RANK", "0"))
     stop = StopFlag()
     stop.install()
     spec_path = Path(args[0])
     try:
-        spec = read_spec(spec_path)
+        spec = read(spec_path)
     except (OSError, ValueError, ApplianceError) as exc:
         print(f"cannot read job spec {spec_path}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     events = Events(Path(spec.events), rank)
     out_dir = Path(spec.out_dir)
-    from pipeline.training.loop import run_train  # torch loads after the spec is known to be good
-
     try:
-        result = run_train(
-            Path(spec.shards),
-            out_dir,
-            spec.model,
-            spec.train,
-            dist_cfg=spec.distributed,
-            deepspeed_config=spec.deepspeed,
-            resume_from=Path(spec.resume_from) if spec.resume_from else None,
-            stop_at_step=spec.stop_at_step,
-            should_stop=stop,
-            on_event=events,
-            records_dir=Path(spec.records_dir) if spec.records_dir else None,
-        )
+        stats = train(spec, stop, events)
     except ApplianceError as exc:
         _write_error(out_dir, rank, exc.diagnostics(), traceback.format_exc())
         events({"event": "error", "rank": rank, "message": exc.diagnostics()})
@@ -166,15 +159,42 @@ def main(argv: list[str] | None = None) -> int:
         events({"event": "error", "rank": rank, "message": message})
         print(traceback.format_exc(), file=sys.stderr)
         return EXIT_ERROR
-    if stop() and not result.stats.get("completed"):
-        events({"event": "stopped", "signal": signal.Signals(stop.signal).name if stop.signal else None, "step": result.stats.get("steps")})
+    if stop() and not stats.get("completed"):
+        events({"event": "stopped", "signal": signal.Signals(stop.signal).name if stop.signal else None, "step": stats.get("steps")})
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
-    if "RANK" in os.environ:  # a torchrun worker: see dist.exit_process
+def _pretrain(spec: JobSpec, stop: StopFlag, events: Events) -> dict[str, Any]:
+    from pipeline.training.loop import run_train  # torch loads after the spec is known to be good
+
+    result = run_train(
+        Path(spec.shards),
+        Path(spec.out_dir),
+        spec.model,
+        spec.train,
+        dist_cfg=spec.distributed,
+        deepspeed_config=spec.deepspeed,
+        resume_from=Path(spec.resume_from) if spec.resume_from else None,
+        stop_at_step=spec.stop_at_step,
+        should_stop=stop,
+        on_event=events,
+        records_dir=Path(spec.records_dir) if spec.records_dir else None,
+    )
+    return result.stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(argv, module="pipeline.training.job", read=read_spec, train=_pretrain)
+
+
+def finish(code: int) -> None:
+    """Exit the job process: a torchrun worker without C++ exit-time destructors (see dist.exit_process)."""
+    if "RANK" in os.environ:
         from pipeline.training.dist import exit_process
 
         exit_process(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    finish(main())

@@ -364,7 +364,7 @@ def _engine_name(dist_cfg: DistConfig, ctx: dist.DistContext) -> str:
     return dist_cfg.engine
 
 
-def _build_engine(name: str, model: LlamaModel, cfg: TrainConfig, ds_config: dict[str, Any] | None, device: torch.device, ctx: dist.DistContext) -> Engine:
+def _build_engine(name: str, model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any] | None, device: torch.device, ctx: dist.DistContext) -> Engine:
     if name == "deepspeed":
         from pipeline.training.engine_deepspeed import build_deepspeed_engine  # lazy: DeepSpeed is optional
 
