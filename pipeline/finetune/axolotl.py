@@ -32,7 +32,8 @@ here so the conversion says so instead of the run failing later.
 
 YAML is read with ``yaml.safe_load`` only: a config names values, never Python objects.
 
-Which keys are ignored or refused, and the words of every refusal, are tables in ``axolotl_keys``.
+Which keys are ignored or refused, and the words of every refusal, are tables in ``axolotl_keys``;
+the recipe's checks on the mapped values and its TOML text are in ``axolotl_toml``.
 """
 
 from __future__ import annotations
@@ -45,11 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipeline.config import collect, toml_value
 from pipeline.errors import ConfigError, Problem
 from pipeline.finetune import axolotl_keys as keys
-from pipeline.settings.finetune import FinetuneConfig
-from pipeline.training.config import TrainConfig
+from pipeline.finetune.axolotl_toml import recipe_problems, recipe_text, toml_text
 
 
 class Note(NamedTuple):
@@ -168,7 +167,7 @@ class _Converter:
         comment = f"{key}: {why}" if why and key in self.data else (why or key)
         {"finetune": self.ft, "train": self.train, "finetune.gate": self.gate}[table][name] = (value, comment)
         self.origin[f"{table}.{name}"] = key
-        shown = _toml(value) if len(_toml(value)) < 80 else f"({len(str(value))} characters)"
+        shown = toml_text(value) if len(toml_text(value)) < 80 else f"({len(str(value))} characters)"
         self.note(key, f"mapped to {table}.{name} = {shown}" + (f" ({why})" if why else ""))
 
     def copy(self, table: str, name: str, key: str, kind: type, default: Any = None, fallback: str = "") -> None:
@@ -231,13 +230,13 @@ class _Converter:
         self.checkpoints()
         self.remaining()
         if not self.problems:
-            self.validate()
+            self.problems += recipe_problems(self.ft, self.train, self.gate, self.datasets, source=self.source, origin=self.origin)
         if self.problems:
             error = ConfigError.of(self.source, self.problems)
             hint = error.hint if len(self.problems) == 1 else f"fix each key named above in {self.source}, then convert it again"
             raise ConfigError(error.message, hint, self.problems)
         notes = [n for k in self.data for n in [self.notes[k], *self.sub_notes.get(k, [])]]
-        return Conversion(recipe_text=self.toml(), notes=notes)
+        return Conversion(recipe_text=recipe_text(self.ft, self.train, self.gate, self.datasets, source=self.source), notes=notes)
 
     def model(self) -> Path | None:
         path = self.base_model()
@@ -287,7 +286,7 @@ class _Converter:
             self.refuse("load_in_4bit" if four else "adapter", "bitsandbytes", value="true" if four else "qlora")
             return
         self.set("finetune", "method", method, self.key_or("adapter", "no adapter"), why=keys.METHOD_WHY[method])
-        self.note("load_in_4bit", f"mapped to finetune.method = {_toml(method)}" if four else "accepted: off")
+        self.note("load_in_4bit", f"mapped to finetune.method = {toml_text(method)}" if four else "accepted: off")
         self.method = method
         for name, value in (self.get("bnb_config_kwargs", dict) or {}).items():
             if name in keys.BNB_KWARGS and method == "qlora":
@@ -336,7 +335,7 @@ class _Converter:
             before = len(self.datasets)
             for i, item in enumerate(items):
                 chat = self.dataset(f"{key}[{i}]", item, split, templates, roles) or chat
-            self.note(key, f"mapped to {len(self.datasets) - before} [[finetune.datasets]] table(s) with split = {_toml(split)}")
+            self.note(key, f"mapped to {len(self.datasets) - before} [[finetune.datasets]] table(s) with split = {toml_text(split)}")
         self.chat_template(templates, chat, base)
         if len({tuple(r) for r in roles.values()}) > 1:
             self.refuse("datasets", "datasets.roles")
@@ -379,7 +378,7 @@ class _Converter:
             self.dataset_key(f"{key}.{name}", name, value)
         files = item.get("data_files")
         paths = [files] if isinstance(files, str) else files if isinstance(files, list) else [item.get("path")]
-        shown = ", ".join(f"{k} = {_toml(v)}" for k, v in fields)
+        shown = ", ".join(f"{k} = {toml_text(v)}" for k, v in fields)
         for text in paths:
             if not isinstance(text, str) or not text.strip():
                 self.refuse(f"{key}.path", "dataset.path", value=_shown(text))
@@ -391,7 +390,7 @@ class _Converter:
             self.datasets.append([("path", self.written(path)), *fields, ("split", split)])
             if split == "train":
                 self.train_files.append(path)
-            self.sub(key, f"mapped to [[finetune.datasets]] path = {_toml(self.written(path))}, {shown}, split = {_toml(split)}")
+            self.sub(key, f"mapped to [[finetune.datasets]] path = {toml_text(self.written(path))}, {shown}, split = {toml_text(split)}")
         return fmt == "chat"
 
     def dataset_key(self, dotted: str, name: str, value: Any) -> None:
@@ -566,59 +565,6 @@ class _Converter:
                 self.refuse(key)
             else:
                 self.note(key, "ignored: unknown to this converter")
-
-    # -- output --------------------------------------------------------------------------------
-
-    def validate(self) -> None:
-        """The recipe's own checks on the mapped values, reported by the Axolotl key to change."""
-        ft: dict[str, Any] = {k: v for k, (v, _) in self.ft.items()}
-        ft["datasets"] = [dict(d) for d in self.datasets]
-        if self.gate:
-            ft["gate"] = {k: v for k, (v, _) in self.gate.items()}
-        for table, data, cls in (("finetune", ft, FinetuneConfig), ("train", {k: v for k, (v, _) in self.train.items()}, TrainConfig)):
-            for p in collect(cls, data, source=self.source, prefix=table)[1]:
-                key = self.origin.get(p.key, p.key)
-                self.problems.append(Problem(key, f"{key} gives {p.text()}", f"change {key} in {self.source}"))
-
-    def toml(self) -> str:
-        name = Path(self.source).name
-        lines = [
-            f"# Converted from the Axolotl config {name} by `appliance finetune --from-axolotl`.",
-            "# Each comment names the Axolotl key (or default) a value came from. Paths are relative to this file, or absolute.",
-            "",
-            "[recipe]",
-            f"name = {_toml(Path(self.source).stem or 'axolotl')}",
-            f"description = {_toml(f'Fine-tune converted from the Axolotl config {name}')}",
-            "",
-            "[finetune]",
-            *_rows(self.ft),
-            "# allow_unsigned_base = true  # only for a base you trust without a model.sig; the choice is recorded in the ledger",
-        ]
-        for entry in self.datasets:
-            lines += ["", "[[finetune.datasets]]", *(f"{k} = {_toml(v)}" for k, v in entry)]
-        if self.gate:
-            lines += ["", "[finetune.gate]", *_rows(self.gate)]
-        return "\n".join([*lines, "", "[train]", *_rows(self.train)]) + "\n"
-
-
-def _rows(table: dict[str, tuple[Any, str]]) -> list[str]:
-    out = []
-    for k, (v, why) in table.items():
-        text = _toml(v)
-        out.append(f"# {why}\n{k} = {text}" if "\n" in text or len(why) > 100 else f"{k} = {text}  # {why}")
-    return out
-
-
-def _toml(value: Any) -> str:
-    """``value`` as TOML: a multi-line string as a literal block (templates stay readable)."""
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if not isinstance(value, str):
-        return toml_value(value)
-    if "\n" in value and "'''" not in value and all(c in "\t\n" or (" " <= c and c != "\x7f") for c in value):
-        return "'''\n" + value + "'''"
-    # JSON's escapes are TOML's, but TOML also wants DEL escaped.
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _shown(value: Any) -> str:
