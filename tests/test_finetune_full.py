@@ -32,6 +32,7 @@ LINES = [
     "Strings are immutable; numbers can be integers or floating point.",
 ]
 JOB = "pipeline.finetune.job"
+ZERO2 = Path(__file__).parent / "assets" / "deepspeed" / "zero2.json"
 
 
 def fcfg(**kw: Any) -> FinetuneConfig:
@@ -139,7 +140,14 @@ def test_adapters_on_several_processes_are_refused_before_anything_loads() -> No
 
 
 def write_job(path: Path, prepared: dict[str, Path], out: Path, train: TrainConfig, distributed: DistConfig) -> Path:
+    deepspeed = None
+    if distributed.engine == "deepspeed":
+        from pipeline.training.ds_config import read_json, resolve_deepspeed_config
+
+        # Resolved against the recipe as the service resolves it before a launch.
+        deepspeed, _ = resolve_deepspeed_config(read_json(ZERO2), train, distributed.nproc_per_node, "cpu", source=str(ZERO2))
     body = {
+        "deepspeed": deepspeed,
         "base_json": str(prepared["base_json"]),
         "examples": str(prepared["examples"]),
         "out_dir": str(out),
@@ -163,9 +171,12 @@ def one_process(prepared: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "deepspeed"])
 def test_two_ranks_give_what_one_process_gives(engine: str, prepared: dict[str, Path], one_process: dict[str, Any], tmp_path: Path) -> None:
-    spec = write_job(tmp_path / "job.json", prepared, tmp_path / "out", tcfg(steps=4, num_threads=1), DistConfig(engine=engine, nproc_per_node=2))
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    dcfg = DistConfig(engine=engine, nproc_per_node=2, deepspeed_config=str(ZERO2) if engine == "deepspeed" else "")  # type: ignore[arg-type]
+    spec = write_job(tmp_path / "job.json", prepared, tmp_path / "out", tcfg(steps=4, num_threads=1), dcfg)
     check(run(torchrun_cmd(spec, nproc=2, module=JOB)))
     events = read_events(spec)
     finished = [e for e in events if e["event"] == "finished"][-1]["stats"]
@@ -183,3 +194,5 @@ def test_two_ranks_give_what_one_process_gives(engine: str, prepared: dict[str, 
 
     info = ckpt.verify_checkpoint(ckpt.list_checkpoints(tmp_path / "out")[-1])
     assert {"rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(info.files)
+    if engine == "deepspeed":  # ZeRO's own sharded state, one optimizer shard per rank
+        assert sum("zero_pp_rank_" in f and "optim_states" in f for f in info.files) == 2

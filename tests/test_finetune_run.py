@@ -249,3 +249,35 @@ def test_a_missing_finetune_extra_is_refused_at_the_start(tmp_path: Path, base: 
         with pytest.raises(ConfigError, match="fine-tuning needs peft") as err:
             dispatch(svc, Caller.current(), "run.start", {"recipe": str(recipe)})
         assert ".[finetune]" in err.value.hint and svc.runs.list(Caller.current()) == []
+
+
+def test_a_full_fine_tune_on_two_ranks_is_recorded_packaged_and_loads(tmp_path: Path, base: Path) -> None:
+    # method = "full" through the service: two DDP ranks under torchrun, every checkpoint recorded,
+    # the tuned weights a signed "finetuned-model", the promoted model a transformers directory.
+    recipe = _recipe(tmp_path, base)
+    text = recipe.read_text().replace('method = "lora"', 'method = "full"').replace("[train]", "[train]\nnum_threads = 1")
+    recipe.write_text(text + "\n[distributed]\nnproc_per_node = 2\n")
+    with new_home(tmp_path / "home") as svc:
+        final = run_to_end(svc, recipe)
+        assert final["status"] == "succeeded", final
+        run_id = final["run_id"]
+        arts = _artifacts(svc, run_id)
+        saved = svc.ledger.select(
+            "SELECT CAST(body ->> '$.data.step' AS BIGINT) FROM events WHERE kind = 'checkpoint.saved' AND body ->> '$.data.run_id' = ? ORDER BY seq", [run_id]
+        )
+    stats = final["summary"]["stats"]
+    assert stats["finetune"]["engine"] == "ddp" and stats["finetune"]["world_size"] == 2 and stats["finetune"]["method"] == "full"
+    assert [s for (s,) in saved] == [2, 4]
+    kinds = {k for k, _, _ in arts}
+    assert "finetuned-model" in kinds and "adapter" not in kinds and "model" in kinds, arts
+    model_dir = Path(final["summary"]["model_path"])
+    assert (model_dir / "model.sig").is_file() and "full fine-tune" in (model_dir / "MODEL_CARD.md").read_text()
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    start = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
+    assert set(load_file(str(model_dir / "model.safetensors"))) == {n for n, _ in start.named_parameters()}
