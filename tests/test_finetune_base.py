@@ -402,3 +402,14 @@ def test_the_appliance_packaged_model_verifies_with_the_home_key(finished_run: t
     verdict = verify_base(base, FinetuneConfig(base=str(model_path), datasets=[DatasetConfig(path="t.jsonl")]), tmp_path, [node_key])
     assert verdict.method == "key" and verdict.key_path == node_key and verdict.bundle == model_path / "model.sig"
     assert os.path.samefile(verdict.bundle, model_path / "model.sig")
+
+
+def test_the_base_stage_refuses_a_window_past_the_base_context(recipe: Path) -> None:
+    # The last guard for a base the run start could not read (a stored "model:" base): refused
+    # once config.json is read, before any weight is loaded or anything is written.
+    from pipeline.errors import ConfigError
+    from pipeline.finetune.stages import run_base
+
+    with pytest.raises(ConfigError, match=r"train.seq_len = 1024 is longer than the base model's context \(256 positions"):
+        run_base(_cfg(allow_unsigned_base=True), recipe, recipe / "work", [], seq_len=1024)
+    assert not (recipe / "work").exists()

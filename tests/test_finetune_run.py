@@ -224,15 +224,20 @@ checkpoint_every = 3
     assert "model" in {k for k, _, _ in arts}
 
 
-def test_a_window_longer_than_the_base_context_stops_at_the_base_stage(tmp_path: Path, base: Path) -> None:
+def test_a_window_longer_than_the_base_context_is_refused_at_the_start(tmp_path: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The base's config.json is read when the run is asked for: refused before anything is recorded.
     recipe = _recipe(tmp_path, base)
     recipe.write_text(recipe.read_text().replace("seq_len = 64", "seq_len = 1024"))
-    with new_home(tmp_path / "home") as svc:
-        final = run_to_end(svc, recipe)
-        failed = svc.ledger.select("SELECT json_extract_string(body, '$.data.stage') FROM events WHERE kind = 'stage.failed'")
-    assert final["status"] == "failed" and [r[0] for r in failed] == ["base"]
-    assert "train.seq_len = 1024 is longer than the base model's context (256 positions" in final["error"]
-    assert "start a new run with `appliance run" in final["error"]
+    new_home(tmp_path / "home").close()
+    code, _, err = cli(capsys, "--home", str(tmp_path / "home"), "finetune", str(recipe))
+    assert code != 0 and "Traceback" not in err
+    assert "train.seq_len = 1024 is longer than the base model's context (256 positions" in err and "config.json" in err
+    from appliance.service import Service
+    from tests.conftest import PASSPHRASE
+
+    with Service.open(tmp_path / "home", PASSPHRASE.encode()) as svc:
+        started = svc.ledger.select("SELECT count(*) FROM events WHERE kind IN ('run.started', 'artifact.recorded')")
+    assert started == [(0,)]
 
 
 def test_a_missing_finetune_extra_is_refused_at_the_start(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
