@@ -286,3 +286,12 @@ def test_a_full_fine_tune_on_two_ranks_is_recorded_packaged_and_loads(tmp_path: 
     start = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
     assert set(load_file(str(model_dir / "model.safetensors"))) == {n for n, _ in start.named_parameters()}
+
+
+def test_a_lora_run_on_two_processes_is_refused_at_the_start(tmp_path: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = _recipe(tmp_path, base)
+    recipe.write_text(recipe.read_text() + "\n[distributed]\nnproc_per_node = 2\n")
+    new_home(tmp_path / "home").close()
+    code, _, err = cli(capsys, "--home", str(tmp_path / "home"), "finetune", str(recipe))
+    assert code != 0 and "Traceback" not in err
+    assert 'finetune.method = "lora" trains on one process' in err and "nproc_per_node = 1" in err

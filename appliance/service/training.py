@@ -97,7 +97,12 @@ def _deepspeed_config(recipe: Any, ctx: StageContext) -> dict[str, Any] | None:
 
 
 def precheck(recipe: Any, recipe_dir: Path, launch: LaunchOptions) -> None:
-    """Fail before a run starts on a DeepSpeed config that training would refuse hours later."""
+    """Fail before a run starts on a DeepSpeed config that training would refuse hours later, or
+    on an adapter fine-tune asked to run on several processes."""
+    if getattr(recipe, "finetune", None) is not None:
+        from pipeline.finetune.spec import require_one_process
+
+        require_one_process(recipe.finetune.method, recipe.distributed, launch.world)
     if recipe.distributed.engine == "deepspeed":
         _deepspeed_config(recipe, StageContext(run_id="", provenance={}, recipe_dir=recipe_dir, launch=launch))
 
@@ -151,12 +156,10 @@ def train_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: P
 def finetune_stage(recipe: Any, artifacts: dict[str, Path], work: Path, progress: ProgressFn, ctx: StageContext) -> StageResult:
     """Run (or resume) fine-tuning as a child job, as training runs: its checkpoints recorded as they
     appear, a resume only from one the ledger holds. Full fine-tuning may span processes and nodes."""
-    from pipeline.finetune.train_state import engine_for
-    from pipeline.training.dist import DistContext
+    from pipeline.finetune.spec import require_one_process  # torch-free: the service never imports torch
 
-    if ctx.launch.world > 1 or recipe.finetune.method != "full":
-        # An adapter run on several processes is refused before any is started.
-        engine_for(recipe.finetune.method, recipe.distributed, DistContext(world=ctx.launch.world))
+    # An adapter run on several processes is refused before any is started.
+    require_one_process(recipe.finetune.method, recipe.distributed, ctx.launch.world)
     spec = {
         "base_json": str(artifacts["base"]),
         "examples": str(artifacts["examples"]),

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["ModelSpec", "build_spec", "qlora_available"]
+__all__ = ["ModelSpec", "build_spec", "qlora_available", "require_one_process"]
 
 _INSTALL_HINT = 'install the fine-tuning extra (pip install -e ".[finetune]"), or set finetune.method = "lora" to adapt an unquantised base'
 
@@ -71,6 +71,18 @@ def build_spec(fcfg: FinetuneConfig, base_dir: Path, *, dtype: str = "float32") 
     from pipeline.finetune.lora import LoraSpec  # torch, transformers and peft load only here
 
     return LoraSpec(base_dir, fcfg, dtype=dtype)
+
+
+def require_one_process(method: str, dist_cfg: Any, world: int) -> None:
+    """Refuse an adapter run (LoRA, QLoRA) on several processes or a sharding engine: adapters
+    train on one process; only ``method = "full"`` goes through DDP, FSDP or DeepSpeed."""
+    if method == "full":
+        return
+    if world > 1 or dist_cfg.engine not in ("auto", "single", "ddp"):
+        raise ConfigError(
+            f'finetune.method = "{method}" trains on one process, but the recipe asks for {world} processes / engine "{dist_cfg.engine}"',
+            'set [distributed] nproc_per_node = 1 and nnodes = 1 (adapters are small), or finetune.method = "full" to train every weight on DDP, FSDP or DeepSpeed',
+        )
 
 
 # -- can QLoRA run here? ---------------------------------------------------------------------

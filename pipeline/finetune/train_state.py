@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.errors import ConfigError, TrainingError
-from pipeline.finetune.spec import ModelSpec
+from pipeline.finetune.spec import ModelSpec, require_one_process
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.config import DistConfig, TrainConfig
 from pipeline.training.dist import DistContext
@@ -226,14 +226,8 @@ def engine_for(method: str, dist_cfg: DistConfig, ctx: DistContext) -> str:
     """The engine a fine-tuning method runs on: adapters on one process; full on any engine."""
     from pipeline.training.loop import _engine_name
 
-    if method == "full":
-        return _engine_name(dist_cfg, ctx)
-    if ctx.world > 1 or dist_cfg.engine not in ("auto", "single", "ddp"):
-        raise ConfigError(
-            f'finetune.method = "{method}" trains on one process, but the recipe asks for {ctx.world} processes / engine "{dist_cfg.engine}"',
-            'set [distributed] nproc_per_node = 1 and nnodes = 1 (adapters are small), or finetune.method = "full" to train every weight on DDP, FSDP or DeepSpeed',
-        )
-    return "adapter"
+    require_one_process(method, dist_cfg, ctx.world)
+    return _engine_name(dist_cfg, ctx) if method == "full" else "adapter"
 
 
 def build_state(
