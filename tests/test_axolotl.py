@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from appliance.recipe import Recipe, load_recipe, parse_recipe
 from pipeline.errors import ConfigError
 from pipeline.finetune import axolotl
 from pipeline.finetune.axolotl import Conversion, convert_axolotl
-from tests.conftest import cli
+from pipeline.training.ds_config import read_json, resolve_deepspeed_config
+from tests.conftest import ASSETS, cli
 
 # A real QLoRA project's config, as its authors trained it with Axolotl (base_model is replaced
 # by a local directory in each test: the appliance never downloads).
@@ -354,6 +356,117 @@ def test_finetune_needs_a_recipe_with_a_finetune_table(capsys: pytest.CaptureFix
         cli(capsys, "finetune", "recipe.toml", "--from-axolotl", "x.yml")
 
 
+# -- deepspeed / fsdp: the engine of a full fine-tune ([distributed]) ----------------------------------
+
+ZERO2 = ASSETS / "deepspeed" / "zero2.json"
+
+
+def full_config(**changes: Any) -> dict[str, Any]:
+    """The project's config without an adapter: every weight trains (finetune.method = "full")."""
+    return project_config(adapter=None, load_in_4bit=False, **changes)
+
+
+def top_keys(conversion: Conversion) -> list[str]:
+    """The notes' keys without those of dataset entries, fsdp options and fsdp_config keys."""
+    return [n.key for n in conversion.notes if "[" not in n.key and "." not in n.key]
+
+
+def test_deepspeed_maps_to_the_distributed_table_with_the_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_project(tmp_path)
+    (tmp_path / "ds").mkdir()
+    shutil.copyfile(ZERO2, tmp_path / "ds" / "zero2.json")
+    config = full_config(deepspeed="ds/zero2.json")
+    conversion = convert(tmp_path, config)
+    recipe = recipe_of(conversion)
+    assert recipe.finetune is not None and recipe.finetune.method == "full"
+    assert (recipe.distributed.engine, recipe.distributed.deepspeed_config) == ("deepspeed", "ds/zero2.json")
+    assert '[distributed]\nengine = "deepspeed"  # deepspeed\ndeepspeed_config = "ds/zero2.json"  # deepspeed\n' in conversion.recipe_text
+    assert "# nproc_per_node = " in conversion.recipe_text  # commented: Axolotl's launcher chose the count
+    notes = dict(conversion.notes)
+    assert notes["deepspeed"].startswith('mapped to distributed.engine = "deepspeed", deepspeed_config = "ds/zero2.json"')
+    assert "refuse" not in notes["deepspeed"] and top_keys(conversion) == list(config)
+    # The file the recipe names passes the check the run makes at its start, against the recipe's [train].
+    resolved, _ = resolve_deepspeed_config(read_json(tmp_path / recipe.distributed.deepspeed_config), recipe.train, 1, "cpu", source="zero2.json")
+    assert resolved["zero_optimization"]["stage"] == 2 and resolved["gradient_accumulation_steps"] == 4
+    # Outside the recipe's folder, or printed (its folder unknown): absolute.
+    outside = recipe_of(convert(tmp_path, full_config(deepspeed=str(ZERO2))))
+    assert outside.distributed.deepspeed_config == str(ZERO2.resolve())
+    path = tmp_path / "full.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    code, out, err = cli(capsys, "finetune", "--from-axolotl", str(path))
+    assert code == 0, err
+    assert parse_recipe(out, source="stdout").distributed.deepspeed_config == str(tmp_path / "ds" / "zero2.json")
+    # A JSON the run would refuse still converts; the note says what the run will say.
+    (tmp_path / "ds" / "own.json").write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    note = dict(convert(tmp_path, full_config(deepspeed="ds/own.json")).notes)["deepspeed"]
+    assert "the run will refuse the file" in note and "'optimizer' section" in note
+
+
+def test_fsdp_maps_to_engine_fsdp_with_a_note_on_each_setting(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    fsdp_config = {
+        "fsdp_offload_params": True,
+        "fsdp_sharding_strategy": "SHARD_GRAD_OP",
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_transformer_layer_cls_to_wrap": "Qwen2DecoderLayer",
+        "fsdp_state_dict_type": "FULL_STATE_DICT",
+        "fsdp_activation_checkpointing": True,
+    }
+    config = full_config(fsdp=["full_shard", "auto_wrap"], fsdp_config=fsdp_config, gradient_checkpointing=False)
+    conversion = convert(tmp_path, config)
+    recipe = recipe_of(conversion)
+    assert (recipe.distributed.engine, recipe.distributed.deepspeed_config) == ("fsdp", "")
+    # FSDP's activation checkpointing is the recipe's gradient checkpointing.
+    assert recipe.finetune is not None and recipe.finetune.gradient_checkpointing is True
+    notes = dict(conversion.notes)
+    for key in ("fsdp", "fsdp_config"):
+        assert notes[key].startswith('mapped to distributed.engine = "fsdp"') and "one group per decoder layer (FSDP2 fully_shard)" in notes[key]
+    assert "not honoured" not in notes["fsdp"]
+    assert notes["fsdp_config"].endswith("not honoured: fsdp_offload_params, fsdp_sharding_strategy")
+    assert "DeepSpeed ZeRO-3 with offload" in notes["fsdp_config.fsdp_offload_params"]
+    assert notes["fsdp_config.fsdp_sharding_strategy"].startswith("ignored: the appliance always shards fully")
+    assert notes["fsdp_config.fsdp_auto_wrap_policy"].startswith("accepted") and notes["fsdp.full_shard"].startswith("accepted")
+    assert notes["fsdp_config.fsdp_state_dict_type"].startswith("ignored") and top_keys(conversion) == list(config)
+    # Axolotl's older spelling: the options as one string, offload among them.
+    notes = dict(convert(tmp_path, full_config(fsdp="full_shard offload auto_wrap")).notes)
+    assert notes["fsdp"].endswith("not honoured: offload") and "DeepSpeed ZeRO-3" in notes["fsdp.offload"]
+
+
+@pytest.mark.parametrize("key", ["deepspeed", "fsdp", "fsdp_config"])
+def test_an_engine_with_an_adapter_is_refused_naming_the_key(tmp_path: Path, key: str) -> None:
+    make_project(tmp_path)
+    (tmp_path / "zero2.json").write_bytes(ZERO2.read_bytes())
+    value = {"deepspeed": "zero2.json", "fsdp": ["full_shard"], "fsdp_config": {"fsdp_offload_params": False}}[key]
+    for config in (project_config(**{key: value}), project_config(load_in_4bit=False, **{key: value})):  # qlora, lora
+        error = refusal(tmp_path, config)
+        assert [p.key for p in error.problems] == [key]
+        assert "adapter: lora" in error.message and "full fine-tuning" in error.message
+        assert f"remove {key}, or remove adapter" in error.hint
+
+
+def test_deepspeed_problems_name_the_key(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    error = refusal(tmp_path, full_config(deepspeed="configs/zero3.json"))
+    assert [p.key for p in error.problems] == ["deepspeed"]
+    assert "'configs/zero3.json' is not a file" in error.message and str(tmp_path / "configs" / "zero3.json") in error.message
+    assert "deepspeed_configs/" in error.hint
+    error = refusal(tmp_path, full_config(deepspeed={"zero_optimization": {"stage": 2}}))
+    assert error.problems[0].key == "deepspeed" and "must name a DeepSpeed JSON file" in error.message
+    error = refusal(tmp_path, full_config(deepspeed=str(ZERO2), fsdp=["full_shard"]))
+    assert [p.key for p in error.problems] == ["fsdp"] and "one engine" in error.message
+
+
+def test_engine_keys_that_are_off_write_no_distributed_table(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    conversion = convert(tmp_path, full_config(deepspeed=None, fsdp=[], fsdp_config={}))
+    assert "[distributed]" not in conversion.recipe_text
+    assert "[distributed]" not in convert(tmp_path, project_config()).recipe_text
+    config = full_config()
+    config.update(deepspeed=None, fsdp=[], fsdp_config={})  # present, and off
+    notes = dict(convert(tmp_path, config).notes)
+    assert notes["deepspeed"] == notes["fsdp"] == notes["fsdp_config"] == "accepted: off"
+
+
 # -- property: whatever a config holds, conversion gives a recipe that parses, or a ConfigError --------
 
 _KEYS = [
@@ -361,7 +474,7 @@ _KEYS = [
     "micro_batch_size", "gradient_accumulation_steps", "batch_size", "max_steps", "num_epochs", "learning_rate", "lr_scheduler",
     "warmup_steps", "warmup_ratio", "bf16", "fp16", "tf32", "save_steps", "eval_steps", "logging_steps", "save_total_limit",
     "val_set_size", "sample_packing", "optimizer", "special_tokens", "gradient_checkpointing", "chat_template", "wandb_project",
-    "weight_decay", "cosine_min_lr_ratio", "seed", "unknown_key", "datasets", "test_datasets",
+    "weight_decay", "cosine_min_lr_ratio", "seed", "unknown_key", "datasets", "test_datasets", "deepspeed", "fsdp", "fsdp_config",
 ]  # fmt: skip
 _values = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63), st.floats(allow_nan=True, allow_infinity=True),
@@ -385,4 +498,4 @@ def test_any_config_converts_to_a_recipe_that_parses_or_fails_with_config_error(
         assert exc.problems or exc.message
         return
     recipe_of(conversion)
-    assert [n.key for n in conversion.notes if "[" not in n.key] == list(config)
+    assert top_keys(conversion) == list(config)

@@ -1,4 +1,4 @@
-"""Convert an Axolotl YAML config into an appliance recipe: ``[recipe]``, ``[finetune]``, ``[train]``.
+"""Convert an Axolotl YAML config into an appliance recipe: ``[recipe]``, ``[finetune]``, ``[train]``, ``[distributed]``.
 
 People arrive with the Axolotl config of a project that already works; retyping it as a recipe
 loses settings silently. So every top-level key gets exactly one note, and nothing is dropped
@@ -20,53 +20,35 @@ appliance's pre-training ones (weight decay 0, beta2 0.999, no warmup, cosine to
 writes those out, so the converted run trains as the Axolotl one would. Each written value
 carries a comment naming the Axolotl key (or default) it came from.
 
-Paths (``base_model``, dataset files) are read relative to the YAML file's folder, else the
-current folder (where Axolotl itself resolves them). In the recipe they are relative to
-``recipe_dir`` (where the recipe will be written) when they lie under it, else absolute; with no
-``recipe_dir`` (a recipe printed to stdout, its folder unknown) they are absolute.
+Paths (``base_model``, dataset files, the ``deepspeed`` JSON) are read relative to the YAML file's
+folder, else the current folder (where Axolotl itself resolves them). In the recipe they are
+relative to ``recipe_dir`` (where it will be written) when under it, else (and when printed) absolute.
 
 ``optimizer: adamw_bnb_8bit`` (and the other AdamW variants with 8-bit or paged states) becomes
 torch AdamW with fp32 states: a checkpoint holds those exactly, so a resumed run continues bit
 for bit, and an adapter's states are small anyway. ``load_in_4bit`` needs bitsandbytes, checked
 here so the conversion says so instead of the run failing later.
 
+``deepspeed`` and ``fsdp`` / ``fsdp_config`` choose the engine of a full fine-tune (``[distributed]``);
+an adapter trains on one process, so with one they fail.
+
 YAML is read with ``yaml.safe_load`` only: a config names values, never Python objects.
 
 Which keys are ignored or refused, and the words of every refusal, are tables in ``axolotl_keys``;
-the recipe's checks on the mapped values and its TOML text are in ``axolotl_toml``.
+the conversion's result, the recipe's checks (of its values and the files it names) and its text are in ``axolotl_toml``.
 """
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
 import math
-from dataclasses import dataclass
+import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from pipeline.errors import ConfigError, Problem
 from pipeline.finetune import axolotl_keys as keys
-from pipeline.finetune.axolotl_toml import recipe_problems, recipe_text, toml_text
-
-
-class Note(NamedTuple):
-    """What became of one Axolotl key: ``what`` starts with mapped / accepted / ignored / refused."""
-
-    key: str
-    what: str
-
-    def line(self) -> str:
-        return f"{self.key}: {self.what}"
-
-
-@dataclass(frozen=True)
-class Conversion:
-    """The recipe TOML text, and one note per Axolotl key (and per dataset entry and its keys)."""
-
-    recipe_text: str
-    notes: list[Note]
+from pipeline.finetune.axolotl_toml import Conversion, Note, count_examples, deepspeed_refusal, has_template, quoted, recipe_problems, recipe_text, toml_text
 
 
 def bitsandbytes_available() -> bool:
@@ -133,6 +115,7 @@ class _Converter:
         self.ft: dict[str, tuple[Any, str]] = {}
         self.train: dict[str, tuple[Any, str]] = {}
         self.gate: dict[str, tuple[Any, str]] = {}
+        self.dist: dict[str, tuple[Any, str]] = {}
         self.datasets: list[list[tuple[str, Any]]] = []
         self.train_files: list[Path] = []
         self.method = ""
@@ -146,7 +129,7 @@ class _Converter:
             self.notes.setdefault(key, Note(key, what))
 
     def sub(self, key: str, what: str) -> None:
-        self.sub_notes.setdefault(key.split("[")[0], []).append(Note(key, what))
+        self.sub_notes.setdefault(re.split(r"[\[.]", key, maxsplit=1)[0], []).append(Note(key, what))
 
     def fail(self, key: str, message: str, fix: str) -> None:
         self.problems.append(Problem(key, message, fix))
@@ -165,7 +148,7 @@ class _Converter:
 
     def set(self, table: str, name: str, value: Any, key: str, *, why: str = "") -> None:
         comment = f"{key}: {why}" if why and key in self.data else (why or key)
-        {"finetune": self.ft, "train": self.train, "finetune.gate": self.gate}[table][name] = (value, comment)
+        {"finetune": self.ft, "train": self.train, "finetune.gate": self.gate, "distributed": self.dist}[table][name] = (value, comment)
         self.origin[f"{table}.{name}"] = key
         shown = toml_text(value) if len(toml_text(value)) < 80 else f"({len(str(value))} characters)"
         self.note(key, f"mapped to {table}.{name} = {shown}" + (f" ({why})" if why else ""))
@@ -199,7 +182,7 @@ class _Converter:
         if isinstance(value, list):
             ok = kind is list and all(isinstance(v, str) and v.strip() for v in value)
         if not ok:
-            self.refuse(name, "type", words=keys.TYPE_WORDS[kind], value=_shown(value))
+            self.refuse(name, "type", words=keys.TYPE_WORDS[kind], value=quoted(value))
             return default  # the conversion fails; later steps go on with the default to find more
         return value
 
@@ -228,15 +211,16 @@ class _Converter:
         self.schedule()
         self.optimisation()
         self.checkpoints()
+        self.distributed()
         self.remaining()
         if not self.problems:
-            self.problems += recipe_problems(self.ft, self.train, self.gate, self.datasets, source=self.source, origin=self.origin)
+            self.problems += recipe_problems(self.ft, self.train, self.gate, self.datasets, source=self.source, origin=self.origin, dist=self.dist)
         if self.problems:
             error = ConfigError.of(self.source, self.problems)
             hint = error.hint if len(self.problems) == 1 else f"fix each key named above in {self.source}, then convert it again"
             raise ConfigError(error.message, hint, self.problems)
         notes = [n for k in self.data for n in [self.notes[k], *self.sub_notes.get(k, [])]]
-        return Conversion(recipe_text=recipe_text(self.ft, self.train, self.gate, self.datasets, source=self.source), notes=notes)
+        return Conversion(recipe_text=recipe_text(self.ft, self.train, self.gate, self.datasets, source=self.source, dist=self.dist), notes=notes)
 
     def model(self) -> Path | None:
         path = self.base_model()
@@ -358,7 +342,7 @@ class _Converter:
         kind = item.get("type")
         fmt = keys.FORMATS.get(kind) if isinstance(kind, str) else None
         if fmt is None:
-            self.refuse(f"{key}.type", "dataset.type", value=_shown(kind))
+            self.refuse(f"{key}.type", "dataset.type", value=quoted(kind))
             return False
         fields: list[tuple[str, Any]] = [("format", fmt)]
         if fmt == "completion":
@@ -381,7 +365,7 @@ class _Converter:
         shown = ", ".join(f"{k} = {toml_text(v)}" for k, v in fields)
         for text in paths:
             if not isinstance(text, str) or not text.strip():
-                self.refuse(f"{key}.path", "dataset.path", value=_shown(text))
+                self.refuse(f"{key}.path", "dataset.path", value=quoted(text))
                 continue
             path, places = self.find(text)
             if path is None or not path.is_file():
@@ -400,7 +384,7 @@ class _Converter:
             if value is None or value in keys.DATASET_ACCEPTED[name]:
                 self.sub(dotted, "accepted: what the appliance does")
             else:
-                self.refuse(dotted, "dataset.value", value=_shown(value))
+                self.refuse(dotted, "dataset.value", value=quoted(value))
         elif name in keys.DATASET_IGNORED:
             self.sub(dotted, f"ignored: {keys.DATASET_IGNORED[name]}")
         elif name in keys.DATASET_REFUSED and not _off(value):
@@ -423,7 +407,7 @@ class _Converter:
             self.refuse("chat_template", "chat_template.differ", names=", ".join(sorted(names)))
             return
         name = next(iter(names), "jinja" if jinja else "tokenizer_default")
-        own = base is not None and _has_template(base)
+        own = base is not None and has_template(base)
         key = "chat_template_jinja" if jinja else "chat_template"
         if jinja:
             self.set("finetune", "chat_template", jinja, key)
@@ -489,7 +473,7 @@ class _Converter:
         self.note("warmup_ratio", "ignored: warmup_steps is set, or the schedule has no warmup")
 
     def estimate_steps(self, epochs: float, per_step: int) -> int | None:
-        counts = [_count_lines(f) for f in self.train_files]
+        counts = [count_examples(f) for f in self.train_files]
         packing = bool(self.data.get("sample_packing"))
         if not counts or packing or None in counts:
             self.refuse("num_epochs", why="examples are packed, so steps depend on token counts" if packing else "only JSONL files are counted here")
@@ -501,7 +485,7 @@ class _Converter:
         self.refuse_true("fp16")
         bf16 = self.data.get("bf16")
         if not (bf16 is None or isinstance(bf16, bool) or bf16 in ("auto", "full")):
-            self.refuse("bf16", value=_shown(bf16))
+            self.refuse("bf16", value=quoted(bf16))
             bf16 = None
         precision = {True: "bf16", "full": "bf16", False: "fp32"}.get(bf16, "auto")
         self.set("train", "precision", precision, self.key_or("bf16", "Axolotl's default"))
@@ -543,6 +527,54 @@ class _Converter:
         for key, why in keys.STRATEGIES.items():
             self.note(key, "accepted: every so many steps" if self.data.get(key) in (None, "steps") else f"ignored: {why}")
 
+    def distributed(self) -> None:
+        """deepspeed, fsdp, fsdp_config: the engine of a full fine-tune ([distributed]); an adapter trains on one process."""
+        given, adapter = [k for k in keys.ENGINE_KEYS if not _off(self.data.get(k))], self.data.get("adapter")
+        if given and not _off(adapter):
+            for key in given:
+                self.refuse(key, "engine.adapter", adapter=adapter if isinstance(adapter, str) else quoted(adapter))
+        elif given and given[0] == "deepspeed":
+            self.deepspeed(self.data["deepspeed"])
+            for key in given[1:]:
+                self.refuse(key, "engine.both")
+        elif given:
+            self.fsdp(given)
+        for key in keys.ENGINE_KEYS:
+            self.note(key, "accepted: off")
+
+    def deepspeed(self, text: Any) -> None:
+        path, places = self.find(text) if isinstance(text, str) else (None, [])
+        if path is None or not path.is_file():
+            looked = " and ".join(map(str, places)) or "a file, not a URL"
+            self.refuse("deepspeed", "deepspeed.missing" if isinstance(text, str) else "deepspeed.path", text=text, looked=looked, value=quoted(text))
+            return
+        written, refused = self.written(path), deepspeed_refusal(path, self.train)
+        self.dist.update(engine=("deepspeed", "deepspeed"), deepspeed_config=(written, "deepspeed"))
+        self.origin.update({"distributed.engine": "deepspeed", "distributed.deepspeed_config": "deepspeed"})
+        what = f'mapped to distributed.engine = "deepspeed", deepspeed_config = {toml_text(written)}: {keys.NPROC_WHY}'
+        self.note("deepspeed", what + (f"; the run will refuse the file as it stands: {refused}" if refused else ""))
+
+    def fsdp(self, given: list[str]) -> None:
+        """distributed.engine = "fsdp"; a note on each fsdp option (a setting that is true) and fsdp_config key, naming those not honoured."""
+        options, config = self.data.get("fsdp"), self.get("fsdp_config", dict) or {}
+        options = options.split() if isinstance(options, str) else self.get("fsdp", list) or []
+        self.dist["engine"], self.origin["distributed.engine"] = ("fsdp", f"{given[0]}: {keys.FSDP_WHY}"), given[0]
+        entries = [("fsdp", o, o, True) for o in options] + [("fsdp_config", str(n), str(n).removeprefix("fsdp_"), v) for n, v in config.items()]
+        skipped: dict[str, list[str]] = {"fsdp": [], "fsdp_config": []}
+        for key, spelt, name, value in entries:
+            dotted, (honoured, why) = f"{key}.{spelt}", keys.FSDP_SETTINGS.get(name, ((), "unknown to this converter"))
+            if name == "activation_checkpointing" and value is True:
+                self.ft["gradient_checkpointing"], self.origin["finetune.gradient_checkpointing"] = (True, f"{dotted}: {keys.ACTIVATION_WHY}"), key
+                self.sub(dotted, f"mapped to finetune.gradient_checkpointing = true ({keys.ACTIVATION_WHY})")
+            elif honoured is not None and not (value is None or value in honoured or str(value).upper() in honoured):
+                self.sub(dotted, f"ignored: {why}")
+                skipped[key].append(spelt)
+            else:
+                self.sub(dotted, f"ignored: {why}" if honoured is None else "accepted: what the appliance does")
+        for key in given:
+            also = f"; not honoured: {', '.join(skipped[key])}" if skipped[key] else ""
+            self.note(key, f'mapped to distributed.engine = "fsdp": {keys.FSDP_WHY}; {keys.NPROC_WHY}{also}')
+
     def remaining(self) -> None:
         for key, value in self.data.items():
             if key in self.notes:
@@ -565,30 +597,3 @@ class _Converter:
                 self.refuse(key)
             else:
                 self.note(key, "ignored: unknown to this converter")
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _count_lines(path: Path) -> int | None:
-    """Non-blank lines of a JSONL file (one example each); None for formats not counted here."""
-    name = path.name.lower()
-    if not name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        return None
-    opener: Any = gzip.open if name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as fh:
-            return sum(1 for line in fh if line.strip())
-    except (OSError, EOFError):
-        return None
-
-
-def _has_template(base: Path) -> bool:
-    try:
-        config = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    template = config.get("chat_template") if isinstance(config, dict) else None
-    return bool(template) or (base / "chat_template.jinja").is_file() or (base / "chat_template.json").is_file()

@@ -115,9 +115,10 @@ IGNORED = {
         "liger_fused_linear_cross_entropy cut_cross_entropy torch_compile torch_compile_backend".split(),
         "a kernel choice: the appliance picks its kernels, and the maths is the same",
     ),
+    "fsdp_version": "the appliance runs FSDP2 (fully_shard) whenever fsdp or fsdp_config is set",
     "plugins": "no plugin code runs; Axolotl's plugins swap kernels, which the appliance picks itself",
     **dict.fromkeys(
-        "device_map max_memory gpu_memory_limit low_cpu_mem_usage lora_on_cpu fsdp fsdp_config deepspeed ddp_timeout ddp_bucket_cap_mb "
+        "device_map max_memory gpu_memory_limit low_cpu_mem_usage lora_on_cpu ddp_timeout ddp_bucket_cap_mb "
         "ddp_broadcast_buffers ddp_find_unused_parameters sequence_parallel_degree heads_k_stride ring_attn_func tensor_parallel_size "
         "context_parallel_size local_rank world_size".split(),
         "the appliance places the run on its devices ([distributed])",
@@ -138,6 +139,43 @@ IGNORED = {
         "no tokens are added, so embeddings keep their size",
     ),
     **dict.fromkeys("strict debug debug_num_examples".split(), "Axolotl's own checks and logging"),
+}
+
+# -- where a full fine-tune runs: [distributed] --------------------------------------------------
+
+# The keys that choose an engine (DeepSpeed ZeRO from a JSON, or FSDP2), in the order they are read.
+ENGINE_KEYS = ("deepspeed", "fsdp", "fsdp_config")
+FSDP_WHY = "the appliance shards one group per decoder layer (FSDP2 fully_shard)"
+ACTIVATION_WHY = "FSDP's activation checkpointing recomputes each layer in backward"
+# Axolotl takes the process count from its launcher (accelerate launch, torchrun), never from the YAML.
+NPROC_WHY = "one process until [distributed] nproc_per_node is set to the GPUs per node"
+NPROC_COMMENT = "# nproc_per_node = 8  # one process per GPU: Axolotl took the count from its launcher (accelerate launch, torchrun)"
+_FULL_SHARD = "the appliance always shards fully (FULL_SHARD: parameters, gradients and optimizer state)"
+_OFFLOAD = "offload is not supported under FSDP here; to offload, use DeepSpeed ZeRO-3 with offload (deepspeed: a ZeRO-3 JSON with offload_param)"
+_BY_LAYER = "the appliance wraps each decoder layer, not by size"
+# The options of Axolotl's fsdp list and the keys of its fsdp_config (read without their fsdp_
+# prefix: Axolotl takes both spellings): the values that are what the appliance does, and why
+# another value is not honoured. None: noted as ignored whatever the value (it changes neither
+# what trains nor how it is sharded). An fsdp option counts as the value true.
+FSDP_SETTINGS: dict[str, tuple[tuple[Any, ...] | None, str]] = {
+    "full_shard": ((True,), ""),
+    "auto_wrap": ((True,), ""),
+    "offload": ((), _OFFLOAD),
+    **dict.fromkeys("shard_grad_op hybrid_shard hybrid_shard_zero2 no_shard".split(), ((), _FULL_SHARD)),
+    "version": ((2, "2"), "the appliance runs FSDP2 (fully_shard)"),
+    "offload_params": ((False,), _OFFLOAD),
+    "sharding_strategy": (("FULL_SHARD", "1"), _FULL_SHARD),
+    "reshard_after_forward": ((True,), "parameters are resharded after each forward (FULL_SHARD)"),
+    "auto_wrap_policy": (("TRANSFORMER_BASED_WRAP",), _BY_LAYER),
+    "min_num_params": ((), _BY_LAYER),
+    # true: mapped to finetune.gradient_checkpointing by the converter.
+    "activation_checkpointing": ((False,), "give true or false (true recomputes each layer in backward: finetune.gradient_checkpointing)"),
+    "transformer_layer_cls_to_wrap": (None, "the appliance finds the decoder layers itself"),
+    "state_dict_type": (None, "checkpoints are the engine's sharded files, and the finished model is gathered into full weights"),
+    **dict.fromkeys(
+        "use_orig_params sync_module_states cpu_ram_efficient_loading limit_all_gathers backward_prefetch forward_prefetch".split(),
+        (None, "FSDP1 machinery, which FSDP2 does without"),
+    ),
 }
 
 # -- refused when set -----------------------------------------------------------------------------
@@ -307,4 +345,15 @@ REFUSALS: dict[str, tuple[str, str]] = {
         "set optimizer: adamw_torch (and re-tune learning_rate if it was set for another optimizer)",
     ),
     "steps": ("{key} must be a whole number of steps or a fraction of them, got {value:g}", "set {key} to a whole number"),
+    # where the run is placed ([distributed])
+    "engine.adapter": (
+        "{key} is set, but an adapter (adapter: {adapter}) trains on one process here; DeepSpeed and FSDP are for full fine-tuning",
+        "remove {key}, or remove adapter (and load_in_4bit) to train every weight",
+    ),
+    "engine.both": ("deepspeed and {key} are both set: a run has one engine", "keep one: deepspeed (ZeRO, from its JSON) or fsdp (FSDP2)"),
+    "deepspeed.path": ("deepspeed must name a DeepSpeed JSON file, got {value}", "write the settings to a JSON file and set deepspeed: path/to/zero2.json"),
+    "deepspeed.missing": (
+        "deepspeed {text!r} is not a file (looked for {looked})",
+        "copy the JSON onto this machine (Axolotl's own are in its repository's deepspeed_configs/) and point deepspeed at it, or remove deepspeed",
+    ),
 }
