@@ -270,3 +270,22 @@ def test_resume_at_another_world_size_names_both(zero2_run: tuple[dict, Path], t
     assert outcome["error"] is not None
     assert "saved by 2 DeepSpeed ranks but this job has 1" in outcome["error"]
     assert "resume with 2 processes" in outcome["hint"]
+
+
+def test_deepspeeds_own_unprefixed_zero3_names_are_accepted_as_their_stage3_spelling() -> None:
+    # Axolotl's zero3 CPU-offload template writes DeepSpeed's field names without the stage3_
+    # prefix, and zero_force_ds_cpu_optimizer at the top level.
+    raw = {
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_optimization": {"stage": 3, "max_live_parameters": 0, "max_reuse_distance": 0, "offload_optimizer": {"device": "cpu"}},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+    }
+    cfg, _ = resolve_deepspeed_config(raw, recipe(), 1, "cpu", source="zero3.json")
+    zero = cfg["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == 0 and zero["stage3_max_reuse_distance"] == 0 and "max_live_parameters" not in zero
+    assert cfg["zero_force_ds_cpu_optimizer"] is False
+    twice = {**raw, "zero_optimization": {**raw["zero_optimization"], "stage3_max_live_parameters": 10}}
+    with pytest.raises(ConfigError, match="given twice"):
+        resolve_deepspeed_config(twice, recipe(), 1, "cpu", source="zero3.json")

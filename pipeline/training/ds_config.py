@@ -47,7 +47,13 @@ _ZERO: Schema = {
     "stage3_max_reuse_distance": "int",
     "stage3_gather_16bit_weights_on_model_save": "bool",
     "gather_16bit_weights_on_model_save": "bool",
+    # DeepSpeed's own field names, which it accepts beside the stage3_ spellings (Axolotl's
+    # zero3 templates write them so); renamed to the stage3_ spelling once read.
+    "max_live_parameters": "int",
+    "max_reuse_distance": "int",
 }
+# Unprefixed name -> the stage3_ spelling the rest of the appliance reads.
+_ZERO_ALIASES = {"max_live_parameters": "stage3_max_live_parameters", "max_reuse_distance": "stage3_max_reuse_distance"}
 _FP16: Schema = {
     "enabled": "bool",
     "auto_cast": "bool",
@@ -67,6 +73,8 @@ TOP_LEVEL: Schema = {
     "steps_per_print": "int",
     "wall_clock_breakdown": "bool",
     "zero_allow_untested_optimizer": "bool",
+    # Lets ZeRO-Offload step a torch optimizer on the CPU (the appliance passes torch AdamW).
+    "zero_force_ds_cpu_optimizer": "bool",
     "zero_optimization": _ZERO,
     "fp16": _FP16,
     "bf16": _BF16,
@@ -132,6 +140,14 @@ def resolve_deepspeed_config(raw: Mapping[str, Any], train: TrainConfig, world: 
             f"{source}: 'zero_optimization.stage' is missing",
             f'set it to one of {", ".join(map(str, SUPPORTED_STAGES))} (engine = "ddp" is the unsharded choice)',
         )
+    for alias, name in _ZERO_ALIASES.items():
+        if alias in zero:
+            if name in zero:
+                raise ConfigError(
+                    f"{source}: 'zero_optimization.{alias}' and 'zero_optimization.{name}' are the same setting, given twice",
+                    f"keep one of them ({zero[alias]!r} or {zero[name]!r})",
+                )
+            zero[name] = zero.pop(alias)
     if zero["stage"] not in SUPPORTED_STAGES:
         raise ConfigError(
             f"{source}: 'zero_optimization.stage' is {zero['stage']}, not one of {', '.join(map(str, SUPPORTED_STAGES))}",
