@@ -196,3 +196,14 @@ def test_two_ranks_give_what_one_process_gives(engine: str, prepared: dict[str, 
     assert {"rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(info.files)
     if engine == "deepspeed":  # ZeRO's own sharded state, one optimizer shard per rank
         assert sum("zero_pp_rank_" in f and "optim_states" in f for f in info.files) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_full_fine_tuning_on_a_gpu_in_bf16(prepared: dict[str, Path], tmp_path: Path) -> None:
+    # fp32 master weights, bf16 autocast compute: the additive packing mask meets bf16 activations.
+    stats = train_here(prepared, tmp_path / "run", tcfg(device="cuda", precision="bf16"))
+    assert stats["completed"] and stats["device"].startswith("cuda")
+    losses = [e["loss"] for e in stats["events"] if e["event"] == "log"]
+    assert all(v == v for v in losses) and losses[-1] < losses[0]
+    assert weights(Path(stats["adapter"]))["model.embed_tokens.weight"].dtype == torch.float32
