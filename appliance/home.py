@@ -9,6 +9,11 @@ from pathlib import Path
 from keys.errors import ApplianceError
 
 ENV_HOME = "APPLIANCE_HOME"
+# The root public key a verifier trusts (the trust store's anchor), obtained out of band:
+# this variable, else the system-wide file (root-owned: the service user cannot replace it),
+# else the copy in the home, which only proves that the home is self-consistent.
+ENV_ROOT_KEY = "APPLIANCE_ROOT_KEY"
+SYSTEM_ROOT_KEY = Path("/etc/appliance/root.pub.pem")
 
 
 def default_home() -> Path:
@@ -30,6 +35,28 @@ class Home:
     @property
     def public_key_file(self) -> Path:
         return self.root / "keys" / "node.pub.pem"
+
+    @property
+    def root_key_file(self) -> Path:
+        # The root key is made here at `init`; the operator moves it offline (README).
+        return self.root / "keys" / "root.key"
+
+    @property
+    def root_public_key_file(self) -> Path:
+        return self.root / "keys" / "root.pub.pem"
+
+    @property
+    def trust_file(self) -> Path:
+        return self.root / "keys" / "truststore.json"
+
+    def root_anchor(self) -> tuple[Path, str]:
+        """Where the trusted root public key comes from, and how to say so."""
+        env = os.environ.get(ENV_ROOT_KEY)
+        if env:
+            return Path(env).expanduser(), f"{ENV_ROOT_KEY}={env}"
+        if SYSTEM_ROOT_KEY.is_file():
+            return SYSTEM_ROOT_KEY, str(SYSTEM_ROOT_KEY)
+        return self.root_public_key_file, f"{self.root_public_key_file}, the home's own copy"
 
     @property
     def ledger_file(self) -> Path:

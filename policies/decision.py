@@ -25,6 +25,7 @@ ACTIONS = frozenset(
         "ledger.verify",
         "ledger.query",
         "ledger.head",
+        "keys.list",
         "data.card",
         "data.dropped",
         "data.skipped",

@@ -90,7 +90,9 @@ def verify_row(path: Path, row: tuple, trusted: dict[str, ec.EllipticCurvePublic
         raise _broken(path, seq, "does not match its hash: its body was changed")
     public_key = trusted.get(key_id)
     if public_key is None:
-        raise _broken(path, seq, f"is signed by key {key_id[:16]}…, which is not trusted")
+        raise _broken(
+            path, seq, f"is signed by key {key_id[:16]}…, which is not trusted (no node key of the root-signed trust store, nor a key given to trust)"
+        )
     try:
         verify_signature(public_key, base64.b64decode(signature, validate=True), bytes.fromhex(hash_hex))
     except (SigningError, ValueError):
@@ -131,7 +133,11 @@ def verify_head_signature(path: Path, head: dict, trusted: dict[str, ec.Elliptic
     key_id = head.get("key_id")
     public_key = trusted.get(key_id) if isinstance(key_id, str) else None
     if public_key is None:
-        raise LedgerIntegrityError(seq, f"the signed head for ledger {path} is signed by key {str(key_id)[:16]}…, which is not trusted", VERIFY_HINT)
+        raise LedgerIntegrityError(
+            seq,
+            f"the signed head for ledger {path} is signed by key {str(key_id)[:16]}…, which is not trusted (no node key of the root-signed trust store, nor a key given to trust)",
+            VERIFY_HINT,
+        )
     try:
         signature = base64.b64decode(str(head.get("signature", "")), validate=True)
         verify_signature(public_key, signature, head_message(seq, hash_hex))

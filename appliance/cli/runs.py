@@ -38,8 +38,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     with Service.initialise(home.root, passphrase, owner) as svc:
         emit(
             args,
-            {"home": str(home.root), "key_id": svc.key.key_id, "owner": owner.user},
-            f"initialised {home.root}\nnode key {svc.key.key_id}\npublic key {home.public_key_file}\nowner {owner.user}",
+            {"home": str(home.root), "key_id": svc.key.key_id, "root_key_id": svc.trust.root_key_id, "owner": owner.user},
+            f"initialised {home.root}\nnode key {svc.key.key_id}\npublic key {home.public_key_file}\n"
+            f"root key {svc.trust.root_key_id}\n  {home.root_key_file} signs the trust store {home.trust_file}; it is needed only to change it:"
+            f" move it offline, and install {home.root_public_key_file} as /etc/appliance/root.pub.pem (root-owned) so verification is anchored outside the home\n"
+            f"owner {owner.user}",
         )
     return 0
 

@@ -103,6 +103,7 @@ OPS: tuple[Op, ...] = (
         summary="recompute the chain, every signature, and the signed head",
     ),
     Op("ledger.head", ("GET",), "/v1/ledger/head", "appliance.service.reads:ledger_head", summary="the signed head"),
+    Op("keys.list", ("GET",), "/v1/keys", "appliance.service.keyring:keys_list", summary="the root-signed trust store: keys, roles, validity"),
     Op("artifact.list", ("GET",), "/v1/artifacts", "appliance.service.reads:artifact_list", (Param("kind", S),), summary="recorded artifacts"),
     Op(
         "artifact.verify",

@@ -21,7 +21,8 @@ from typing import Any
 from appliance.home import Home
 from appliance.service.caller import Caller
 from keys.errors import ApplianceError, KeyStoreError
-from keys.keystore import NodeKey, create_key, key_id_of, load_key, public_key_from_pem
+from keys.keystore import NodeKey, create_key, key_id_of, load_key, load_public_key, public_key_from_pem
+from keys.truststore import TrustStore, TrustStoreError, entry_for, new_store, read_store, write_store
 from policies.decision import OwnerPolicy
 from policies.errors import PolicyError
 from registry.audit_sandbox import AuditLimits, parse_size
@@ -93,6 +94,7 @@ class Service:
         self.store = Store(home.store_dir)
         try:
             self._check_public_key()
+            self.trust = self._read_trust()
             limits = AuditLimits(memory_limit=parse_size(config.query_memory_limit), timeout_s=config.query_timeout_s, max_rows=config.query_max_rows)
             self.ledger = Ledger.open(home.ledger_file, key, head_path=home.head_file, audit=limits)
         except BaseException:
@@ -106,8 +108,13 @@ class Service:
     # -- life cycle ---------------------------------------------------------------------
 
     @classmethod
-    def initialise(cls, root: Path, passphrase: bytes, owner: Caller, *, config: ServiceConfig | None = None) -> Service:
-        """Create a home: folders, the encrypted node key, the ledger and its first events."""
+    def initialise(cls, root: Path, passphrase: bytes, owner: Caller, *, config: ServiceConfig | None = None, root_passphrase: bytes | None = None) -> Service:
+        """Create a home: folders, the encrypted root and node keys, the root-signed trust store,
+        the ledger and its first events.
+
+        The root key (``keys/root.key``, under ``root_passphrase``, default the node's) signs the
+        trust store and is needed again only to change it: the operator moves it offline.
+        """
         os.umask(UMASK)
         home = Home(Path(root))
         if home.key_file.exists() or home.ledger_file.exists():
@@ -116,11 +123,16 @@ class Service:
         lock = HomeLock(home)
         lock.acquire()
         try:
+            root_key = create_key(home.root_key_file, root_passphrase or passphrase)
             key = create_key(home.key_file, passphrase)
+            store = new_store(root_key, owner.user).with_entry(entry_for(key, "node", "node"))
+            write_store(home.trust_file, store, root_key)
             with Ledger.open(home.ledger_file, key, head_path=home.head_file) as ledger:
                 ledger.append_many(
                     [
+                        ("key.registered", owner.user, {"key_id": root_key.key_id, "public_key_pem": root_key.public_pem().decode(), "role": "root"}),
                         ("key.registered", owner.user, {"key_id": key.key_id, "public_key_pem": key.public_pem().decode(), "role": "node"}),
+                        ("truststore.signed", owner.user, {"version": store.version, "root_key_id": root_key.key_id, "keys": len(store.entries)}),
                         ("home.initialised", owner.user, {"owner": owner.user, "owner_uid": owner.uid, "home": str(home.root)}),
                     ]
                 )
@@ -172,6 +184,24 @@ class Service:
                 "the public key file was replaced: restore it from a backup of the home; nothing was recorded",
             )
 
+    def _read_trust(self) -> TrustStore:
+        """The root-signed trust store, checked against the root anchor; the node key must be in it.
+
+        A service whose own key is not trusted for the node role refuses to start: whatever it
+        signed could not be told from a forgery.
+        """
+        anchor_path, anchor_source = self.home.root_anchor()
+        try:
+            anchor = load_public_key(anchor_path)
+        except ApplianceError as exc:
+            raise TrustStoreError(
+                f"cannot read the root public key {anchor_path} ({anchor_source}): {exc.message}",
+                "install the root public key there (it is printed by `appliance keys list`), or set APPLIANCE_ROOT_KEY to its path",
+            ) from None
+        store = read_store(self.home.trust_file, anchor, anchor_source=anchor_source)
+        store.require(self.key.key_id, "node")
+        return store
+
     def _owner(self) -> str:
         events = self.ledger.events("home.initialised")
         if not events:
@@ -180,8 +210,9 @@ class Service:
 
     @property
     def trusted(self) -> dict[str, Any]:
-        """The keys this home trusts to have signed its ledger and store: its node key."""
-        return {self.key.key_id: self.key.public_key}
+        """The keys trusted to have signed the ledger and the store: every node key of the root-signed
+        trust store (a rotated-out key still verifies what it signed while valid)."""
+        return self.trust.keys_for("node")
 
     # -- authorization --------------------------------------------------------------------
 

@@ -47,7 +47,25 @@ def ledger_verify(svc: Any, caller: Caller, *, head: str | None = None, trusted_
     svc.authorize(caller, "ledger.verify", "ledger")
     head_dict = _head(head) if head is not None else None
     report = svc.ledger.verify(_trusted(svc, trusted_keys), head_dict if head_dict is not None else svc.home.head_file)
-    return {"ok": True, "events": report.events, "last_seq": report.last_seq, "last_hash": report.last_hash, "head_checked": report.head_checked}
+    if not trusted_keys:
+        _keys_valid_when_used(svc)
+    return {
+        "ok": True,
+        "events": report.events,
+        "last_seq": report.last_seq,
+        "last_hash": report.last_hash,
+        "head_checked": report.head_checked,
+        "trust_store_version": svc.trust.version,
+        "root_key": svc.trust.root_key_id,
+    }
+
+
+def _keys_valid_when_used(svc: Any) -> None:
+    """Every signing key was a node key of the trust store, valid (not revoked, not rotated out)
+    from its first event to its last: a signature by a key after its revocation is a forgery."""
+    for key_id, first, last in svc.ledger.select("SELECT key_id, min(ts), max(ts) FROM events GROUP BY key_id ORDER BY min(ts)"):
+        svc.trust.require(key_id, "node", at=first)
+        svc.trust.require(key_id, "node", at=last)
 
 
 def _head(text: str) -> dict[str, Any]:

@@ -1,0 +1,62 @@
+"""`appliance keys list|export-public`: the keys the appliance trusts, by role."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from appliance.cli.common import connect, emit, note
+from keys.errors import ApplianceError
+from keys.files import atomic_write
+
+
+def _short(key_id: str) -> str:
+    return f"{key_id[:16]}…"
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """The root-signed trust store: every key with its role, owner, validity and status."""
+    with connect(args) as client:
+        r = client.call("keys.list")
+    lines = [
+        f"trust store {r['trust_store']} (version {r['version']}, issued {r['issued_at']})",
+        f"root key {r['root_key_id']} (anchor: {r['anchor']})",
+        "",
+        f"{'role':8} {'status':14} {'key id':18} {'owner':16} valid",
+    ]
+    for k in r["keys"]:
+        window = f"from {k['not_before']}" + (f" until {k['not_after']}" if k["not_after"] else "")
+        if k["revoked_at"]:
+            window += f", revoked {k['revoked_at']}" + (f" ({k['revoked_reason']})" if k["revoked_reason"] else "")
+        mark = " (this service)" if k["key_id"] == r["node_key_id"] else ""
+        lines.append(f"{k['role']:8} {k['status']:14} {_short(k['key_id']):18} {k['owner']:16} {window}{mark}")
+    emit(args, r, "\n".join(lines))
+    return 0
+
+
+def cmd_keys_export_public(args: argparse.Namespace) -> int:
+    """Write the public keys of one role (valid now, or all with --all) as PEM, for a verifier elsewhere."""
+    with connect(args) as client:
+        r = client.call("keys.list")
+    chosen = [k for k in r["keys"] if k["role"] == args.role and (args.all or k["status"] == "valid")]
+    if not chosen:
+        raise ApplianceError(f"the trust store holds no {'' if args.all else 'valid '}{args.role} key", "`appliance keys list` shows the keys and their roles")
+    pem = "".join(k["public_key_pem"] for k in chosen).encode("ascii")
+    if args.out:
+        atomic_write(Path(args.out), pem, mode=0o644)
+        note(f"{len(chosen)} {args.role} public key(s) written to {args.out}")
+    else:
+        print(pem.decode("ascii"), end="")
+    return 0
+
+
+def register(sub: Any, add: Any) -> None:
+    keys = sub.add_parser("keys", help="the keys the appliance trusts (root-signed trust store)").add_subparsers(
+        dest="keys_command", required=True, metavar="COMMAND"
+    )
+    add("list", cmd_keys_list, keys)
+    p = add("export-public", cmd_keys_export_public, keys)
+    p.add_argument("--role", choices=["root", "node", "release", "user"], default="root", help="which role's keys (default: root, the anchor)")
+    p.add_argument("--all", action="store_true", help="also keys rotated out or revoked (they verify what they signed while valid)")
+    p.add_argument("--out", help="write the PEM here (default: standard output)")
