@@ -165,3 +165,17 @@ def test_a_revoked_node_key_cannot_start_the_service(home: Path) -> None:
     write_store(home / "keys" / "truststore.json", store.with_change(node.key_id, revoked_at=when, revoked_reason="test"), root)
     with pytest.raises(UntrustedKeyError, match=f"node key {node.key_id[:16]}… .* was revoked at {re.escape(when)}"):
         Service.open(home, PASS)
+
+
+def test_an_older_trust_store_put_back_is_refused_as_a_rollback(home: Path) -> None:
+    root = load_key(home / "keys" / "root.key", PASS)
+    path = home / "keys" / "truststore.json"
+    old = path.read_bytes()
+    store = read_store(path, root.public_key)
+    newer = store.with_entry(entry_for(create_key(home.parent / "release.key", PASS), "release", "alice"))
+    write_store(path, newer, root)
+    with Service.open(home, PASS) as svc:  # the newer version is recorded
+        assert svc.trust.version == store.version + 1
+    path.write_bytes(old)
+    with pytest.raises(TrustStoreError, match=f"is version {store.version}, older than version {store.version + 1}"):
+        Service.open(home, PASS)

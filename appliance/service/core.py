@@ -101,6 +101,7 @@ class Service:
             lock.release()
             raise
         self.owner = self._owner()
+        self._record_trust_version()
         self.policy = OwnerPolicy(owner=self.owner)
         self.runs = RunManager(self)
         self.runs.recover(resume=config.resume_interrupted)
@@ -201,6 +202,23 @@ class Service:
         store = read_store(self.home.trust_file, anchor, anchor_source=anchor_source)
         store.require(self.key.key_id, "node")
         return store
+
+    def _record_trust_version(self) -> None:
+        """A trust store older than one this home has used is a rollback (to a store that may
+        still trust a since-revoked key): refused. A newer one is recorded."""
+        rows = self.ledger.select("SELECT max(CAST(body ->> '$.data.version' AS BIGINT)) FROM events WHERE kind = 'truststore.signed'")
+        seen = rows[0][0] if rows and rows[0][0] is not None else 0
+        if self.trust.version < seen:
+            self.ledger.close()
+            self._lock.release()
+            raise TrustStoreError(
+                f"the trust store {self.home.trust_file} is version {self.trust.version}, older than version {seen} this home has already used",
+                "a store was put back from before a change (a revocation may be undone by it): restore the newest signed trust store",
+            )
+        if self.trust.version > seen:
+            self.ledger.append(
+                "truststore.signed", self.owner, {"version": self.trust.version, "root_key_id": self.trust.root_key_id, "keys": len(self.trust.entries)}
+            )
 
     def _owner(self) -> str:
         events = self.ledger.events("home.initialised")
