@@ -125,7 +125,7 @@ class TrustStore:
             held = f" (it is a {found.role} key)" if found is not None else ""
             raise UntrustedKeyError(
                 f"key {key_id[:16]}… is not trusted as a {role} key{held}: it is not in the root-signed trust store for that role",
-                "a key file in the home proves nothing by itself; if this key is genuine, add it with `appliance keys` under the root key, else treat what it signed as forged",
+                "a key file in the home proves nothing by itself: restore the genuine key; if this one is genuine, it must first be added to the trust store under the root key, else treat what it signed as forged",
             )
         status = found.status_at(when)
         if status == "revoked":
@@ -217,11 +217,14 @@ def read_store(path: Path, anchor: ec.EllipticCurvePublicKey, *, anchor_source: 
     by another root, tampered with, or malformed.
     """
     path = Path(path)
-    fix = f"restore {path} from a backup, or re-sign it with the root key (`appliance keys init`)"
+    fix = f"restore {path} from a backup of the home"
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise TrustStoreError(f"the trust store {path} does not exist", "create it with `appliance keys init` (it needs the root key)") from None
+        raise TrustStoreError(
+            f"the trust store {path} does not exist",
+            "restore it from a backup; a home made before trust stores gets one (and a root key) with `appliance keys init`",
+        ) from None
     except OSError as exc:
         raise TrustStoreError(f"cannot read the trust store {path}: {exc.strerror}", fix) from None
     try:
@@ -232,7 +235,7 @@ def read_store(path: Path, anchor: ec.EllipticCurvePublicKey, *, anchor_source: 
         raise TrustStoreError(f"{path} is not a trust store (format {FORMAT} expected)", fix)
     signature = document.pop("signature", None)
     if not isinstance(signature, str) or not signature:
-        raise TrustStoreError(f"the trust store {path} is unsigned", "sign it with the root key (`appliance keys init`); an unsigned store proves nothing")
+        raise TrustStoreError(f"the trust store {path} is unsigned", f"an unsigned store proves nothing: restore {path} from a backup of the home")
     anchor_id = key_id_of(anchor)
     if document.get("root_key_id") != anchor_id:
         raise TrustStoreError(

@@ -179,3 +179,19 @@ def test_an_older_trust_store_put_back_is_refused_as_a_rollback(home: Path) -> N
     path.write_bytes(old)
     with pytest.raises(TrustStoreError, match=f"is version {store.version}, older than version {store.version + 1}"):
         Service.open(home, PASS)
+
+
+def test_a_home_made_before_trust_stores_adopts_one_with_keys_init(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("truststore.json", "root.key", "root.pub.pem"):
+        (home / "keys" / name).unlink()
+    code, _, err = cli(capsys, "--home", str(home), "runs", "list")
+    assert code != 0 and "does not exist" in err and "appliance keys init" in err
+    code, out, err = cli(capsys, "--home", str(home), "keys", "init")
+    assert code == 0, err
+    assert "root key" in out and (home / "keys" / "root.key").is_file()
+    code, out, _ = cli(capsys, "--home", str(home), "keys", "list", "--json")
+    assert code == 0 and {k["role"] for k in json.loads(out)["keys"]} == {"root", "node"}
+    code, _, err = cli(capsys, "--home", str(home), "keys", "init")
+    assert code != 0 and "already has a trust store" in err
+    code, _, err = cli(capsys, "--home", str(home), "ledger", "verify")
+    assert code == 0, err

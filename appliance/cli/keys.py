@@ -1,4 +1,4 @@
-"""`appliance keys list|export-public`: the keys the appliance trusts, by role."""
+"""`appliance keys init|list|export-public`: the keys the appliance trusts, by role."""
 
 from __future__ import annotations
 
@@ -13,6 +13,24 @@ from keys.files import atomic_write
 
 def _short(key_id: str) -> str:
     return f"{key_id[:16]}…"
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    """Give a home made before trust stores its root key and root-signed trust store (local, as the service user)."""
+    from appliance.cli.common import home_of
+    from appliance.service import Caller, Service
+    from keys.passphrase import read_passphrase
+
+    home = home_of(args)
+    passphrase = read_passphrase(purpose=f"unlock the node key in {home.root}")
+    root_id = Service.adopt_trust_store(home.root, passphrase, Caller.current())
+    emit(
+        args,
+        {"home": str(home.root), "root_key_id": root_id, "trust_store": str(home.trust_file)},
+        f"root key {root_id}\ntrust store {home.trust_file} (root, and the node key)\n"
+        f"move {home.root_key_file} offline and install {home.root_public_key_file} as /etc/appliance/root.pub.pem (root-owned)",
+    )
+    return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
@@ -55,6 +73,7 @@ def register(sub: Any, add: Any) -> None:
     keys = sub.add_parser("keys", help="the keys the appliance trusts (root-signed trust store)").add_subparsers(
         dest="keys_command", required=True, metavar="COMMAND"
     )
+    add("init", cmd_keys_init, keys)
     add("list", cmd_keys_list, keys)
     p = add("export-public", cmd_keys_export_public, keys)
     p.add_argument("--role", choices=["root", "node", "release", "user"], default="root", help="which role's keys (default: root, the anchor)")

@@ -142,6 +142,35 @@ class Service:
             raise
         return cls(home, key, lock, config or ServiceConfig())
 
+    @staticmethod
+    def adopt_trust_store(root: Path, passphrase: bytes, owner: Caller) -> str:
+        """Give a home made before trust stores its root key and root-signed store, trusting its node key.
+
+        The node key is unlocked first (whoever adopts it holds its passphrase); the root key is
+        made under the same passphrase. Refused where a store exists. Returns the root key id.
+        """
+        os.umask(UMASK)
+        home = Home(Path(root))
+        home.require()
+        if home.trust_file.exists() or home.root_key_file.exists():
+            raise TrustStoreError(
+                f"{home.root} already has a trust store or root key ({home.trust_file}, {home.root_key_file})",
+                "keep it; a damaged store is restored from a backup, never replaced",
+            )
+        lock = HomeLock(home)
+        lock.acquire()
+        try:
+            node = load_key(home.key_file, passphrase)
+            # Trusted from the home's first event: it has signed everything since.
+            since = _first_event_time(home.ledger_file)
+            root_key = create_key(home.root_key_file, passphrase)
+            write_store(home.trust_file, new_store(root_key, owner.user).with_entry(entry_for(node, "node", "node", not_before=since)), root_key)
+        finally:
+            lock.release()
+        with Service.open(root, passphrase) as svc:  # records the store's version and the keys
+            svc.ledger.append("key.registered", owner.user, {"key_id": root_key.key_id, "public_key_pem": root_key.public_pem().decode(), "role": "root"})
+        return root_key.key_id
+
     @classmethod
     def open(cls, root: Path, passphrase: bytes, *, config: ServiceConfig | None = None) -> Service:
         """Unlock the node key of an existing home, lock the home, and take the ledger."""
@@ -192,6 +221,8 @@ class Service:
         signed could not be told from a forgery.
         """
         anchor_path, anchor_source = self.home.root_anchor()
+        if not self.home.trust_file.exists():
+            read_store(self.home.trust_file, self.key.public_key)  # raises: says what a home without a store does
         try:
             anchor = load_public_key(anchor_path)
         except ApplianceError as exc:
@@ -251,6 +282,21 @@ class Service:
         )
         if not decision.allowed:
             raise PolicyError(f"'{caller.user}' may not {action} {subject}: {decision.reason}", "ask the appliance owner for a role that grants it")
+
+
+def _first_event_time(ledger_file: Path) -> str:
+    import duckdb
+
+    from registry.ledger_verify import SAFE_CONFIG
+
+    con = duckdb.connect(str(ledger_file), read_only=True, config=dict(SAFE_CONFIG))
+    try:
+        (first,) = con.execute("SELECT min(ts) FROM events").fetchone() or (None,)
+    finally:
+        con.close()
+    if not first:
+        raise ApplianceError(f"the ledger {ledger_file} has no events", "initialise the home with `appliance init`")
+    return str(first)
 
 
 __all__ = ["Service", "ServiceConfig"]
