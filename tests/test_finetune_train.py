@@ -308,9 +308,13 @@ def test_qlora_without_bitsandbytes_says_so_before_loading(monkeypatch: pytest.M
         lora_spec(tmp_path / "no-such-base", "qlora").build(torch.device("cpu"))
 
 
-def test_full_method_is_not_this_trainers(llama_base: Path) -> None:
-    with pytest.raises(ConfigError, match='method = "full"'):
-        lora_spec(llama_base, "full")
+def test_full_method_gets_the_full_spec_and_lora_spec_refuses_it(llama_base: Path) -> None:
+    from pipeline.finetune.full import FullSpec
+    from pipeline.finetune.lora import LoraSpec
+
+    assert isinstance(lora_spec(llama_base, "full"), FullSpec)  # every weight, through the engines (test_finetune_full)
+    with pytest.raises(ConfigError, match='LoraSpec trains method "lora" or "qlora"'):
+        LoraSpec(llama_base, fcfg("full"))
 
 
 def test_unknown_target_modules_name_the_setting(llama_base: Path) -> None:
