@@ -59,6 +59,15 @@ class Home:
         return self.root_public_key_file, f"{self.root_public_key_file}, the home's own copy"
 
     @property
+    def policy_file(self) -> Path:
+        # Takes effect only with its root signature beside it (policy.toml.sig).
+        return self.root / "policy.toml"
+
+    @property
+    def policy_signature_file(self) -> Path:
+        return self.root / "policy.toml.sig"
+
+    @property
     def ledger_file(self) -> Path:
         return self.root / "ledger.duckdb"
 

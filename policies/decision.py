@@ -26,6 +26,8 @@ ACTIONS = frozenset(
         "ledger.query",
         "ledger.head",
         "keys.list",
+        "policy.show",
+        "policy.update",
         "data.card",
         "data.dropped",
         "data.skipped",

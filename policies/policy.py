@@ -273,8 +273,10 @@ class Policy:
 
     def escalations(self, new: Policy, user: str, groups: Sequence[str]) -> list[str]:
         """What ``new`` would give the caller that this (current) policy does not: an update by them granting these is self-escalation."""
-        out = [f"role {r}" for r in new.roles_of(user, groups) if r not in self.roles_of(user, groups)]
         now, then = self.permissions_of(user, groups), new.permissions_of(user, groups)
+        # A new role is an escalation only if it grants something not held now (taking a lesser role is not).
+        held = self.roles_of(user, groups)
+        out = [f"role {r}" for r in new.roles_of(user, groups) if r not in held and not new.roles[r].grants <= now]
         out += [f"permission {p}" for p in sorted(then - now)]
         for p in sorted(PERMISSIONS):
             if new.may_approve(user, groups, p) and not self.may_approve(user, groups, p):
@@ -542,15 +544,26 @@ def parse_policy(text: str, *, source: str) -> Policy:
     return policy
 
 
-def default_policy(owner: str) -> str:
-    """The default policy's TOML text (policies/default_policy.toml) with ``owner`` bound to admin."""
+def default_policy(owner: str, *, two_person: bool = True) -> str:
+    """The default policy's TOML text (policies/default_policy.toml) with ``owner`` bound to admin.
+
+    ``two_person=False`` leaves out its ``[[two_person]]`` tables, for a service that cannot
+    enforce them yet (it refuses a policy holding rules it would not enforce).
+    """
     if not owner or not owner.isprintable() or owner != owner.strip():
         raise PolicyFileError(f"{owner!r} is not a user name to bind to admin", "pass the Unix user who owns the appliance home")
     try:
         template = resources.files("policies").joinpath("default_policy.toml").read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyFileError(f"the default policy is missing from this installation ({exc})", "reinstall the appliance from its wheel bundle") from None
-    return template.replace('"{owner}"', json.dumps(owner, ensure_ascii=False))
+    text = template.replace('"{owner}"', json.dumps(owner, ensure_ascii=False))
+    if not two_person:
+        text = _TWO_PERSON_TABLE.sub("", text)
+        text += "\n# Two-person rules ([[two_person]]) take effect once this appliance enforces approvals; until then it refuses a policy holding them.\n"
+    return text
+
+
+_TWO_PERSON_TABLE = re.compile(r'\n\[\[two_person\]\]\npermission = "[^"\n]*"\napprovers = \[[^\]\n]*\]\n')
 
 
 # -- signatures --------------------------------------------------------------------------

@@ -150,7 +150,12 @@ VIEWS: list[tuple[str, str]] = [
                data ->> '$.action' AS action,
                data ->> '$.subject' AS subject,
                CAST(data -> '$.allowed' AS BOOLEAN) AS allowed,
-               data ->> '$.reason' AS reason
+               data ->> '$.reason' AS reason,
+               CAST(data ->> '$.uid' AS BIGINT) AS uid,
+               data -> '$.groups' AS groups,
+               data ->> '$.permission' AS permission,
+               data ->> '$.rule' AS rule,
+               data ->> '$.policy_digest' AS policy_digest
         FROM signed_events
         WHERE kind = 'authz.decision'
         """,

@@ -184,6 +184,8 @@ def test_an_older_trust_store_put_back_is_refused_as_a_rollback(home: Path) -> N
 def test_a_home_made_before_trust_stores_adopts_one_with_keys_init(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("truststore.json", "root.key", "root.pub.pem"):
         (home / "keys" / name).unlink()
+    for name in ("policy.toml", "policy.toml.sig"):  # nor had it a signed policy
+        (home / name).unlink()
     code, _, err = cli(capsys, "--home", str(home), "runs", "list")
     assert code != 0 and "does not exist" in err and "appliance keys init" in err
     code, out, err = cli(capsys, "--home", str(home), "keys", "init")

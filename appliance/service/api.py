@@ -104,6 +104,15 @@ OPS: tuple[Op, ...] = (
     ),
     Op("ledger.head", ("GET",), "/v1/ledger/head", "appliance.service.reads:ledger_head", summary="the signed head"),
     Op("keys.list", ("GET",), "/v1/keys", "appliance.service.keyring:keys_list", summary="the root-signed trust store: keys, roles, validity"),
+    Op("policy.show", ("GET",), "/v1/policy", "appliance.service.policy_ops:policy_show", summary="the policy in force: roles, permissions, bindings"),
+    Op(
+        "policy.update",
+        ("POST",),
+        "/v1/policy",
+        "appliance.service.policy_ops:policy_update",
+        (Param("text", S, True), Param("signature", S)),
+        summary="install a root-signed policy (no self-escalation)",
+    ),
     Op("artifact.list", ("GET",), "/v1/artifacts", "appliance.service.reads:artifact_list", (Param("kind", S),), summary="recorded artifacts"),
     Op(
         "artifact.verify",

@@ -23,8 +23,8 @@ from appliance.service.caller import Caller
 from keys.errors import ApplianceError, KeyStoreError
 from keys.keystore import NodeKey, create_key, key_id_of, load_key, load_public_key, public_key_from_pem
 from keys.truststore import TrustStore, TrustStoreError, entry_for, new_store, read_store, write_store
-from policies.decision import OwnerPolicy
 from policies.errors import PolicyError
+from policies.policy import Policy, default_policy, read_policy, sign_policy
 from registry.audit_sandbox import AuditLimits, parse_size
 from registry.ledger import Ledger
 from registry.store import Store
@@ -102,7 +102,7 @@ class Service:
             raise
         self.owner = self._owner()
         self._record_trust_version()
-        self.policy = OwnerPolicy(owner=self.owner)
+        self.policy = self._load_policy()
         self.runs = RunManager(self)
         self.runs.recover(resume=config.resume_interrupted)
 
@@ -128,6 +128,7 @@ class Service:
             key = create_key(home.key_file, passphrase)
             store = new_store(root_key, owner.user).with_entry(entry_for(key, "node", "node"))
             write_store(home.trust_file, store, root_key)
+            _write_default_policy(home, owner.user, root_key)
             with Ledger.open(home.ledger_file, key, head_path=home.head_file) as ledger:
                 ledger.append_many(
                     [
@@ -165,6 +166,8 @@ class Service:
             since = _first_event_time(home.ledger_file)
             root_key = create_key(home.root_key_file, passphrase)
             write_store(home.trust_file, new_store(root_key, owner.user).with_entry(entry_for(node, "node", "node", not_before=since)), root_key)
+            if not home.policy_file.exists():
+                _write_default_policy(home, owner.user, root_key)
         finally:
             lock.release()
         with Service.open(root, passphrase) as svc:  # records the store's version and the keys
@@ -251,6 +254,28 @@ class Service:
                 "truststore.signed", self.owner, {"version": self.trust.version, "root_key_id": self.trust.root_key_id, "keys": len(self.trust.entries)}
             )
 
+    def _load_policy(self) -> Policy:
+        """The root-signed policy; a missing, unsigned or tampered one stops the service from starting.
+
+        Each policy the service starts under is recorded (name, version, digest) the first time.
+        """
+        try:
+            policy = read_policy(self.home.policy_file, self.trust, signature_path=self.home.policy_signature_file)
+            if policy.rules:
+                # An approval rule the service could not enforce would be a false promise.
+                raise PolicyError(
+                    f"the policy {self.home.policy_file} has two-person rules ({', '.join(sorted(policy.rules))}), which this version does not enforce yet",
+                    "remove its [[two_person]] tables and have the root key's holder sign it again",
+                )
+        except BaseException:
+            self.ledger.close()
+            self._lock.release()
+            raise
+        rows = self.ledger.select("SELECT body ->> '$.data.digest' FROM events WHERE kind = 'policy.loaded' ORDER BY seq DESC LIMIT 1")
+        if not rows or rows[0][0] != policy.digest:
+            self.ledger.append("policy.loaded", self.owner, {"name": policy.name, "version": policy.version, "digest": policy.digest})
+        return policy
+
     def _owner(self) -> str:
         events = self.ledger.events("home.initialised")
         if not events:
@@ -266,22 +291,38 @@ class Service:
     # -- authorization --------------------------------------------------------------------
 
     def authorize(self, caller: Caller, action: str, subject: str) -> None:
-        """Decide, record the decision (allowed or denied), and raise PolicyError if denied."""
-        decision = self.policy.decide(caller.user, action, subject)
+        """Decide under the signed policy, record the decision (allowed or denied), and raise PolicyError if denied."""
+        decision = self.policy.decide(caller.user, caller.groups, action, subject)
         self.ledger.append(
             "authz.decision",
             caller.user,
             {
                 "identity": caller.user,
                 "uid": caller.uid,
+                "groups": list(caller.groups),
                 "action": action,
                 "subject": subject,
                 "allowed": decision.allowed,
                 "reason": decision.reason,
+                "rule": decision.rule,
+                "permission": decision.permission,
+                "roles": list(decision.roles),
+                "policy_digest": self.policy.digest,
             },
         )
         if not decision.allowed:
-            raise PolicyError(f"'{caller.user}' may not {action} {subject}: {decision.reason}", "ask the appliance owner for a role that grants it")
+            ask = f"ask an admin for role {' or '.join(decision.would_allow[:3])}" if decision.would_allow else "no role of the policy grants it"
+            raise PolicyError(decision.reason, f"{ask} (`appliance policy show` lists the roles)")
+
+
+def _write_default_policy(home: Home, owner: str, root_key: NodeKey) -> None:
+    """The default policy with ``owner`` as admin, signed by the root key (0644: anyone may read the rules)."""
+    from keys.files import atomic_write
+
+    # Without its two-person rules until approvals are enforced (the service refuses a policy with rules it cannot enforce).
+    text = default_policy(owner, two_person=False).encode("utf-8")
+    atomic_write(home.policy_file, text, mode=0o644)
+    atomic_write(home.policy_signature_file, sign_policy(text, root_key), mode=0o644)
 
 
 def _first_event_time(ledger_file: Path) -> str:
