@@ -13,6 +13,7 @@ from keys.keystore import load_key
 from policies.errors import PolicyError, PolicySignatureError
 from policies.policy import default_policy, sign_policy
 from tests.conftest import PASSPHRASE, cli, new_home
+from tests.test_server import short_dir  # noqa: F401  (a fixture)
 
 PASS = PASSPHRASE.encode()
 
@@ -119,3 +120,25 @@ def test_an_update_is_refused_unsigned_older_or_granting_the_updater_more(home: 
         # Every one of these was decided and recorded.
         rows = svc.ledger.select("SELECT count(*) FROM decisions WHERE action = 'policy.update'")
     assert rows[0][0] == 4
+
+
+def test_over_the_socket_a_bad_policy_file_is_bad_input_and_a_refusal_is_403(short_dir: Path) -> None:
+    from tests.test_server import new_home as served_home
+    from tests.test_server import start_serve
+
+    served = start_serve(served_home(short_dir / "home"), short_dir / "run" / "appliance.sock")
+    try:
+        client = served.client()
+        try:
+            with pytest.raises(PolicyError, match="is unsigned"):
+                client.call("policy.update", text="[policy]\nname = 'x'\nversion = 9\n")
+        finally:
+            client.close()
+        import httpx
+
+        transport = httpx.HTTPTransport(uds=str(served.socket))
+        with httpx.Client(transport=transport, base_url="http://appliance") as http:
+            r = http.post("/v1/policy", json={"text": "[policy]\nname = 'x'\nversion = 9\n"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "PolicySignatureError"
+    finally:
+        served.stop()

@@ -44,7 +44,7 @@ from appliance.server.peercred import PeerCred, peer_credentials
 from appliance.service.api import OPS, Op, dispatch
 from keys.errors import ApplianceError
 from pipeline.errors import ConfigError
-from policies.errors import PolicyError
+from policies.errors import PolicyError, PolicyFileError, PolicySignatureError
 
 # Parameters are small (SQL, PEM keys, prompts); a recipe travels as a path, not a body.
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -72,7 +72,9 @@ def _error_payload(type_name: str, message: str, hint: str, exit_code: int) -> d
 
 
 def _appliance_error(exc: ApplianceError) -> web.Response:
-    status = 403 if isinstance(exc, PolicyError) else 503 if isinstance(exc, ServiceStopping) else 400
+    # A policy file that is malformed or badly signed is bad input (400), not a refusal (403).
+    refused = isinstance(exc, PolicyError) and not isinstance(exc, (PolicyFileError, PolicySignatureError))
+    status = 403 if refused else 503 if isinstance(exc, ServiceStopping) else 400
     body = _error_payload(type(exc).__name__, exc.message, exc.hint, exc.exit_code)
     # A recipe's problems one by one (key, message, fix), so a client can show each beside its key.
     problems = getattr(exc, "problems", None)

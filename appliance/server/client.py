@@ -46,13 +46,29 @@ def error_from(body: dict[str, Any]) -> ApplianceError:
     """Rebuild the service's error on the client side: the same class where we know it."""
     from airgap.errors import AirgapError
     from keys.errors import KeyStoreError, SigningError
+    from keys.truststore import TrustStoreError, UntrustedKeyError
     from pipeline.errors import ConfigError, DataError, Problem, ShardIntegrityError, TrainingError
-    from policies.errors import PolicyError
+    from policies.errors import PolicyError, PolicyFileError, PolicySignatureError
     from registry.errors import LedgerError, StoreError
 
     known: dict[str, type[ApplianceError]] = {
         c.__name__: c
-        for c in (ConfigError, DataError, ShardIntegrityError, TrainingError, PolicyError, LedgerError, StoreError, KeyStoreError, SigningError, AirgapError)
+        for c in (
+            ConfigError,
+            DataError,
+            ShardIntegrityError,
+            TrainingError,
+            PolicyError,
+            PolicyFileError,
+            PolicySignatureError,
+            LedgerError,
+            StoreError,
+            KeyStoreError,
+            SigningError,
+            TrustStoreError,
+            UntrustedKeyError,
+            AirgapError,
+        )
     }
     err = body.get("error") or {}
     cls = known.get(str(err.get("type")), ApplianceError)

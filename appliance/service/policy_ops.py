@@ -37,13 +37,13 @@ def policy_show(svc: Any, caller: Caller) -> dict[str, Any]:
 def policy_update(svc: Any, caller: Caller, *, text: str, signature: str | None = None) -> dict[str, Any]:
     """Replace the policy with ``text``, signed (``signature``: the .sig file's content) by the root key."""
     svc.authorize(caller, "policy.update", "policy")
-    source = "the policy update"
+    source = "sent for update"
     raw = text.encode("utf-8")
     verify_policy(raw, signature.encode("utf-8") if signature is not None else None, svc.trust, source=source)
     new = parse_policy(text, source=source)
     if new.rules:
         raise PolicyError(
-            f"{source} has two-person rules ({', '.join(sorted(new.rules))}), which this version does not enforce yet",
+            f"the policy {source} has two-person rules ({', '.join(sorted(new.rules))}), which this version does not enforce yet",
             "remove its [[two_person]] tables and sign it again",
         )
     gained = svc.policy.escalations(new, caller.user, caller.groups)
@@ -54,7 +54,7 @@ def policy_update(svc: Any, caller: Caller, *, text: str, signature: str | None 
         )
     if new.version <= svc.policy.version:
         raise PolicyError(
-            f"{source} is version {new.version}, not newer than version {svc.policy.version} in force",
+            f"the policy {source} is version {new.version}, not newer than version {svc.policy.version} in force",
             "raise [policy] version and sign it again",
         )
     old = svc.policy
