@@ -28,6 +28,8 @@ ACTIONS = frozenset(
         "keys.list",
         "policy.show",
         "policy.update",
+        "keys.rotate",
+        "keys.revoke",
         "data.card",
         "data.dropped",
         "data.skipped",

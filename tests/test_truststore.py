@@ -197,3 +197,50 @@ def test_a_home_made_before_trust_stores_adopts_one_with_keys_init(home: Path, c
     assert code != 0 and "already has a trust store" in err
     code, _, err = cli(capsys, "--home", str(home), "ledger", "verify")
     assert code == 0, err
+
+
+def test_rotation_keeps_old_signatures_and_refuses_the_old_key_afterwards(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from registry.ledger import Ledger
+
+    old_copy = tmp_path / "old-node.key"
+    shutil.copy(home / "keys" / "node.key", old_copy)
+    old = load_key(old_copy, PASS)
+    code, out, err = cli(capsys, "--home", str(home), "keys", "rotate", "--root-key", str(home / "keys" / "root.key"))
+    assert code == 0, err
+    new = load_key(home / "keys" / "node.key", PASS)
+    assert new.key_id != old.key_id and (home / "keys" / "node.pub.pem").read_bytes() == new.public_pem()
+    code, out, _ = cli(capsys, "--home", str(home), "ledger", "verify")
+    assert code == 0, out  # the old key's events verify as signed while it was valid
+    with Service.open(home, PASS) as svc:
+        kinds = [(e.kind, e.data.get("key_id")) for e in svc.ledger.events("key.rotated")]
+        signers = svc.ledger.select("SELECT key_id, count(*) FROM events GROUP BY key_id ORDER BY min(seq)")
+    assert kinds == [("key.rotated", old.key_id)] and [k for k, _ in signers] == [old.key_id, new.key_id]
+    # The old key signing after its rotation (someone kept a copy) fails verification, naming it.
+    with Ledger.open(home / "ledger.duckdb", old, head_path=home / "ledger.head.json") as ledger:
+        ledger.append("note", "mallory", {"text": "signed with a rotated-out key"})
+    code, _, err = cli(capsys, "--home", str(home), "ledger", "verify")
+    assert code != 0 and f"node key {old.key_id[:16]}… (node) was expired at" in err
+
+
+def test_revocation_is_recorded_and_refuses_the_current_key_and_the_root(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root_key = str(home / "keys" / "root.key")
+    node = load_key(home / "keys" / "node.key", PASS)
+    code, _, err = cli(capsys, "--home", str(home), "keys", "revoke", node.key_id[:12], "--reason", "test", "--root-key", root_key)
+    assert code != 0 and "rotate it first" in err
+    code, _, err = cli(capsys, "--home", str(home), "keys", "rotate", "--root-key", root_key)
+    assert code == 0, err
+    code, out, err = cli(capsys, "--home", str(home), "keys", "revoke", node.key_id[:12], "--reason", "disk sold", "--root-key", root_key)
+    assert code == 0, err
+    code, out, _ = cli(capsys, "--home", str(home), "keys", "list", "--json")
+    entry = next(k for k in json.loads(out)["keys"] if k["key_id"] == node.key_id)
+    assert entry["status"] == "revoked" and entry["revoked_reason"] == "disk sold"
+    code, _, err = cli(capsys, "--home", str(home), "ledger", "verify")
+    assert code == 0, err  # everything it signed predates the revocation
+    with Service.open(home, PASS) as svc:
+        revoked = svc.ledger.events("key.revoked")
+        decisions = svc.ledger.select("SELECT action, allowed FROM decisions WHERE action LIKE 'keys.%' ORDER BY seq")
+    assert revoked[0].data["key_id"] == node.key_id and revoked[0].data["reason"] == "disk sold"
+    assert decisions == [("keys.revoke", True), ("keys.rotate", True), ("keys.revoke", True), ("keys.list", True)]
+    root_id = load_key(home / "keys" / "root.key", PASS).key_id
+    code, _, err = cli(capsys, "--home", str(home), "keys", "revoke", root_id[:12], "--reason", "x", "--root-key", root_key)
+    assert code != 0 and "is the root key" in err

@@ -1,4 +1,4 @@
-"""`appliance keys init|list|export-public`: the keys the appliance trusts, by role."""
+"""`appliance keys init|list|export-public|rotate|revoke`: the keys the appliance trusts, by role."""
 
 from __future__ import annotations
 
@@ -30,6 +30,37 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
         f"root key {root_id}\ntrust store {home.trust_file} (root, and the node key)\n"
         f"move {home.root_key_file} offline and install {home.root_public_key_file} as /etc/appliance/root.pub.pem (root-owned)",
     )
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    """Replace the node key (local, as the service user, service stopped; needs the root key)."""
+    from appliance.cli.common import home_of
+    from appliance.service import Caller
+    from appliance.service.rotation import rotate_node_key
+    from keys.passphrase import read_passphrase
+
+    home = home_of(args)
+    r = rotate_node_key(home.root, read_passphrase(purpose=f"unlock the keys of {home.root}"), Path(args.root_key), Caller.current())
+    emit(
+        args,
+        r,
+        f"node key {_short(r['old_key_id'])} valid until {r['at']}; node key {_short(r['new_key_id'])} signs from then on"
+        f" (trust store version {r['trust_store_version']}); what the old key signed still verifies",
+    )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke a key from now on (local, as the service user, service stopped; needs the root key)."""
+    from appliance.cli.common import home_of
+    from appliance.service import Caller
+    from appliance.service.rotation import revoke_key
+    from keys.passphrase import read_passphrase
+
+    home = home_of(args)
+    r = revoke_key(home.root, read_passphrase(purpose=f"unlock the keys of {home.root}"), Path(args.root_key), Caller.current(), args.key_id, args.reason)
+    emit(args, r, f"{r['role']} key {_short(r['key_id'])} revoked at {r['revoked_at']} (trust store version {r['trust_store_version']})")
     return 0
 
 
@@ -75,6 +106,12 @@ def register(sub: Any, add: Any) -> None:
     )
     add("init", cmd_keys_init, keys)
     add("list", cmd_keys_list, keys)
+    p = add("rotate", cmd_keys_rotate, keys)
+    p.add_argument("--root-key", required=True, help="the root key file (kept offline)")
+    p = add("revoke", cmd_keys_revoke, keys)
+    p.add_argument("key_id", help="the key's id (at least 8 characters; `appliance keys list`)")
+    p.add_argument("--reason", required=True, help="why (recorded with the key)")
+    p.add_argument("--root-key", required=True, help="the root key file (kept offline)")
     p = add("export-public", cmd_keys_export_public, keys)
     p.add_argument("--role", choices=["root", "node", "release", "user"], default="root", help="which role's keys (default: root, the anchor)")
     p.add_argument("--all", action="store_true", help="also keys rotated out or revoked (they verify what they signed while valid)")
