@@ -142,3 +142,16 @@ def test_over_the_socket_a_bad_policy_file_is_bad_input_and_a_refusal_is_403(sho
         assert r.status_code == 400 and r.json()["error"]["type"] == "PolicySignatureError"
     finally:
         served.stop()
+
+
+def test_a_home_initialised_for_another_owner_binds_owner_and_service_user_to_admin(tmp_path: Path) -> None:
+    import pwd
+
+    from appliance.service import Caller
+
+    other = pwd.getpwnam("nobody")
+    with Service.initialise(tmp_path / "home", PASS, Caller.from_uid(other.pw_uid)) as svc:
+        users = dict(svc.policy.users)
+        me = Caller.current().user
+    assert users == {"nobody": ("admin",), me: ("admin",)}
+    assert "# the service user" in (tmp_path / "home" / "policy.toml").read_text()

@@ -317,10 +317,19 @@ class Service:
 
 def _write_default_policy(home: Home, owner: str, root_key: NodeKey) -> None:
     """The default policy with ``owner`` as admin, signed by the root key (0644: anyone may read the rules)."""
+    import json
+
     from keys.files import atomic_write
 
     # Without its two-person rules until approvals are enforced (the service refuses a policy with rules it cannot enforce).
-    text = default_policy(owner, two_person=False).encode("utf-8")
+    policy = default_policy(owner, two_person=False)
+    service_user = Caller.current().user
+    if service_user != owner:
+        # The service's own user (local mode: `keys rotate`, recovery) holds the home and its
+        # passphrase, and so everything already; the policy says so rather than pretend otherwise.
+        binding = f'{json.dumps(owner, ensure_ascii=False)} = ["admin"]\n'
+        policy = policy.replace(binding, binding + f'{json.dumps(service_user, ensure_ascii=False)} = ["admin"]  # the service user\n', 1)
+    text = policy.encode("utf-8")
     atomic_write(home.policy_file, text, mode=0o644)
     atomic_write(home.policy_signature_file, sign_policy(text, root_key), mode=0o644)
 
