@@ -178,7 +178,7 @@ def credential_path() -> Path | None:
     return path if path.exists() else None
 
 
-def read_passphrase(*, purpose: str, confirm: bool = False) -> bytes:
+def read_passphrase(*, purpose: str, confirm: bool = False, env: str = ENV_PASSPHRASE, env_file: str = ENV_PASSPHRASE_FILE, credential: bool = True) -> bytes:
     """The passphrase for ``purpose`` (e.g. "unlock the node key"), from the first source found.
 
     Sources in order: ``$APPLIANCE_PASSPHRASE``; the file named by
@@ -188,25 +188,30 @@ def read_passphrase(*, purpose: str, confirm: bool = False) -> bytes:
     lose one trailing newline. ``confirm=True`` is for choosing a new passphrase: asked twice
     on a terminal, and at least 8 bytes whatever its source. Raises KeyStoreError.
     """
-    if ENV_PASSPHRASE in os.environ:
-        passphrase = os.environ[ENV_PASSPHRASE].encode("utf-8")
-        source = f"${ENV_PASSPHRASE}"
-    elif ENV_PASSPHRASE_FILE in os.environ:
-        name = os.environ[ENV_PASSPHRASE_FILE]
-        source = f"passphrase file {name} named by ${ENV_PASSPHRASE_FILE}"
+    hint = (
+        PASSPHRASE_HINT
+        if env == ENV_PASSPHRASE
+        else f"give it through {env}, or {env_file} naming a file (mode 0600) that holds it, or run the command on a terminal to be asked"
+    )
+    if env in os.environ:
+        passphrase = os.environ[env].encode("utf-8")
+        source = f"${env}"
+    elif env_file in os.environ:
+        name = os.environ[env_file]
+        source = f"passphrase file {name} named by ${env_file}"
         passphrase = read_secret_file(Path(name), label=source)
-    elif (credential := credential_path()) is not None:
-        source = f"systemd credential {credential}"
-        passphrase = read_secret_file(credential, label=source)
+    elif credential and (cred := credential_path()) is not None:
+        source = f"systemd credential {cred}"
+        passphrase = read_secret_file(cred, label=source)
     elif sys.stdin is not None and sys.stdin.isatty():
         source = "the prompt"
         passphrase = getpass.getpass(f"Passphrase to {purpose}: ").encode("utf-8")
         if confirm and getpass.getpass("Repeat it: ").encode("utf-8") != passphrase:
             raise KeyStoreError("the two passphrases differ", "run the command again and type the same twice")
     else:
-        raise KeyStoreError(f"a passphrase is needed to {purpose}, and there is no terminal to ask on", PASSPHRASE_HINT)
+        raise KeyStoreError(f"a passphrase is needed to {purpose}, and there is no terminal to ask on", hint)
     if not passphrase:
-        raise KeyStoreError(f"the passphrase from {source} is empty", PASSPHRASE_HINT)
+        raise KeyStoreError(f"the passphrase from {source} is empty", hint)
     if confirm and len(passphrase) < MIN_PASSPHRASE_LEN:
         raise KeyStoreError(
             f"the new passphrase from {source} is shorter than {MIN_PASSPHRASE_LEN} bytes",

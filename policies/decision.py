@@ -30,6 +30,8 @@ ACTIONS = frozenset(
         "policy.update",
         "keys.rotate",
         "keys.revoke",
+        "approvals.list",
+        "approvals.decide",
         "data.card",
         "data.dropped",
         "data.skipped",

@@ -25,3 +25,7 @@ class PolicyFileError(PolicyError):
 
 class PolicySignatureError(PolicyError):
     """A policy file is unsigned, its signature is malformed or forged, or it was not signed by a root key."""
+
+
+class ApprovalError(PolicyError):
+    """A request under a two-person rule cannot be made, decided or used as asked (refused, 403)."""

@@ -100,6 +100,7 @@ PERMISSION_HELP: dict[str, str] = {
     "ledger.verify": "verify the ledger's chain and signed head",
     "artifact.read": "list and verify stored artifacts",
     "approvals.decide": "approve or refuse requests under two-person rules",
+    "approvals.read": "see one's own requests and those one may decide",
 }
 PERMISSIONS: frozenset[str] = frozenset(PERMISSION_HELP)
 
@@ -124,6 +125,7 @@ ACTION_PERMISSION: dict[str, str] = {
     "data.skipped": "data.read",
     "policy.show": "policy.read",
     "policy.update": "policy.update",
+    "approvals.list": "approvals.read",
     # Actions that are their own permission, for the service to add as it grows them.
     **{p: p for p in ("data.ingest", "data.purge", "model.import", "model.promote", "keys.manage", "keys.rotate", "keys.revoke", "approvals.decide")},
 }
@@ -547,8 +549,8 @@ def parse_policy(text: str, *, source: str) -> Policy:
 def default_policy(owner: str, *, two_person: bool = True) -> str:
     """The default policy's TOML text (policies/default_policy.toml) with ``owner`` bound to admin.
 
-    ``two_person=False`` leaves out its ``[[two_person]]`` tables, for a service that cannot
-    enforce them yet (it refuses a policy holding rules it would not enforce).
+    ``two_person=False`` leaves out its ``[[two_person]]`` tables, for a home one person runs
+    alone (`appliance init --single-operator`), where no second person could approve.
     """
     if not owner or not owner.isprintable() or owner != owner.strip():
         raise PolicyFileError(f"{owner!r} is not a user name to bind to admin", "pass the Unix user who owns the appliance home")
@@ -559,7 +561,7 @@ def default_policy(owner: str, *, two_person: bool = True) -> str:
     text = template.replace('"{owner}"', json.dumps(owner, ensure_ascii=False))
     if not two_person:
         text = _TWO_PERSON_TABLE.sub("", text)
-        text += "\n# Two-person rules ([[two_person]]) take effect once this appliance enforces approvals; until then it refuses a policy holding them.\n"
+        text += "\n# Single operator: no two-person rules ([[two_person]]); nothing here needs a second person's approval.\n"
     return text
 
 

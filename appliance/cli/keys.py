@@ -1,4 +1,4 @@
-"""`appliance keys init|list|export-public|rotate|revoke`: the keys the appliance trusts, by role."""
+"""`appliance keys init|list|export-public|rotate|revoke|create|add`: the keys the appliance trusts, by role."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from keys.passphrase import read_passphrase
 
     home = home_of(args)
-    r = rotate_node_key(home.root, read_passphrase(purpose=f"unlock the keys of {home.root}"), Path(args.root_key), Caller.current())
+    r = rotate_node_key(home.root, read_passphrase(purpose=f"unlock the keys of {home.root}"), Path(args.root_key), Caller.current(), approval=args.approval)
     emit(
         args,
         r,
@@ -59,8 +59,41 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from keys.passphrase import read_passphrase
 
     home = home_of(args)
-    r = revoke_key(home.root, read_passphrase(purpose=f"unlock the keys of {home.root}"), Path(args.root_key), Caller.current(), args.key_id, args.reason)
+    passphrase = read_passphrase(purpose=f"unlock the keys of {home.root}")
+    r = revoke_key(home.root, passphrase, Path(args.root_key), Caller.current(), args.key_id, args.reason, approval=args.approval)
     emit(args, r, f"{r['role']} key {_short(r['key_id'])} revoked at {r['revoked_at']} (trust store version {r['trust_store_version']})")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    """Make your own user key (for signing approvals), encrypted under a passphrase you choose; only its public half leaves your account."""
+    from keys.userkey import create_user_key
+
+    key, path = create_user_key(Path(args.out) if args.out else None)
+    pub = path.with_name(f"{path.stem}.pub.pem")
+    emit(
+        args,
+        {"key_id": key.key_id, "key_file": str(path), "public_key": str(pub)},
+        f"user key {key.key_id}\nprivate, encrypted: {path}\npublic: {pub}\n"
+        f"give {pub} to an admin, who adds it under the root key: appliance keys add {pub.name} --role user --owner YOUR-LOGIN --root-key ROOT.key",
+    )
+    return 0
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    """Add a user's (or a release) public key to the trust store, signed by the root key (as the service user; the service may be running)."""
+    from appliance.cli.common import home_of
+    from appliance.service.rotation import add_key
+    from keys.passphrase import read_passphrase
+
+    home = home_of(args)
+    r = add_key(home.root, Path(args.root_key), read_passphrase(purpose=f"unlock the root key {args.root_key}"), Path(args.public_key), args.role, args.owner)
+    emit(
+        args,
+        r,
+        f"{r['role']} key {_short(r['key_id'])} of {r['owner']} added (trust store version {r['trust_store_version']}); "
+        "the service records it on its next request",
+    )
     return 0
 
 
@@ -108,9 +141,18 @@ def register(sub: Any, add: Any) -> None:
     add("list", cmd_keys_list, keys)
     p = add("rotate", cmd_keys_rotate, keys)
     p.add_argument("--root-key", required=True, help="the root key file (kept offline)")
+    p.add_argument("--approval", help="your approved request (`appliance request keys.rotate node`), where the policy asks for one")
     p = add("revoke", cmd_keys_revoke, keys)
     p.add_argument("key_id", help="the key's id (at least 8 characters; `appliance keys list`)")
     p.add_argument("--reason", required=True, help="why (recorded with the key)")
+    p.add_argument("--root-key", required=True, help="the root key file (kept offline)")
+    p.add_argument("--approval", help="your approved request (`appliance request keys.revoke KEY`), where the policy asks for one")
+    p = add("create", cmd_keys_create, keys)
+    p.add_argument("--out", help="key file (default: $APPLIANCE_USER_KEY, else ~/.config/appliance/user.key)")
+    p = add("add", cmd_keys_add, keys)
+    p.add_argument("public_key", help="the public key PEM (user.pub.pem from `appliance keys create`)")
+    p.add_argument("--role", choices=["user", "release"], default="user", help="user: signs approvals; release: signs exports")
+    p.add_argument("--owner", required=True, help="who holds the private key: the Unix login for a user key")
     p.add_argument("--root-key", required=True, help="the root key file (kept offline)")
     p = add("export-public", cmd_keys_export_public, keys)
     p.add_argument("--role", choices=["root", "node", "release", "user"], default="root", help="which role's keys (default: root, the anchor)")

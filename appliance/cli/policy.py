@@ -91,6 +91,12 @@ def cmd_policy_update(args: argparse.Namespace) -> int:
     signature = _read(str(sig_path), "policy signature") if sig_path.exists() else None
     with connect(args) as client:
         r = client.call("policy.update", text=text, signature=signature)
+    if r.get("requested"):
+        from appliance.cli.approvals import describe
+
+        req = r["request"]
+        emit(args, r, f"{describe(req)}\nthe policy is installed when a second person approves: appliance approve {req['id']}")
+        return 0
     emit(args, r, f"policy {r['name']} v{r['version']} in force (sha256 {r['digest'][:16]}…)\n" + "\n".join(r["changes"]))
     return 0
 

@@ -35,14 +35,19 @@ def cmd_init(args: argparse.Namespace) -> int:
         except KeyError:
             raise ConfigError(f"--owner {args.owner} is not a user on this machine", "give an existing user name (see `getent passwd`)") from None
     passphrase = read_passphrase(purpose=f"protect the new node key in {home.root}", confirm=True)
-    with Service.initialise(home.root, passphrase, owner) as svc:
+    with Service.initialise(home.root, passphrase, owner, two_person=not args.single_operator) as svc:
         emit(
             args,
             {"home": str(home.root), "key_id": svc.key.key_id, "root_key_id": svc.trust.root_key_id, "owner": owner.user},
             f"initialised {home.root}\nnode key {svc.key.key_id}\npublic key {home.public_key_file}\n"
             f"root key {svc.trust.root_key_id}\n  {home.root_key_file} signs the trust store {home.trust_file}; it is needed only to change it:"
             f" move it offline, and install {home.root_public_key_file} as /etc/appliance/root.pub.pem (root-owned) so verification is anchored outside the home\n"
-            f"owner {owner.user}",
+            f"owner {owner.user}"
+            + (
+                "\nsingle operator: the policy has no two-person rules"
+                if args.single_operator
+                else "\ntwo-person rules: model.export, data.purge, keys.rotate, keys.revoke and policy.update need a second person's approval"
+            ),
         )
     return 0
 
@@ -275,6 +280,7 @@ def cmd_runs_follow(args: argparse.Namespace) -> int:
 def register(sub: Any, add: Any) -> None:
     p = add("init", cmd_init)
     p.add_argument("--owner", help="the user who owns the home (default: you); in serve mode the people who act through the socket")
+    p.add_argument("--single-operator", action="store_true", help="a home one person runs alone: the policy leaves out its two-person rules (recorded)")
     p = add("demo", cmd_demo)
     p.add_argument("--recipe", help="run this recipe on the stdlib corpus instead of the packaged demo")
     p.add_argument("--finetune", action="store_true", help="adapt the demo's pre-trained model with LoRA (running the demo first if needed)")

@@ -48,7 +48,7 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     with connect(args) as client:
-        unpack_export(client.stream("model.export", model=args.model), out)
+        unpack_export(client.stream("model.export", model=args.model, approval=args.approval), out)
     # Checked again on arrival, with the standard tool's rules, before we say it is done.
     verify_model_dir(out / "model", out / "signer.pub.pem")
     command = f"model_signing verify key {out}/model --signature {out}/model/model.sig --public_key {out}/signer.pub.pem"
@@ -84,6 +84,7 @@ def register(sub: Any, add: Any) -> None:
     p = add("export", cmd_model_export, model)
     p.add_argument("model", help="model digest or unique prefix")
     p.add_argument("--out", required=True, help="new folder for the bundle")
+    p.add_argument("--approval", help="your approved request (`appliance request model.export MODEL`), where the policy asks for one")
     p = add("verify", cmd_model_verify, model)
     p.add_argument("dir", help="model directory holding model.sig")
     p.add_argument("--public-key", help="signer's public key PEM (default: signer.pub.pem beside the dir, else the home's)")

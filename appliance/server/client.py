@@ -45,10 +45,11 @@ class ServiceUnavailable(ApplianceError):
 def error_from(body: dict[str, Any]) -> ApplianceError:
     """Rebuild the service's error on the client side: the same class where we know it."""
     from airgap.errors import AirgapError
+    from keys.approval import ApprovalSignatureError
     from keys.errors import KeyStoreError, SigningError
     from keys.truststore import TrustStoreError, UntrustedKeyError
     from pipeline.errors import ConfigError, DataError, Problem, ShardIntegrityError, TrainingError
-    from policies.errors import PolicyError, PolicyFileError, PolicySignatureError
+    from policies.errors import ApprovalError, PolicyError, PolicyFileError, PolicySignatureError
     from registry.errors import LedgerError, StoreError
 
     known: dict[str, type[ApplianceError]] = {
@@ -67,6 +68,8 @@ def error_from(body: dict[str, Any]) -> ApplianceError:
             SigningError,
             TrustStoreError,
             UntrustedKeyError,
+            ApprovalError,
+            ApprovalSignatureError,
             AirgapError,
         )
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,8 @@ class Service:
         self.store = Store(home.store_dir)
         try:
             self._check_public_key()
+            self._trust_lock = threading.Lock()
+            self._trust_stat = _stat_of(home.trust_file)
             self.trust = self._read_trust()
             limits = AuditLimits(memory_limit=parse_size(config.query_memory_limit), timeout_s=config.query_timeout_s, max_rows=config.query_max_rows)
             self.ledger = Ledger.open(home.ledger_file, key, head_path=home.head_file, audit=limits)
@@ -109,12 +112,23 @@ class Service:
     # -- life cycle ---------------------------------------------------------------------
 
     @classmethod
-    def initialise(cls, root: Path, passphrase: bytes, owner: Caller, *, config: ServiceConfig | None = None, root_passphrase: bytes | None = None) -> Service:
+    def initialise(
+        cls,
+        root: Path,
+        passphrase: bytes,
+        owner: Caller,
+        *,
+        config: ServiceConfig | None = None,
+        root_passphrase: bytes | None = None,
+        two_person: bool = True,
+    ) -> Service:
         """Create a home: folders, the encrypted root and node keys, the root-signed trust store,
-        the ledger and its first events.
+        the default policy, the ledger and its first events.
 
         The root key (``keys/root.key``, under ``root_passphrase``, default the node's) signs the
-        trust store and is needed again only to change it: the operator moves it offline.
+        trust store and policies and is needed again only to change them: the operator moves it
+        offline. ``two_person=False`` (`appliance init --single-operator`) leaves the policy's
+        two-person rules out, for a home one person runs alone; the ledger says so.
         """
         os.umask(UMASK)
         home = Home(Path(root))
@@ -128,14 +142,14 @@ class Service:
             key = create_key(home.key_file, passphrase)
             store = new_store(root_key, owner.user).with_entry(entry_for(key, "node", "node"))
             write_store(home.trust_file, store, root_key)
-            _write_default_policy(home, owner.user, root_key)
+            _write_default_policy(home, owner.user, root_key, two_person=two_person)
             with Ledger.open(home.ledger_file, key, head_path=home.head_file) as ledger:
                 ledger.append_many(
                     [
                         ("key.registered", owner.user, {"key_id": root_key.key_id, "public_key_pem": root_key.public_pem().decode(), "role": "root"}),
                         ("key.registered", owner.user, {"key_id": key.key_id, "public_key_pem": key.public_pem().decode(), "role": "node"}),
                         ("truststore.signed", owner.user, {"version": store.version, "root_key_id": root_key.key_id, "keys": len(store.entries)}),
-                        ("home.initialised", owner.user, {"owner": owner.user, "owner_uid": owner.uid, "home": str(home.root)}),
+                        ("home.initialised", owner.user, {"owner": owner.user, "owner_uid": owner.uid, "home": str(home.root), "two_person": two_person}),
                     ]
                 )
         except BaseException:
@@ -170,8 +184,7 @@ class Service:
                 _write_default_policy(home, owner.user, root_key)
         finally:
             lock.release()
-        with Service.open(root, passphrase) as svc:  # records the store's version and the keys
-            svc.ledger.append("key.registered", owner.user, {"key_id": root_key.key_id, "public_key_pem": root_key.public_pem().decode(), "role": "root"})
+        Service.open(root, passphrase).close()  # records the store's version and its keys
         return root_key.key_id
 
     @classmethod
@@ -238,21 +251,48 @@ class Service:
         return store
 
     def _record_trust_version(self) -> None:
-        """A trust store older than one this home has used is a rollback (to a store that may
-        still trust a since-revoked key): refused. A newer one is recorded."""
-        rows = self.ledger.select("SELECT max(CAST(body ->> '$.data.version' AS BIGINT)) FROM events WHERE kind = 'truststore.signed'")
-        seen = rows[0][0] if rows and rows[0][0] is not None else 0
-        if self.trust.version < seen:
+        try:
+            self._sync_trust(self.trust)
+        except BaseException:
             self.ledger.close()
             self._lock.release()
+            raise
+
+    def _sync_trust(self, store: TrustStore) -> None:
+        """A trust store older than one this home has used is a rollback (to a store that may
+        still trust a since-revoked key): refused. A newer one is recorded, with every key it
+        adds (``key.registered``), whoever wrote it (`keys add` while the service runs, a rotation)."""
+        rows = self.ledger.select("SELECT max(CAST(body ->> '$.data.version' AS BIGINT)) FROM events WHERE kind = 'truststore.signed'")
+        seen = rows[0][0] if rows and rows[0][0] is not None else 0
+        if store.version < seen:
             raise TrustStoreError(
-                f"the trust store {self.home.trust_file} is version {self.trust.version}, older than version {seen} this home has already used",
+                f"the trust store {self.home.trust_file} is version {store.version}, older than version {seen} this home has already used",
                 "a store was put back from before a change (a revocation may be undone by it): restore the newest signed trust store",
             )
-        if self.trust.version > seen:
-            self.ledger.append(
-                "truststore.signed", self.owner, {"version": self.trust.version, "root_key_id": self.trust.root_key_id, "keys": len(self.trust.entries)}
-            )
+        if store.version == seen:
+            return
+        known = {str(k) for (k,) in self.ledger.select("SELECT body ->> '$.data.key_id' FROM events WHERE kind = 'key.registered'")}
+        by = f"root key {store.root_key_id[:16]}… (trust store version {store.version})"
+        events: list[tuple[str, str, dict[str, Any]]] = [
+            ("key.registered", e.owner, {"key_id": e.key_id, "public_key_pem": e.public_key_pem, "role": e.role, "owner": e.owner, "by": by})
+            for e in store.entries
+            if e.key_id not in known
+        ]
+        events.append(("truststore.signed", self.owner, {"version": store.version, "root_key_id": store.root_key_id, "keys": len(store.entries)}))
+        self.ledger.append_many(events)
+
+    def refresh_trust(self) -> None:
+        """Take a trust store changed on disk since it was read (a key added under the root key
+        while the service runs): verified against the root anchor, never older, and recorded."""
+        current = _stat_of(self.home.trust_file)
+        if current == self._trust_stat:
+            return
+        with self._trust_lock:
+            if current == self._trust_stat:
+                return
+            store = self._read_trust()
+            self._sync_trust(store)
+            self.trust, self._trust_stat = store, current
 
     def _load_policy(self) -> Policy:
         """The root-signed policy; a missing, unsigned or tampered one stops the service from starting.
@@ -261,12 +301,6 @@ class Service:
         """
         try:
             policy = read_policy(self.home.policy_file, self.trust, signature_path=self.home.policy_signature_file)
-            if policy.rules:
-                # An approval rule the service could not enforce would be a false promise.
-                raise PolicyError(
-                    f"the policy {self.home.policy_file} has two-person rules ({', '.join(sorted(policy.rules))}), which this version does not enforce yet",
-                    "remove its [[two_person]] tables and have the root key's holder sign it again",
-                )
         except BaseException:
             self.ledger.close()
             self._lock.release()
@@ -290,39 +324,85 @@ class Service:
 
     # -- authorization --------------------------------------------------------------------
 
-    def authorize(self, caller: Caller, action: str, subject: str) -> None:
-        """Decide under the signed policy, record the decision (allowed or denied), and raise PolicyError if denied."""
+    def authorize(self, caller: Caller, action: str, subject: str, *, approval: str | None = None, requesting: bool = False) -> None:
+        """Decide under the signed policy, record the decision (allowed or denied), and raise PolicyError if denied.
+
+        An action under a two-person rule is allowed only with ``approval``, the id of a request
+        by this caller for this action and subject that a second person approved and that has not
+        been used: its use is recorded with the decision, in one transaction. ``requesting``: the
+        caller is asking for that approval, which needs the permission itself.
+        """
+        from appliance.service import approvals
+
+        self.refresh_trust()
         decision = self.policy.decide(caller.user, caller.groups, action, subject)
-        self.ledger.append(
-            "authz.decision",
-            caller.user,
-            {
-                "identity": caller.user,
-                "uid": caller.uid,
-                "groups": list(caller.groups),
-                "action": action,
-                "subject": subject,
-                "allowed": decision.allowed,
-                "reason": decision.reason,
-                "rule": decision.rule,
-                "permission": decision.permission,
-                "roles": list(decision.roles),
-                "policy_digest": self.policy.digest,
-            },
-        )
-        if not decision.allowed:
-            ask = f"ask an admin for role {' or '.join(decision.would_allow[:3])}" if decision.would_allow else "no role of the policy grants it"
-            raise PolicyError(decision.reason, f"{ask} (`appliance policy show` lists the roles)")
+        allowed, reason, rule = decision.allowed, decision.reason, decision.rule
+        hint = ""
+        with approvals.LOCK:
+            used = None
+            if allowed and requesting:
+                rule = f"{decision.rule}; asks for a second person's approval"
+            elif allowed and decision.needs_approval:
+                two = self.policy.two_person(decision.permission)
+                approvers = " or ".join(two.approvers) if two else "an approver"
+                if approval is None:
+                    allowed = False
+                    rule = f"two-person rule on {decision.permission}: no approved request given"
+                    reason = f"{caller.user} may {action} {subject} only once a second person ({approvers}) approves it"
+                    hint = f"request it with `appliance request {action} {subject.removeprefix('key ')}`; once approved, run this again with --approval ID"
+                else:
+                    try:
+                        used = approvals.redeem(self, caller, approval, action, subject)
+                    except PolicyError as exc:
+                        allowed, reason, hint = False, exc.message, exc.hint
+                        rule = f"two-person rule on {decision.permission}: request {approval} not usable"
+                    else:
+                        rule = f"{decision.rule}; two-person rule on {decision.permission}: request {approval} approved by {used['decided_by']}"
+            events: list[tuple[str, str, dict[str, Any]]] = [
+                (
+                    "authz.decision",
+                    caller.user,
+                    {
+                        "identity": caller.user,
+                        "uid": caller.uid,
+                        "groups": list(caller.groups),
+                        "action": action,
+                        "subject": subject,
+                        "allowed": allowed,
+                        "reason": reason,
+                        "rule": rule,
+                        "permission": decision.permission,
+                        "roles": list(decision.roles),
+                        "policy_digest": self.policy.digest,
+                        "approval": approval,
+                    },
+                )
+            ]
+            if used is not None:
+                events.append(("approval.executed", caller.user, {"id": approval, "action": action, "subject": subject}))
+            self.ledger.append_many(events)
+        if not allowed:
+            if not hint:
+                hint = f"ask an admin for role {' or '.join(decision.would_allow[:3])}" if decision.would_allow else "no role of the policy grants it"
+                hint += " (`appliance policy show` lists the roles)"
+            raise PolicyError(reason, hint)
 
 
-def _write_default_policy(home: Home, owner: str, root_key: NodeKey) -> None:
+def _stat_of(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _write_default_policy(home: Home, owner: str, root_key: NodeKey, *, two_person: bool = True) -> None:
     """The default policy with ``owner`` as admin, signed by the root key (0644: anyone may read the rules)."""
     import json
 
     from keys.files import atomic_write
 
-    # Without its two-person rules until approvals are enforced (the service refuses a policy with rules it cannot enforce).
-    policy = default_policy(owner, two_person=False)
+    policy = default_policy(owner, two_person=two_person)
     service_user = Caller.current().user
     if service_user != owner:
         # The service's own user (local mode: `keys rotate`, recovery) holds the home and its

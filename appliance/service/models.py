@@ -40,18 +40,19 @@ def model_list(svc: Any, caller: Caller) -> list[dict[str, Any]]:
     return artifact_list(svc, caller, kind="model")
 
 
-def model_export(svc: Any, caller: Caller, *, model: str) -> Iterator[bytes]:
+def model_export(svc: Any, caller: Caller, *, model: str, approval: str | None = None) -> Iterator[bytes]:
     """A signed model and the key that verifies it, as a tar stream: ``model/…`` and ``signer.pub.pem``.
 
-    The stored copy is verified (digest, signature file, ledger record, model-signing
-    signature) before the first byte leaves; the export is recorded in the ledger.
+    Under a two-person rule on model.export, ``approval`` names the caller's approved request
+    for this model (used once). The stored copy is verified (digest, signature file, ledger
+    record, model-signing signature) before the first byte leaves; the export is recorded.
     """
-    svc.authorize(caller, "model.export", model)
+    svc.authorize(caller, "model.export", model, approval=approval)
     digest = resolve_digest(svc.ledger, model, kind="model")
     verify_stored(svc, digest, svc.trusted)
     src = svc.store.path_of(digest)
     verify_model_dir(src, svc.home.public_key_file)
-    svc.ledger.append("model.exported", caller.user, {"digest": digest, "destination": f"stream to {caller.user} (uid {caller.uid})"})
+    svc.ledger.append("model.exported", caller.user, {"digest": digest, "destination": f"stream to {caller.user} (uid {caller.uid})", "approval": approval})
     return _tar_stream(src, svc.home.public_key_file)
 
 

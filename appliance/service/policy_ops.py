@@ -35,17 +35,28 @@ def policy_show(svc: Any, caller: Caller) -> dict[str, Any]:
 
 
 def policy_update(svc: Any, caller: Caller, *, text: str, signature: str | None = None) -> dict[str, Any]:
-    """Replace the policy with ``text``, signed (``signature``: the .sig file's content) by the root key."""
-    svc.authorize(caller, "policy.update", "policy")
+    """Replace the policy with ``text``, signed (``signature``: the .sig file's content) by the root key.
+
+    Under a two-person rule on policy.update (the default) this opens a request holding the
+    signed policy, checked now; the service installs it when a second person approves.
+    """
+    from appliance.service.approvals import open_request
+
+    two_person = svc.policy.two_person("policy.update") is not None
+    svc.authorize(caller, "policy.update", "policy", requesting=two_person)
+    _check_update(svc, caller, text, signature)
+    if two_person:
+        params = {"text": text, "signature": signature}
+        req = open_request(svc, caller, "policy.update", "policy", params, reason="install a new policy", ttl_s=None, authorized=True)
+        return {"requested": True, "request": req}
+    return install_policy(svc, caller, text=text, signature=signature)
+
+
+def _check_update(svc: Any, caller: Caller, text: str, signature: str | None) -> Any:
+    """Signature, every problem, no self-escalation, newer: what an update must pass, before and when it is installed."""
     source = "sent for update"
-    raw = text.encode("utf-8")
-    verify_policy(raw, signature.encode("utf-8") if signature is not None else None, svc.trust, source=source)
+    verify_policy(text.encode("utf-8"), signature.encode("utf-8") if signature is not None else None, svc.trust, source=source)
     new = parse_policy(text, source=source)
-    if new.rules:
-        raise PolicyError(
-            f"the policy {source} has two-person rules ({', '.join(sorted(new.rules))}), which this version does not enforce yet",
-            "remove its [[two_person]] tables and sign it again",
-        )
     gained = svc.policy.escalations(new, caller.user, caller.groups)
     if gained:
         raise PolicyError(
@@ -57,15 +68,25 @@ def policy_update(svc: Any, caller: Caller, *, text: str, signature: str | None 
             f"the policy {source} is version {new.version}, not newer than version {svc.policy.version} in force",
             "raise [policy] version and sign it again",
         )
+    return new
+
+
+def install_policy(svc: Any, caller: Caller, *, text: str, signature: str | None) -> dict[str, Any]:
+    """Install an authorized update (checked again: the policy in force may have changed since it was requested)."""
+    new = _check_update(svc, caller, text, signature)
     old = svc.policy
     changes = policy_diff(old, new)
-    atomic_write(svc.home.policy_file, raw, mode=0o644)
+    atomic_write(svc.home.policy_file, text.encode("utf-8"), mode=0o644)
     atomic_write(svc.home.policy_signature_file, (signature or "").encode("utf-8"), mode=0o644)
     svc.policy = new
-    svc.ledger.append(
-        "policy.updated",
-        caller.user,
-        {"by": caller.as_record(), "from_digest": old.digest, "digest": new.digest, "name": new.name, "version": new.version, "changes": changes},
+    svc.ledger.append_many(
+        [
+            (
+                "policy.updated",
+                caller.user,
+                {"by": caller.as_record(), "from_digest": old.digest, "digest": new.digest, "name": new.name, "version": new.version, "changes": changes},
+            ),
+            ("policy.loaded", caller.user, {"name": new.name, "version": new.version, "digest": new.digest}),
+        ]
     )
-    svc.ledger.append("policy.loaded", caller.user, {"name": new.name, "version": new.version, "digest": new.digest})
     return {"name": new.name, "version": new.version, "digest": new.digest, "changes": changes}
