@@ -75,7 +75,7 @@ def check_statement(body: Any, signature: Any, trust: TrustStore, *, approver: s
     if entry.owner != approver:
         raise ApprovalSignatureError(
             f"key {key_id[:16]}… is {entry.owner}'s user key, but {approver} sent the decision",
-            "sign with your own user key (`appliance keys user-init` makes one; an admin adds it under the root key)",
+            "sign with your own user key (`appliance keys create` makes one; an admin adds it under the root key)",
         )
     try:
         raw = base64.b64decode(signature, validate=True)

@@ -59,6 +59,6 @@ def load_user_key(path: Path | None = None) -> NodeKey:
     if not path.exists():
         raise KeyStoreError(
             f"no user key at {path}",
-            "make one with `appliance keys user-init`, and have an admin add its public half to the trust store (`appliance keys add`)",
+            "make one with `appliance keys create`, and have an admin add its public half to the trust store (`appliance keys add`)",
         )
     return load_key(path, user_passphrase(path))

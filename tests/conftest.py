@@ -104,6 +104,21 @@ def home_copy(tmp_path: Path, finished_run: tuple[Path, object]) -> tuple[Path, 
     return dest, summary
 
 
+def single_operator(home: Path) -> Path:
+    """Turn a (stopped) home's policy into the single-operator one: the root key's holder signs a
+    newer default policy without two-person rules, as `appliance init --single-operator` makes."""
+    from appliance.service import Service
+    from keys.keystore import load_key
+    from policies.policy import default_policy, sign_policy
+
+    with Service.open(home, PASSPHRASE.encode()) as svc:
+        owner, version = svc.owner, svc.policy.version
+    text = default_policy(owner, two_person=False).replace("version = 1", f"version = {version + 1}", 1)
+    (home / "policy.toml").write_text(text)
+    (home / "policy.toml.sig").write_bytes(sign_policy(text.encode(), load_key(home / "keys" / "root.key", PASSPHRASE.encode())))
+    return home
+
+
 @pytest.fixture(params=[0o000, 0o077], ids=["umask000", "umask077"])
 def umask(request: pytest.FixtureRequest) -> Any:
     """Run the test under a permissive and a strict umask: modes must not depend on it."""

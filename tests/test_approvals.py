@@ -41,7 +41,7 @@ def _install(home: Path, keys_dir: Path, *, version: int = 2) -> dict[str, NodeK
     with Service.open(home, PASS) as svc:
         owner = svc.owner
     text = default_policy(owner).replace("version = 1", f"version = {version}", 1)
-    text = text.replace("[bindings.users]\n", "[bindings.users]\n" + "".join(f'{n} = {json.dumps(r)}\n' for n, r in PEOPLE.items()))
+    text = text.replace("[bindings.users]\n", "[bindings.users]\n" + "".join(f"{n} = {json.dumps(r)}\n" for n, r in PEOPLE.items()))
     root = load_key(home / "keys" / "root.key", PASS)
     (home / "policy.toml").write_text(text)
     (home / "policy.toml.sig").write_bytes(sign_policy(text.encode(), root))
@@ -176,7 +176,7 @@ def test_a_policy_update_is_installed_when_a_second_admin_approves(setup: Any) -
     r = call(svc, owner, "policy.update", text=text, signature=sign_policy(text.encode(), root).decode())
     assert r["requested"] and svc.policy.version == 2
     rid = r["request"]["id"]
-    assert "carol = [\"auditor\"]" in call(svc, who("dave"), "approvals.show", id=rid)["policy_text"]
+    assert 'carol = ["auditor"]' in call(svc, who("dave"), "approvals.show", id=rid)["policy_text"]
     with pytest.raises(ApprovalError, match="holds release-manager"):
         decide(svc, who("alice"), rid, keys["alice"])
     done = decide(svc, who("dave"), rid, keys["dave"])

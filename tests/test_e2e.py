@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import cli, single_operator
 
 pytestmark = pytest.mark.slow
 MODEL_SIGNING = str(Path(sys.executable).with_name("model_signing"))
@@ -81,6 +81,7 @@ def test_standard_model_signing_cli_accepts_the_model(finished_run: tuple[Path, 
 
 def test_export_then_tamper_names_the_file(home_copy: tuple[Path, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     home, s = home_copy
+    single_operator(home)  # one person exports here (the two-person flow: test_approvals)
     out_dir = tmp_path / "export"
     code, out, err = cli(capsys, "--home", str(home), "model", "export", s.model_digest[:16], "--out", str(out_dir))
     assert code == 0, err

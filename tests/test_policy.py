@@ -71,10 +71,11 @@ def test_the_default_policy_table_role_by_permission() -> None:
         ("ml-engineer", ["artifact.read", "data.read", "ledger.verify", "model.promote", "model.use", "run.cancel", "run.read", "run.resume", "run.start"]),
         ("release-manager", ["approvals.decide", "artifact.read", "ledger.verify", "model.export", "model.import", "model.promote", "model.use", "run.read"]),
         ("auditor", ["artifact.read", "data.read", "keys.read", "ledger.query", "ledger.verify", "policy.read", "run.read"]),
-        (EVERYONE, ["service.info"]),
+        (EVERYONE, ["approvals.read", "service.info"]),
     ]
     assert admin == [
         "approvals.decide",
+        "approvals.read",
         "artifact.read",
         "data.ingest",
         "data.purge",
@@ -250,7 +251,7 @@ def test_every_planted_problem_is_reported_at_once_with_its_line() -> None:
         (lambda t: t.replace("version = 1", "version = 1.5"), "policy.version: must be a positive integer, not 1.5"),
         (lambda t: t.replace('approvers = ["admin"]', 'approvers = ["admin", "auditor"]', 1), "role auditor does not hold approvals.decide"),
         (lambda t: t.replace('"alice" = ["admin"]', '"alice" = ["everyone"]'), "'everyone' is not a role to name here"),
-        (lambda t: t.replace('permissions = ["service.info"]', 'permissions = ["*"]'), 'everyone.permissions: "*" is not allowed here'),
+        (lambda t: t.replace('permissions = ["service.info", "approvals.read"]', 'permissions = ["*"]'), 'everyone.permissions: "*" is not allowed here'),
         (
             lambda t: t.replace('"keys.read", "policy.read"]', '"keys.read", "policy.update"]'),
             "roles.auditor.permissions: grants policy.update but not policy.read",
@@ -409,7 +410,7 @@ def test_policy_diff_lists_what_changes() -> None:
         .replace('\nappliance-ml = ["ml-engineer"]\n', "\n", 1)
         .replace('permission = "keys.revoke"\napprovers = ["admin"]', 'permission = "keys.revoke"\napprovers = ["admin", "release-manager"]')
         .replace('[[two_person]]\npermission = "data.purge"\napprovers = ["data-steward", "admin"]\n', "")
-        .replace('permissions = ["service.info"]', 'permissions = ["service.info", "policy.read"]')
+        .replace('permissions = ["service.info", "approvals.read"]', 'permissions = ["service.info", "approvals.read", "policy.read"]')
         + '\n[roles.operator]\npermissions = ["run.read"]\n'
     )
     new = _policy(text)

@@ -20,7 +20,10 @@ PASS = PASSPHRASE.encode()
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    new_home(tmp_path / "home").close()
+    """A single-operator home: its policy updates need no second person (test_approvals has those)."""
+    from appliance.service import Caller
+
+    Service.initialise(tmp_path / "home", PASS, Caller.current(), two_person=False).close()
     return tmp_path / "home"
 
 
@@ -40,7 +43,7 @@ def _signed(home: Path, text: str, out: Path) -> Path:
 def test_the_service_starts_only_under_a_root_signed_policy(home: Path, damage: str) -> None:
     policy, sig = home / "policy.toml", home / "policy.toml.sig"
     if damage == "tamper":
-        policy.write_text(policy.read_text().replace('permissions = ["service.info"]', 'permissions = ["service.info", "ledger.query"]'))
+        policy.write_text(policy.read_text().replace('permissions = ["service.info", "approvals.read"]', 'permissions = ["service.info", "ledger.query"]'))
     elif damage == "unsign":
         sig.unlink()
     else:
@@ -53,10 +56,12 @@ def test_the_service_starts_only_under_a_root_signed_policy(home: Path, damage: 
         assert "not a root key of the trust store" in err.value.message
 
 
-def test_a_policy_with_two_person_rules_is_refused_until_approvals_are_enforced(home: Path) -> None:
-    _signed(home, default_policy(_owner(home)), home / "policy.toml")
-    with pytest.raises(PolicyError, match="two-person rules .* which this version does not enforce yet"):
-        Service.open(home, PASS)
+def test_a_new_home_enforces_the_five_two_person_rules_and_a_single_operator_home_none(tmp_path: Path) -> None:
+    with new_home(tmp_path / "two") as svc:
+        assert sorted(svc.policy.rules) == ["data.purge", "keys.revoke", "keys.rotate", "model.export", "policy.update"]
+        assert svc.ledger.events("home.initialised")[0].data["two_person"] is True
+    with Service.open(tmp_path / "two", PASS) as svc:
+        assert svc.policy.two_person("model.export").approvers == ("release-manager", "admin")  # type: ignore[union-attr]
 
 
 def test_check_sign_diff_update_show_through_the_cli(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -318,9 +318,10 @@ def test_follower_that_disconnects_leaves_no_trace(served: Served, tiny_recipe: 
 def test_model_export_streams_a_tar(short_dir: Path, home_copy: tuple[Path, Any]) -> None:
     """A signed model leaves as a tar stream: through the CLI (unpacked, signature verifies) and curl."""
     from registry.modelsig import verify_model_dir
+    from tests.conftest import single_operator
 
     home, summary = home_copy
-    served = start_serve(home, short_dir / "run" / "appliance.sock")
+    served = start_serve(single_operator(home), short_dir / "run" / "appliance.sock")
     try:
         out = short_dir / "exported"
         cli = subprocess.run(

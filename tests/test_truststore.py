@@ -88,7 +88,10 @@ def test_revocation_and_rotation_bound_when_a_key_may_be_used(tmp_path: Path) ->
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    new_home(tmp_path / "home").close()
+    """A single-operator home: rotation and revocation need no second person here (see the approval test below)."""
+    from appliance.service import Caller
+
+    Service.initialise(tmp_path / "home", PASS, Caller.current(), two_person=False).close()
     return tmp_path / "home"
 
 
@@ -244,3 +247,29 @@ def test_revocation_is_recorded_and_refuses_the_current_key_and_the_root(home: P
     root_id = load_key(home / "keys" / "root.key", PASS).key_id
     code, _, err = cli(capsys, "--home", str(home), "keys", "revoke", root_id[:12], "--reason", "x", "--root-key", root_key)
     assert code != 0 and "is the root key" in err
+
+
+def test_under_the_two_person_rule_rotation_needs_an_approved_request_used_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default policy: `keys rotate` is refused without an approval, then runs with one a second admin signed."""
+    from appliance.service import Caller
+    from appliance.service.api import dispatch
+    from tests.test_approvals import PEOPLE, _install, decide, who
+
+    home = tmp_path / "home"
+    new_home(home).close()
+    keys = _install(home, tmp_path / "userkeys")
+    root_key = str(home / "keys" / "root.key")
+    code, _, err = cli(capsys, "--home", str(home), "keys", "rotate", "--root-key", root_key)
+    assert code != 0 and "only once a second person (admin) approves it" in err and "appliance request keys.rotate node" in err
+    code, out, err = cli(capsys, "--home", str(home), "request", "keys.rotate", "node", "--reason", "yearly rotation", "--json")
+    assert code == 0, err
+    rid = json.loads(out)["id"]
+    with Service.open(home, PASS) as svc:
+        assert "dave" in PEOPLE and decide(svc, who("dave"), rid, keys["dave"])["status"] == "approved"
+        assert dispatch(svc, Caller.current(), "approvals.show", {"id": rid})["use"].startswith("appliance keys rotate")
+    code, _, err = cli(capsys, "--home", str(home), "keys", "rotate", "--root-key", root_key, "--approval", rid)
+    assert code == 0, err
+    code, _, err = cli(capsys, "--home", str(home), "keys", "rotate", "--root-key", root_key, "--approval", rid)
+    assert code != 0 and "already used" in err
+    code, _, err = cli(capsys, "--home", str(home), "ledger", "verify")
+    assert code == 0, err

@@ -57,6 +57,14 @@ def subject_of(action: str, raw: str) -> str:
     return raw
 
 
+def request_command(action: str, subject: str) -> str:
+    """The command that requests ``action`` on ``subject`` (as its authorization names it)."""
+    if action == "policy.update":
+        return "appliance policy update FILE"
+    shown = {"keys.rotate": "node", "keys.revoke": subject.removeprefix("key ")}.get(action, subject)
+    return f"appliance request {action} {shown}"
+
+
 def how_to_use(req: dict[str, Any]) -> str:
     """The command that uses an approved request."""
     rid, action = req["id"], req["action"]
@@ -177,13 +185,14 @@ def op_show(svc: Any, caller: Caller, *, id: str) -> dict[str, Any]:  # noqa: A0
     """One request: what it asks, who asked, its state, and what an approver signs."""
     svc.authorize(caller, "approvals.list", f"request {id}")
     req = state(svc, id)
-    mine = req["requester"]["user"] == caller.user
-    if (
-        not mine
-        and not svc.policy.may_approve(caller.user, caller.groups, req["permission"])
-        and "ledger.query" not in svc.policy.permissions_of(caller.user, caller.groups)
-    ):
-        raise ApprovalError(f"request {id} is neither yours nor one you may decide", "ask its requester or an approver")
+    held = svc.policy.permissions_of(caller.user, caller.groups)
+    # Its requester, anyone who decides requests (whether this one is theirs to decide is checked
+    # when they do), and auditors.
+    if req["requester"]["user"] != caller.user and "approvals.decide" not in held and "ledger.query" not in held:
+        raise ApprovalError(
+            f"request {id} is not yours, and {caller.user} decides no requests: {req['permission']} is approved by {' or '.join(req['approvers'])}",
+            "ask its requester or an approver",
+        )
     if req["action"] == "policy.update" and req["status"] == "pending":
         req["policy_text"] = _params(svc, id).get("text", "")  # an approver reads what they approve
     return req
@@ -275,7 +284,7 @@ def redeem(svc: Any, caller: Caller, rid: str, action: str, subject: str) -> dic
         "failed": "was used and failed",
         "expired": f"expired at {req['expires_at']} before it was used",
     }[status]
-    raise ApprovalError(f"request {rid} {why}", "request it again: `appliance request " + f"{action} {subject.removeprefix('key ')}`")
+    raise ApprovalError(f"request {rid} {why}", f"request it again: `{request_command(action, subject)}`")
 
 
 def _permission(action: str) -> str:

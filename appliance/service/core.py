@@ -349,7 +349,7 @@ class Service:
                     allowed = False
                     rule = f"two-person rule on {decision.permission}: no approved request given"
                     reason = f"{caller.user} may {action} {subject} only once a second person ({approvers}) approves it"
-                    hint = f"request it with `appliance request {action} {subject.removeprefix('key ')}`; once approved, run this again with --approval ID"
+                    hint = f"request it with `{approvals.request_command(action, subject)}`; once approved, run this again with --approval ID"
                 else:
                     try:
                         used = approvals.redeem(self, caller, approval, action, subject)
