@@ -61,4 +61,12 @@ def load_user_key(path: Path | None = None) -> NodeKey:
             f"no user key at {path}",
             "make one with `appliance keys create`, and have an admin add its public half to the trust store (`appliance keys add`)",
         )
-    return load_key(path, user_passphrase(path))
+    try:
+        return load_key(path, user_passphrase(path))
+    except KeyStoreError as exc:
+        if "wrong passphrase" not in exc.message:
+            raise
+        raise KeyStoreError(
+            exc.message,
+            f"give the passphrase you chose at `appliance keys create` through {ENV_USER_PASSPHRASE} or {ENV_USER_PASSPHRASE_FILE}, or on a terminal",
+        ) from None

@@ -1,4 +1,4 @@
-"""RBAC: roles, permissions and rules; for now the owner policy."""
+"""RBAC: roles, permissions, two-person rules, and the root-signed policy file."""
 
 from policies.decision import ACTIONS, Decision, OwnerPolicy
 from policies.policy import (
@@ -13,10 +13,8 @@ from policies.policy import (
     parse_policy,
     policy_diff,
     policy_problems,
-    read_policy,
-    sign_policy,
-    verify_policy,
 )
+from policies.signature import read_policy, sign_policy, verify_policy
 
 __all__ = [
     "ACTIONS",

@@ -109,7 +109,8 @@ def single_operator(home: Path) -> Path:
     newer default policy without two-person rules, as `appliance init --single-operator` makes."""
     from appliance.service import Service
     from keys.keystore import load_key
-    from policies.policy import default_policy, sign_policy
+    from policies.policy import default_policy
+    from policies.signature import sign_policy
 
     with Service.open(home, PASSPHRASE.encode()) as svc:
         owner, version = svc.owner, svc.policy.version

@@ -23,7 +23,8 @@ from keys.errors import ApplianceError
 from keys.keystore import NodeKey, create_key, load_key
 from keys.truststore import entry_for, read_store, write_store
 from policies.errors import ApprovalError, PolicyError
-from policies.policy import default_policy, sign_policy
+from policies.policy import default_policy
+from policies.signature import sign_policy
 from tests.conftest import PASSPHRASE
 
 PASS = PASSPHRASE.encode()

@@ -27,10 +27,8 @@ from policies.policy import (
     parse_policy,
     policy_diff,
     policy_problems,
-    read_policy,
-    sign_policy,
-    verify_policy,
 )
+from policies.signature import read_policy, sign_policy, verify_policy
 from tests.conftest import PASSPHRASE
 
 DEFAULT = default_policy("alice")

@@ -11,7 +11,8 @@ import pytest
 from appliance.service import Service
 from keys.keystore import load_key
 from policies.errors import PolicyError, PolicySignatureError
-from policies.policy import default_policy, sign_policy
+from policies.policy import default_policy
+from policies.signature import sign_policy
 from tests.conftest import PASSPHRASE, cli, new_home
 from tests.test_server import short_dir  # noqa: F401  (a fixture)
 
@@ -160,3 +161,23 @@ def test_a_home_initialised_for_another_owner_binds_owner_and_service_user_to_ad
         me = Caller.current().user
     assert users == {"nobody": ("admin",), me: ("admin",)}
     assert "# the service user" in (tmp_path / "home" / "policy.toml").read_text()
+
+
+def test_an_older_policy_put_back_in_the_home_is_refused(home: Path, tmp_path: Path) -> None:
+    owner = _owner(home)
+    first = (home / "policy.toml").read_bytes(), (home / "policy.toml.sig").read_bytes()
+    _signed(home, default_policy(owner, two_person=False).replace("version = 1", "version = 2"), home / "policy.toml")
+    with Service.open(home, PASS) as svc:
+        assert svc.policy.version == 2
+    (home / "policy.toml").write_bytes(first[0])
+    (home / "policy.toml.sig").write_bytes(first[1])
+    with pytest.raises(PolicyError, match="is version 1 .* has been under version 2"):
+        Service.open(home, PASS)
+    # Another policy signed under a version already used is refused too.
+    _signed(
+        home,
+        default_policy(owner, two_person=False).replace("version = 1", "version = 2").replace("[bindings.groups]\n", '[bindings.groups]\n"x" = ["auditor"]\n'),
+        home / "policy.toml",
+    )
+    with pytest.raises(PolicyError, match="is version 2 .* has been under version 2"):
+        Service.open(home, PASS)

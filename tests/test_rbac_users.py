@@ -24,7 +24,8 @@ import pytest
 
 from appliance.service.api import OPS
 from keys.keystore import load_key
-from policies.policy import EVERYONE, default_policy, parse_policy, sign_policy
+from policies.policy import EVERYONE, default_policy, parse_policy
+from policies.signature import sign_policy
 from tests.conftest import PASSPHRASE
 from tests.test_server import Served, new_home, short_dir, start_serve  # noqa: F401  (short_dir is a fixture)
 from tests.test_server_users import TOOLS, User, _run, as_user

@@ -67,6 +67,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     """Make your own user key (for signing approvals), encrypted under a passphrase you choose; only its public half leaves your account."""
+    from appliance.service.caller import Caller
     from keys.userkey import create_user_key
 
     key, path = create_user_key(Path(args.out) if args.out else None)
@@ -75,7 +76,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         args,
         {"key_id": key.key_id, "key_file": str(path), "public_key": str(pub)},
         f"user key {key.key_id}\nprivate, encrypted: {path}\npublic: {pub}\n"
-        f"give {pub} to an admin, who adds it under the root key: appliance keys add {pub.name} --role user --owner YOUR-LOGIN --root-key ROOT.key",
+        f"give {pub} to an admin, who adds it under the root key: appliance keys add {pub} --owner {Caller.current().user} --root-key ROOT.key",
     )
     return 0
 

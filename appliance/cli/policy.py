@@ -56,7 +56,7 @@ def cmd_policy_sign(args: argparse.Namespace) -> int:
     """Sign a policy file with the root key (kept offline: give its path); writes FILE.sig."""
     from keys.keystore import load_key
     from keys.passphrase import read_passphrase
-    from policies.policy import sign_policy
+    from policies.signature import sign_policy
 
     raw = _read(args.file).encode("utf-8")
     root = load_key(Path(args.root_key), read_passphrase(purpose=f"unlock the root key {args.root_key}"))

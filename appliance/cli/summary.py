@@ -62,7 +62,7 @@ def render_summary(summary: dict[str, Any], *, local: bool) -> tuple[dict[str, A
     lines += ["", f"model id: sha256:{summary['model_digest']}", "", *_verify_lines(summary, h)]
     lines += [
         f"  appliance{h} data card {summary['run_id']}",
-        f"  appliance{h} model export {summary['model_digest'][:16]} --out ./exported-model",
+        f"  appliance{h} request model.export {summary['model_digest'][:16]}   # export is two-person: once approved, model export --approval ID",
     ]
     return payload, "\n".join(lines)
 

@@ -25,7 +25,8 @@ from keys.errors import ApplianceError, KeyStoreError
 from keys.keystore import NodeKey, create_key, key_id_of, load_key, load_public_key, public_key_from_pem
 from keys.truststore import TrustStore, TrustStoreError, entry_for, new_store, read_store, write_store
 from policies.errors import PolicyError
-from policies.policy import Policy, default_policy, read_policy, sign_policy
+from policies.policy import Policy, default_policy
+from policies.signature import read_policy, sign_policy
 from registry.audit_sandbox import AuditLimits, parse_size
 from registry.ledger import Ledger
 from registry.store import Store
@@ -181,7 +182,8 @@ class Service:
             root_key = create_key(home.root_key_file, passphrase)
             write_store(home.trust_file, new_store(root_key, owner.user).with_entry(entry_for(node, "node", "node", not_before=since)), root_key)
             if not home.policy_file.exists():
-                _write_default_policy(home, owner.user, root_key)
+                # Newer than any policy the home was under (the service refuses a rollback).
+                _write_default_policy(home, owner.user, root_key, version=_last_policy_version(home.ledger_file) + 1)
         finally:
             lock.release()
         Service.open(root, passphrase).close()  # records the store's version and its keys
@@ -298,9 +300,19 @@ class Service:
         """The root-signed policy; a missing, unsigned or tampered one stops the service from starting.
 
         Each policy the service starts under is recorded (name, version, digest) the first time.
+        One older than a policy this home has been under is a rollback (to rules since tightened,
+        say a two-person rule since added): refused, like a second policy under a version in use.
         """
         try:
             policy = read_policy(self.home.policy_file, self.trust, signature_path=self.home.policy_signature_file)
+            rows = self.ledger.select(
+                "SELECT CAST(body ->> '$.data.version' AS BIGINT) AS v, body ->> '$.data.digest' FROM events WHERE kind = 'policy.loaded' ORDER BY v DESC, seq DESC LIMIT 1"
+            )
+            if rows and (policy.version < rows[0][0] or (policy.version == rows[0][0] and policy.digest != rows[0][1])):
+                raise PolicyError(
+                    f"the policy {self.home.policy_file} is version {policy.version} (sha256 {policy.digest[:16]}…), but this home has been under version {rows[0][0]} (sha256 {rows[0][1][:16]}…)",
+                    "a policy was put back from before a change, or two policies were signed with one version: install the newest, with a higher version",
+                )
         except BaseException:
             self.ledger.close()
             self._lock.release()
@@ -396,13 +408,13 @@ def _stat_of(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _write_default_policy(home: Home, owner: str, root_key: NodeKey, *, two_person: bool = True) -> None:
+def _write_default_policy(home: Home, owner: str, root_key: NodeKey, *, two_person: bool = True, version: int = 1) -> None:
     """The default policy with ``owner`` as admin, signed by the root key (0644: anyone may read the rules)."""
     import json
 
     from keys.files import atomic_write
 
-    policy = default_policy(owner, two_person=two_person)
+    policy = default_policy(owner, two_person=two_person).replace("\nversion = 1\n", f"\nversion = {version}\n", 1)
     service_user = Caller.current().user
     if service_user != owner:
         # The service's own user (local mode: `keys rotate`, recovery) holds the home and its
@@ -412,6 +424,19 @@ def _write_default_policy(home: Home, owner: str, root_key: NodeKey, *, two_pers
     text = policy.encode("utf-8")
     atomic_write(home.policy_file, text, mode=0o644)
     atomic_write(home.policy_signature_file, sign_policy(text, root_key), mode=0o644)
+
+
+def _last_policy_version(ledger_file: Path) -> int:
+    import duckdb
+
+    from registry.ledger_verify import SAFE_CONFIG
+
+    con = duckdb.connect(str(ledger_file), read_only=True, config=dict(SAFE_CONFIG))
+    try:
+        row = con.execute("SELECT max(CAST(body ->> '$.data.version' AS BIGINT)) FROM events WHERE kind = 'policy.loaded'").fetchone()
+    finally:
+        con.close()
+    return int(row[0]) if row and row[0] is not None else 0
 
 
 def _first_event_time(ledger_file: Path) -> str:

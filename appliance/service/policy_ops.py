@@ -14,7 +14,8 @@ from typing import Any
 from appliance.service.caller import Caller
 from keys.files import atomic_write
 from policies.errors import PolicyError
-from policies.policy import parse_policy, policy_diff, verify_policy
+from policies.policy import parse_policy, policy_diff
+from policies.signature import verify_policy
 
 
 def policy_show(svc: Any, caller: Caller) -> dict[str, Any]:
