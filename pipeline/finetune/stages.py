@@ -224,12 +224,12 @@ def train_finetune(
     from pipeline.finetune.train import base_dtype, resolve_device, train_adapter
     from pipeline.training import dist
     from pipeline.training.config import DistConfig
-    from pipeline.training.loop import _backend
+    from pipeline.training.loop import backend_for
 
     dist_cfg = dist_cfg or DistConfig()
     # Under torchrun each rank takes its own GPU; alone, the current one.
     device = resolve_device(tcfg, dist.from_env().local_rank if "RANK" in os.environ else None)
-    ctx = dist.init(_backend(dist_cfg, device), dist_cfg.timeout_s)
+    ctx = dist.init(backend_for(dist_cfg, device), dist_cfg.timeout_s)
     try:
         base_dir = _recheck_base(base_json) if ctx.local_rank == 0 else _base_dir(base_json)[0]
         dist.barrier(ctx)

@@ -7,7 +7,7 @@ own, not in the loop:
   process. A checkpoint holds only the adapters (``trainable.safetensors``), never the frozen
   base, and ``state/optimizer.pt``.
 * ``EngineState`` (full fine-tuning): the whole model inside a pre-training engine (one
-  process, DDP, FSDP2 or DeepSpeed ZeRO, ``pipeline.training.loop._build_engine``). The engine
+  process, DDP, FSDP2 or DeepSpeed ZeRO, ``pipeline.training.loop.build_engine``). The engine
   owns gradient sync and its checkpoint format (``state/`` as the engine writes it: DCP shards
   or DeepSpeed's), and gathers the full weights for the export.
 
@@ -28,7 +28,7 @@ from pipeline.training import checkpoint as ckpt
 from pipeline.training.config import DistConfig, TrainConfig
 from pipeline.training.dist import DistContext
 from pipeline.training.engine import LossFn
-from pipeline.training.loop import _rng_state, _set_rng_state, _write_atomically
+from pipeline.training.loop import rng_state, set_rng_state, write_atomically
 
 __all__ = ["TrainState", "AdapterState", "EngineState", "build_state", "TRAINABLE", "OPTIMIZER"]
 
@@ -92,7 +92,7 @@ def _rng_file(tmp: Path, rank: int) -> Path:
 def _save_rng(tmp: Path, rank: int) -> Path:
     (tmp / ckpt.RNG_DIR).mkdir(exist_ok=True)
     path = _rng_file(tmp, rank)
-    torch.save(_rng_state(), path)
+    torch.save(rng_state(), path)
     return path
 
 
@@ -152,10 +152,10 @@ class AdapterState:
 
         self.spec.load_trainable(load_file(str(path / TRAINABLE)))
         self.optimizer.load_state_dict(torch.load(path / ckpt.STATE_DIR / OPTIMIZER, map_location="cpu", weights_only=True))
-        _set_rng_state(torch.load(_rng_file(path, 0), map_location="cpu", weights_only=True))
+        set_rng_state(torch.load(_rng_file(path, 0), map_location="cpu", weights_only=True))
 
     def export(self, final: Path) -> None:
-        _write_atomically(final, self.spec.export)
+        write_atomically(final, self.spec.export)
 
 
 class EngineState:
@@ -170,15 +170,15 @@ class EngineState:
         device: torch.device,
         ctx: DistContext,
     ) -> None:
-        from pipeline.training.loop import _build_engine, _precision
+        from pipeline.training.loop import build_engine, precision_for
 
         self.spec, self.ctx, self.cfg = spec, ctx, cfg
         model = spec.build(device)
         self.model = model
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before sharding
-        self.engine = _build_engine(engine_name, model, cfg, deepspeed_config, device, ctx)
+        self.engine = build_engine(engine_name, model, cfg, deepspeed_config, device, ctx)
         self.name = self.engine.name
-        if _precision(cfg, device) == "bf16":
+        if precision_for(cfg, device) == "bf16":
             self.compute_dtype = torch.bfloat16
         else:
             self.compute_dtype = next(self.engine.module.parameters()).dtype
@@ -208,7 +208,7 @@ class EngineState:
         self.engine.load(path / ckpt.STATE_DIR)
         rng = _rng_file(path, self.ctx.rank)
         if rng.is_file():
-            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+            set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
         else:
             # Resumed on more ranks than saved: a new rank's generators start from (seed, rank).
             torch.manual_seed(self.cfg.seed * 1_000_003 + self.ctx.rank * 7919)
@@ -219,15 +219,15 @@ class EngineState:
         weights = self.engine.full_weights()  # collective: FSDP / ZeRO-3 gather on rank 0
         if self.ctx.is_main:
             base_dir = getattr(self.spec, "base_dir")
-            _write_atomically(final, lambda d: write_model_dir(d, weights, self.model, base_dir))
+            write_atomically(final, lambda d: write_model_dir(d, weights, self.model, base_dir))
 
 
 def engine_for(method: str, dist_cfg: DistConfig, ctx: DistContext) -> str:
     """The engine a fine-tuning method runs on: adapters on one process; full on any engine."""
-    from pipeline.training.loop import _engine_name
+    from pipeline.training.loop import engine_name
 
     require_one_process(method, dist_cfg, ctx.world)
-    return _engine_name(dist_cfg, ctx) if method == "full" else "adapter"
+    return engine_name(dist_cfg, ctx) if method == "full" else "adapter"
 
 
 def build_state(

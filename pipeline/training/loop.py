@@ -93,7 +93,7 @@ def run_train(
     dist_cfg = dist_cfg or DistConfig()
     out_dir = Path(out_dir)
     device = _device(cfg, dist.from_env().local_rank)
-    ctx = dist.init(_backend(dist_cfg, device), dist_cfg.timeout_s)
+    ctx = dist.init(backend_for(dist_cfg, device), dist_cfg.timeout_s)
     try:
         return _train(
             shards_dir,
@@ -166,7 +166,7 @@ def _train(
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     torch.manual_seed(cfg.seed)
     model = LlamaModel(mcfg).to(device)
-    engine = _build_engine(_engine_name(dist_cfg, ctx), model, cfg, deepspeed_config, device, ctx)
+    engine = build_engine(engine_name(dist_cfg, ctx), model, cfg, deepspeed_config, device, ctx)
     extra = {"bos_id": shards.bos_id, "eos_id": shards.eos_id, "shards_manifest_sha256": manifest_sha}
 
     start, state = _resume(out_dir, engine, loader, cfg, mcfg, manifest_sha, ctx, resume_from, on_event)
@@ -183,7 +183,7 @@ def _train(
     end = min(cfg.steps, stop_at_step) if stop_at_step is not None else cfg.steps
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ctx.world
     flops_per_token = model_flops_per_token(mcfg, cfg.seq_len)
-    peak, peak_name = monitor.device_peak_flops(device, _precision(cfg, device), cfg.peak_tflops)
+    peak, peak_name = monitor.device_peak_flops(device, precision_for(cfg, device), cfg.peak_tflops)
     # The peak is per device; the job's tokens/s come from all of them.
     job_peak = peak * ctx.world if peak else None
     if ctx.is_main:
@@ -219,7 +219,7 @@ def _train(
             (tmp / ckpt.STATE_DIR).mkdir(exist_ok=True)
             (tmp / ckpt.RNG_DIR).mkdir(exist_ok=True)
             rng_file = tmp / ckpt.RNG_DIR / f"rank_{ctx.rank:05d}.pt"
-            torch.save(_rng_state(), rng_file)
+            torch.save(rng_state(), rng_file)
             return [*engine.save(tmp / ckpt.STATE_DIR), rng_file]
 
         def main_files(tmp: Path) -> list[Path]:
@@ -304,7 +304,7 @@ def _train(
         return StageResult(outputs={}, stats={"steps": done, "completed": completed, "rank": ctx.rank})
     if completed:
         final = out_dir / "final"
-        _write_atomically(final, lambda d: _write_model_dir(d, final_weights, mcfg, cfg, extra))
+        write_atomically(final, lambda d: _write_model_dir(d, final_weights, mcfg, cfg, extra))
     else:
         final = last_ckpt or (ckpt.list_checkpoints(out_dir) or [out_dir])[-1]
     stats = {
@@ -341,17 +341,17 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _backend(dist_cfg: DistConfig, device: torch.device) -> str:
+def backend_for(dist_cfg: DistConfig, device: torch.device) -> str:
     if dist_cfg.backend != "auto":
         return dist_cfg.backend
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def _precision(cfg: TrainConfig, device: torch.device) -> str:
+def precision_for(cfg: TrainConfig, device: torch.device) -> str:
     return "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") else "fp32"
 
 
-def _engine_name(dist_cfg: DistConfig, ctx: dist.DistContext) -> str:
+def engine_name(dist_cfg: DistConfig, ctx: dist.DistContext) -> str:
     if dist_cfg.engine == "auto":
         return "ddp" if ctx.world > 1 else "single"
     if dist_cfg.engine == "ddp" and not ctx.initialised:
@@ -364,7 +364,7 @@ def _engine_name(dist_cfg: DistConfig, ctx: dist.DistContext) -> str:
     return dist_cfg.engine
 
 
-def _build_engine(name: str, model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any] | None, device: torch.device, ctx: dist.DistContext) -> Engine:
+def build_engine(name: str, model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any] | None, device: torch.device, ctx: dist.DistContext) -> Engine:
     if name == "deepspeed":
         from pipeline.training.engine_deepspeed import build_deepspeed_engine  # lazy: DeepSpeed is optional
 
@@ -413,7 +413,7 @@ def _validate(engine: Engine, val_tokens: np.ndarray, cfg: TrainConfig, device: 
     return loss
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     # Plain lists and tensors only, so rank_N.pt loads with torch.load(weights_only=True).
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     py = random.getstate()
@@ -427,7 +427,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -448,7 +448,7 @@ def _write_model_dir(d: Path, weights: dict[str, torch.Tensor] | None, mcfg: Mod
     return [d / WEIGHTS, d / MODEL_CONFIG, write_json(d / TRAIN_CONFIG, dataclasses.asdict(cfg))]
 
 
-def _write_atomically(final: Path, write: Callable[[Path], Any]) -> None:
+def write_atomically(final: Path, write: Callable[[Path], Any]) -> None:
     """Fill a temp directory beside ``final`` and rename it into place: a crash never leaves half a model."""
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -503,7 +503,7 @@ def _resume(
     loader.load_state_dict(state["loader"])
     rng_file = path / ckpt.RNG_DIR / f"rank_{ctx.rank:05d}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     else:
         # Resumed on more ranks than saved: a new rank's generators start from (seed, rank, step).
         torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank * 7919 + int(state["step"]))
