@@ -28,7 +28,8 @@ from policies.policy import EVERYONE, default_policy, parse_policy
 from policies.signature import sign_policy
 from tests.conftest import PASSPHRASE
 from tests.test_server import Served, new_home, short_dir, start_serve  # noqa: F401  (short_dir is a fixture)
-from tests.test_server_users import TOOLS, User, _run, as_user
+from tests.test_server_users import TOOLS, as_user
+from tests.unix_users import User, unix_people
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in TOOLS),
@@ -42,41 +43,13 @@ PLACEHOLDER = {str: "zz-none", int: 1, bool: False, list: [], dict: {}}
 @pytest.fixture
 def people() -> Iterator[tuple[str, dict[str, User], dict[str, str]]]:
     """(socket group, role -> user, role -> that user's role group); plus "nobody", bound to nothing."""
-    import grp
-    import pwd
-
     prefix = f"aplr_{secrets.token_hex(3)}"
     sock_group = f"{prefix}_sock"
-    made_users: list[str] = []
-    made_groups: list[str] = []
-    try:
-        _run("groupadd", sock_group)
-        made_groups.append(sock_group)
-        role_groups: dict[str, str] = {}
-        users: dict[str, User] = {}
-        for i, role in enumerate((*ROLES, "nobody")):
-            name = f"{prefix}_{i}"
-            groups = [sock_group]
-            if role != "nobody":
-                role_groups[role] = f"{prefix}_g{i}"
-                _run("groupadd", role_groups[role])
-                made_groups.append(role_groups[role])
-                groups.append(role_groups[role])
-            _run("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", ",".join(groups), name)
-            made_users.append(name)
-            made_groups.append(name)
-            entry = pwd.getpwnam(name)
-            users[role] = User(name, entry.pw_uid, entry.pw_gid)
-        yield sock_group, users, role_groups
-    finally:
-        for name in made_users:
-            subprocess.run(["userdel", name], capture_output=True, timeout=60)
-        for name in made_groups:
-            try:
-                grp.getgrnam(name)
-            except KeyError:
-                continue
-            subprocess.run(["groupdel", name], capture_output=True, timeout=60)
+    role_groups = {role: f"{prefix}_g{i}" for i, role in enumerate(ROLES)}
+    names = {role: f"{prefix}_{i}" for i, role in enumerate((*ROLES, "nobody"))}
+    specs = [(names[role], [sock_group, *([role_groups[role]] if role in role_groups else [])]) for role in names]
+    with unix_people([sock_group, *role_groups.values()], specs) as made:
+        yield sock_group, {role: made[name] for role, name in names.items()}, role_groups
 
 
 def _bind_groups(home: Path, role_groups: dict[str, str]) -> Path:

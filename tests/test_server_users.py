@@ -12,7 +12,6 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pwd
 import secrets
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_server import DECISIONS_SQL, Served, new_home, short_dir, start_serve  # noqa: F401  (short_dir is a fixture)
+from tests.unix_users import User, unix_people
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = ("useradd", "userdel", "groupadd", "groupdel", "setpriv", "curl")
@@ -36,13 +36,6 @@ pytestmark = pytest.mark.skipif(
 
 
 @dataclass(frozen=True)
-class User:
-    name: str
-    uid: int
-    gid: int
-
-
-@dataclass(frozen=True)
 class Cast:
     group: str  # owns the socket
     alice: User  # in the group
@@ -50,36 +43,13 @@ class Cast:
     outsider: User  # not in the group
 
 
-def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture
 def cast() -> Iterator[Cast]:
     """Two users sharing the socket's group, one outside it; all removed afterwards."""
     prefix = f"aplt_{secrets.token_hex(3)}"
     group = f"{prefix}_sock"
-    made_users: list[str] = []
-    made_groups: list[str] = []
-    try:
-        _run("groupadd", group)
-        made_groups.append(group)
-        for name, groups in ((f"{prefix}_a", [group]), (f"{prefix}_b", [group]), (f"{prefix}_c", [])):
-            # -U: a private primary group of the same name (removed with the user, or below).
-            _run("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", *(["-G", ",".join(groups)] if groups else []), name)
-            made_users.append(name)
-            made_groups.append(name)
-        users = [User(n, pwd.getpwnam(n).pw_uid, pwd.getpwnam(n).pw_gid) for n in made_users]
-        yield Cast(group=group, alice=users[0], bob=users[1], outsider=users[2])
-    finally:
-        for name in made_users:
-            subprocess.run(["userdel", name], capture_output=True, timeout=60)
-        for name in made_groups:
-            try:
-                grp.getgrnam(name)
-            except KeyError:
-                continue
-            subprocess.run(["groupdel", name], capture_output=True, timeout=60)
+    with unix_people([group], [(f"{prefix}_a", [group]), (f"{prefix}_b", [group]), (f"{prefix}_c", [])]) as made:
+        yield Cast(group=group, alice=made[f"{prefix}_a"], bob=made[f"{prefix}_b"], outsider=made[f"{prefix}_c"])
 
 
 def as_user(user: User, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
