@@ -125,6 +125,7 @@ ACTION_PERMISSION: dict[str, str] = {
 }
 
 EVERYONE = "everyone"
+MAX_VERSION = 10**9
 ALL = "*"
 APPROVE = "approvals.decide"
 _ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -409,6 +410,9 @@ def _header(c: _Check, data: dict[str, Any]) -> tuple[str, int]:
         c.bad("policy.name", f"must be a non-empty string, not {name!r}", 'write name = "default" (or your own)')
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         c.bad("policy.version", f"must be a positive integer, not {version!r}", "write version = 1 and raise it with every change")
+    elif version > MAX_VERSION:
+        # An update must be newer: a version at the top of the range would be the last policy ever installed.
+        c.bad("policy.version", f"{version} is above {MAX_VERSION:_}", "raise the version by one with each change")
     return (name if isinstance(name, str) else ""), (version if isinstance(version, int) else 0)
 
 

@@ -247,6 +247,7 @@ def test_every_planted_problem_is_reported_at_once_with_its_line() -> None:
         (lambda t: t.replace("version = 1", 'version = "1"'), "policy.version: must be a positive integer, not '1'"),
         (lambda t: t.replace("version = 1", "version = true"), "policy.version: must be a positive integer, not True"),
         (lambda t: t.replace("version = 1", "version = 1.5"), "policy.version: must be a positive integer, not 1.5"),
+        (lambda t: t.replace("version = 1", "version = 9223372036854775807"), "policy.version: 9223372036854775807 is above 1_000_000_000"),
         (lambda t: t.replace('approvers = ["admin"]', 'approvers = ["admin", "auditor"]', 1), "role auditor does not hold approvals.decide"),
         (lambda t: t.replace('"alice" = ["admin"]', '"alice" = ["everyone"]'), "'everyone' is not a role to name here"),
         (lambda t: t.replace('permissions = ["service.info", "approvals.read"]', 'permissions = ["*"]'), 'everyone.permissions: "*" is not allowed here'),
