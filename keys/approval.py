@@ -59,19 +59,20 @@ def sign_statement(body: dict[str, Any], key: NodeKey) -> str:
     return base64.b64encode(key.sign(_DOMAIN + canonical(body))).decode("ascii")
 
 
-def check_statement(body: Any, signature: Any, trust: TrustStore, *, approver: str, expected: dict[str, Any]) -> TrustEntry:
+def check_statement(body: Any, signature: Any, trust: TrustStore, *, approver: str, expected: dict[str, Any], at: str | None = None) -> TrustEntry:
     """Check a signed decision by ``approver`` on the request ``expected`` (the statement the service built).
 
     The key must be a user key of the root-signed trust store, owned by ``approver`` and valid
     now; the signature must verify; every field but ``decision``, ``key_id`` and ``signed_at``
-    must equal the request's. Raises ApprovalSignatureError (or UntrustedKeyError) naming what failed.
+    must equal the request's. ``at``: check the key as of then (an auditor re-checking a decision
+    recorded then), not now. Raises ApprovalSignatureError (or UntrustedKeyError) naming what failed.
     """
     if not isinstance(body, dict) or sorted(body) != sorted(FIELDS) or body.get("format") != FORMAT:
         raise ApprovalSignatureError(f"the signed decision is not an {FORMAT} statement", "sign it with `appliance approve ID` or `appliance deny ID`")
     if not isinstance(signature, str):
         raise ApprovalSignatureError("the signed decision carries no signature", "sign it with `appliance approve ID` or `appliance deny ID`")
     key_id = str(body["key_id"])
-    entry = trust.require(key_id, "user")  # raises UntrustedKeyError naming the key and why
+    entry = trust.require(key_id, "user", at=at)  # raises UntrustedKeyError naming the key and why
     if entry.owner != approver:
         raise ApprovalSignatureError(
             f"key {key_id[:16]}… is {entry.owner}'s user key, but {approver} sent the decision",

@@ -122,6 +122,8 @@ def test_request_then_own_then_roleless_then_right_approver_executes_once(setup:
     # The decision that allowed it names the approval and its approver.
     rules = [r for (r,) in svc.ledger.select("SELECT rule FROM decisions WHERE allowed AND action = 'model.export' ORDER BY seq")]
     assert rules[0].endswith("asks for a second person's approval") and rules[-1].endswith(f"request {rid} approved by bob")
+    # ledger verify checks the recorded decision's signature again.
+    assert call(svc, who(svc.owner), "ledger.verify")["approvals_checked"] == 1
 
 
 def test_wrong_key_expired_and_replayed_decisions_are_refused(setup: Any, tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     with connect(args) as client:
         report = client.call("ledger.verify", head=head, trusted_keys=read_key_pems(args.trusted_key) or None)
     checked = "" if report["head_checked"] else " (no signed head checked)"
+    if report.get("approvals_checked"):
+        checked += f"; {report['approvals_checked']} approval decision(s) re-checked against their user keys"
     emit(
         args,
         report,

@@ -49,6 +49,7 @@ def ledger_verify(svc: Any, caller: Caller, *, head: str | None = None, trusted_
     report = svc.ledger.verify(_trusted(svc, trusted_keys), head_dict if head_dict is not None else svc.home.head_file)
     if not trusted_keys:
         _keys_valid_when_used(svc)
+    approvals = _approvals_signed(svc)
     return {
         "ok": True,
         "events": report.events,
@@ -57,6 +58,7 @@ def ledger_verify(svc: Any, caller: Caller, *, head: str | None = None, trusted_
         "head_checked": report.head_checked,
         "trust_store_version": svc.trust.version,
         "root_key": svc.trust.root_key_id,
+        "approvals_checked": approvals,
     }
 
 
@@ -66,6 +68,28 @@ def _keys_valid_when_used(svc: Any) -> None:
     for key_id, first, last in svc.ledger.select("SELECT key_id, min(ts), max(ts) FROM events GROUP BY key_id ORDER BY min(ts)"):
         svc.trust.require(key_id, "node", at=first)
         svc.trust.require(key_id, "node", at=last)
+
+
+def _approvals_signed(svc: Any) -> int:
+    """Check every recorded approval or denial again: signed by the approver's user key, valid when
+    it was recorded, for exactly the request recorded before it. Returns how many were checked."""
+    from keys.approval import check_statement, statement
+
+    rows = svc.ledger.select(
+        "SELECT d.seq, d.ts, d.body, r.body FROM events d JOIN events r ON r.kind = 'approval.requested' "
+        "AND r.body ->> '$.data.id' = d.body ->> '$.data.id' AND r.seq < d.seq "
+        "WHERE d.kind IN ('approval.approved', 'approval.denied') ORDER BY d.seq"
+    )
+    for seq, ts, decided_body, requested_body in rows:
+        decided, req = json.loads(decided_body)["data"], json.loads(requested_body)["data"]
+        body = decided["statement"]
+        approver = decided["by"]["user"]
+        expected = statement(req, decision=str(body.get("decision")), approver=approver, key_id="", signed_at="")
+        try:
+            check_statement(body, decided["signature"], svc.trust, approver=approver, expected=expected, at=str(ts))
+        except ApplianceError as exc:
+            raise LedgerError(f"event {seq} ({approver}'s decision on request {decided['id']}) does not check: {exc.message}", exc.hint) from None
+    return len(rows)
 
 
 def _head(text: str) -> dict[str, Any]:
