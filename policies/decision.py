@@ -25,6 +25,7 @@ ACTIONS = frozenset(
         "ledger.verify",
         "ledger.query",
         "ledger.head",
+        "ledger.export",
         "keys.list",
         "policy.show",
         "policy.update",

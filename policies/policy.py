@@ -113,6 +113,8 @@ ACTION_PERMISSION: dict[str, str] = {
     "ledger.verify": "ledger.verify",
     "ledger.query": "ledger.query",
     "ledger.head": "ledger.verify",
+    # A copy holds every row `SELECT * FROM events` would show: reading, as a query does.
+    "ledger.export": "ledger.query",
     "keys.list": "keys.read",
     "data.card": "data.read",
     "data.dropped": "data.read",

@@ -103,6 +103,15 @@ OPS: tuple[Op, ...] = (
         summary="recompute the chain, every signature, and the signed head",
     ),
     Op("ledger.head", ("GET",), "/v1/ledger/head", "appliance.service.reads:ledger_head", summary="the signed head"),
+    Op(
+        "ledger.export",
+        ("GET",),
+        "/v1/ledger/export",
+        "appliance.service.ledger_export_ops:ledger_export",
+        (Param("format", S, True),),
+        result="tar",
+        summary="the ledger up to a signed head, verified, as a DuckDB file or Parquet (tar stream)",
+    ),
     Op("keys.list", ("GET",), "/v1/keys", "appliance.service.keyring:keys_list", summary="the root-signed trust store: keys, roles, validity"),
     Op("policy.show", ("GET",), "/v1/policy", "appliance.service.policy_ops:policy_show", summary="the policy in force: roles, permissions, bindings"),
     Op(
