@@ -33,6 +33,7 @@ ACTIONS = frozenset(
         "keys.revoke",
         "approvals.list",
         "approvals.decide",
+        "model.promote",
         "data.card",
         "data.dropped",
         "data.skipped",

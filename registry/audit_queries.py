@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from pipeline.errors import ConfigError
+from registry.errors import AuditQueryError
 
 # Artifact kinds that are models someone could ship or use.
 MODEL_KINDS = ("model", "finetuned-model", "adapter")
@@ -22,13 +22,13 @@ _TIME = re.compile(r"\d{4}-\d{2}-\d{2}([T ][0-9:.]+)?(Z|[+-]\d{2}:?\d{2})?")
 def literal(text: str) -> str:
     """``text`` as a DuckDB string literal."""
     if not text.isprintable():
-        raise ConfigError(f"{text[:40]!r} holds characters that are not printable", "pass plain text")
+        raise AuditQueryError(f"{text[:40]!r} holds characters that are not printable", "pass plain text")
     return "'" + text.replace("'", "''") + "'"
 
 
 def _digest_prefix(text: str, what: str) -> str:
     if not _HEX.fullmatch(text):
-        raise ConfigError(f"{what} {text!r} is not a digest or digest prefix (8 to 64 hex digits)", "copy it from `appliance artifact list`")
+        raise AuditQueryError(f"{what} {text!r} is not a digest or digest prefix (8 to 64 hex digits)", "copy it from `appliance artifact list`")
     return text.removeprefix("sha256:").lower()
 
 
@@ -36,7 +36,7 @@ def _since(since: str | None) -> str:
     if since is None:
         return ""
     if not _TIME.fullmatch(since):
-        raise ConfigError(f"--since {since!r} is not a date or time", "write e.g. 2026-11-01 or 2026-11-01T09:00:00Z")
+        raise AuditQueryError(f"--since {since!r} is not a date or time", "write e.g. 2026-11-01 or 2026-11-01T09:00:00Z")
     return f" AND ts >= {literal(since)}"
 
 

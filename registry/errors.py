@@ -22,3 +22,7 @@ class LedgerIntegrityError(LedgerError):
 
 class StoreError(ApplianceError):
     """An artifact in the content-addressed store is missing or does not match its digest."""
+
+
+class AuditQueryError(ApplianceError):
+    """A value given to a canned audit query is not what it must be (a digest, a date, plain text)."""

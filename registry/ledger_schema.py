@@ -204,6 +204,31 @@ VIEWS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # The model registry: every model-like artifact under its run's recipe name, numbered in
+        # the order recorded. The ledger only grows, so a version, once given, never changes.
+        "registry_models",
+        """
+        SELECT coalesce(r.recipe_name, a.name) AS name,
+               row_number() OVER (PARTITION BY coalesce(r.recipe_name, a.name) ORDER BY a.seq) AS version,
+               a.kind, a.digest, a.run_id, a.seq, a.ts, a.size_bytes
+        FROM artifacts a LEFT JOIN runs r USING (run_id)
+        WHERE a.kind IN ('model', 'finetuned-model', 'adapter')
+        """,
+    ),
+    (
+        # Where each tag points now: the last move of (name, tag); a removal points nowhere.
+        "registry_tags",
+        """
+        SELECT name, tag, version, digest, actor, seq, ts FROM (
+            SELECT data ->> '$.name' AS name, data ->> '$.tag' AS tag,
+                   CAST(data ->> '$.version' AS BIGINT) AS version, data ->> '$.digest' AS digest,
+                   actor, seq, ts,
+                   row_number() OVER (PARTITION BY data ->> '$.name', data ->> '$.tag' ORDER BY seq DESC) AS latest
+            FROM signed_events WHERE kind = 'registry.tagged'
+        ) WHERE latest = 1 AND digest IS NOT NULL
+        """,
+    ),
+    (
         "ledger_keys",
         """
         SELECT data ->> '$.key_id' AS key_id,

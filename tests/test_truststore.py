@@ -218,6 +218,11 @@ def test_rotation_keeps_old_signatures_and_refuses_the_old_key_afterwards(home: 
         kinds = [(e.kind, e.data.get("key_id")) for e in svc.ledger.events("key.rotated")]
         signers = svc.ledger.select("SELECT key_id, count(*) FROM events GROUP BY key_id ORDER BY min(seq)")
     assert kinds == [("key.rotated", old.key_id)] and [k for k, _ in signers] == [old.key_id, new.key_id]
+    # A verifier elsewhere gets both node keys in one file; every key in it counts.
+    code, _, err = cli(capsys, "--home", str(home), "keys", "export-public", "--role", "node", "--all", "--out", str(tmp_path / "nodes.pem"))
+    assert code == 0, err
+    code, _, err = cli(capsys, "--home", str(home), "ledger", "verify", "--trusted-key", str(tmp_path / "nodes.pem"))
+    assert code == 0, err
     # The old key signing after its rotation (someone kept a copy) fails verification, naming it.
     with Ledger.open(home / "ledger.duckdb", old, head_path=home / "ledger.head.json") as ledger:
         ledger.append("note", "mallory", {"text": "signed with a rotated-out key"})

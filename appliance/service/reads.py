@@ -10,6 +10,7 @@ service would read on the caller's behalf.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,14 +23,20 @@ from keys.keystore import key_id_of, public_key_from_pem
 from registry.errors import LedgerError, StoreError
 
 
+_PEM_BLOCK = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
+
+
 def _trusted(svc: Any, pems: Sequence[str]) -> dict[str, Any]:
     """The keys to trust: those the caller sent (PEM text), else the home's node key."""
     if not pems:
         return dict(svc.trusted)
     keys = {}
-    for i, pem in enumerate(pems):
-        pub = public_key_from_pem(pem.encode(), source=f"trusted key #{i + 1}")
-        keys[key_id_of(pub)] = pub
+    for i, text in enumerate(pems):
+        # One file may hold several keys (`keys export-public --all` writes them all): each counts.
+        blocks = _PEM_BLOCK.findall(text) or [text]
+        for j, pem in enumerate(blocks):
+            pub = public_key_from_pem(pem.encode(), source=f"trusted key #{i + 1}" + (f" (block {j + 1})" if len(blocks) > 1 else ""))
+            keys[key_id_of(pub)] = pub
     return keys
 
 
