@@ -22,7 +22,6 @@ from keys.errors import ApplianceError
 from keys.keystore import key_id_of, public_key_from_pem
 from registry.errors import LedgerError, StoreError
 
-
 _PEM_BLOCK = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
 
 
