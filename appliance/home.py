@@ -46,6 +46,12 @@ class Home:
         return self.root / "keys" / "root.pub.pem"
 
     @property
+    def release_key_file(self) -> Path:
+        # Signs exports; under the node key's passphrase, trusted only through the trust store
+        # (`appliance keys release-init`, appliance/service/release.py).
+        return self.root / "keys" / "release.key"
+
+    @property
     def trust_file(self) -> Path:
         return self.root / "keys" / "truststore.json"
 

@@ -1,4 +1,4 @@
-"""`appliance keys init|list|export-public|rotate|revoke|create|add`: the keys the appliance trusts, by role."""
+"""`appliance keys init|list|export-public|rotate|revoke|create|add|release-init`: the keys the appliance trusts, by role."""
 
 from __future__ import annotations
 
@@ -54,14 +54,17 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     """Revoke a key from now on (local, as the service user, service stopped; needs the root key)."""
     from appliance.cli.common import home_of
-    from appliance.service import Caller
+    from appliance.service import Caller, release
     from appliance.service.rotation import revoke_key
     from keys.passphrase import read_passphrase
 
     home = home_of(args)
     passphrase = read_passphrase(purpose=f"unlock the keys of {home.root}")
-    r = revoke_key(home.root, passphrase, Path(args.root_key), Caller.current(), args.key_id, args.reason, approval=args.approval)
+    with release.left_locked():  # the release key itself may be the one revoked
+        r = revoke_key(home.root, passphrase, Path(args.root_key), Caller.current(), args.key_id, args.reason, approval=args.approval)
     emit(args, r, f"{r['role']} key {_short(r['key_id'])} revoked at {r['revoked_at']} (trust store version {r['trust_store_version']})")
+    if r["role"] == "release" and release.holds(home, r["key_id"]):
+        note(f"{home.release_key_file} holds it: the service refuses to start until `appliance keys release-init --root-key KEY` replaces it")
     return 0
 
 
@@ -94,6 +97,25 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
         r,
         f"{r['role']} key {_short(r['key_id'])} of {r['owner']} added (trust store version {r['trust_store_version']}); "
         "the service records it on its next request",
+    )
+    return 0
+
+
+def cmd_keys_release_init(args: argparse.Namespace) -> int:
+    """Make the home's release key (signs exports) and trust it under the root key (local, as the service user; the service may be running)."""
+    from appliance.cli.common import home_of
+    from appliance.service.release import release_init
+    from keys.passphrase import read_passphrase
+
+    home = home_of(args)
+    passphrase = read_passphrase(purpose=f"unlock the node key of {home.root} (the release key is kept under the same passphrase)")
+    r = release_init(home.root, passphrase, Path(args.root_key), read_passphrase(purpose=f"unlock the root key {args.root_key}"))
+    aside = f"\nthe retired release key was kept aside: {r['set_aside']}" if r["set_aside"] else ""
+    emit(
+        args,
+        r,
+        f"release key {r['key_id']}\nprivate, encrypted: {r['key_file']}\npublic: {r['public_key']}{aside}\n"
+        f"trusted as role release (trust store version {r['trust_store_version']}); restart the service to sign with it",
     )
     return 0
 
@@ -154,6 +176,8 @@ def register(sub: Any, add: Any) -> None:
     p.add_argument("public_key", help="the public key PEM (user.pub.pem from `appliance keys create`)")
     p.add_argument("--role", choices=["user", "release"], default="user", help="user: signs approvals; release: signs exports")
     p.add_argument("--owner", required=True, help="who holds the private key: the Unix login for a user key")
+    p.add_argument("--root-key", required=True, help="the root key file (kept offline)")
+    p = add("release-init", cmd_keys_release_init, keys)
     p.add_argument("--root-key", required=True, help="the root key file (kept offline)")
     p = add("export-public", cmd_keys_export_public, keys)
     p.add_argument("--role", choices=["root", "node", "release", "user"], default="root", help="which role's keys (default: root, the anchor)")

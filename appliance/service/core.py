@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.home import Home
+from appliance.service import release
 from appliance.service.caller import Caller
 from keys.errors import ApplianceError, KeyStoreError
 from keys.keystore import NodeKey, create_key, key_id_of, load_key, load_public_key, public_key_from_pem
@@ -87,18 +88,21 @@ class HomeLock:
 
 
 class Service:
-    """Owns the ledger, the store and the unlocked node key of one home."""
+    """Owns the ledger, the store and the unlocked node key (and release key, if any) of one home."""
 
-    def __init__(self, home: Home, key: NodeKey, lock: HomeLock, config: ServiceConfig) -> None:
+    def __init__(self, home: Home, key: NodeKey, lock: HomeLock, config: ServiceConfig, *, release_key: NodeKey | None = None) -> None:
         from appliance.service.runs import RunManager
 
         self.home, self.key, self.config, self._lock = home, key, config, lock
+        # Unlocked at open, where the passphrase is; checked against the trust store below.
+        self.release_key = release_key
         self.store = Store(home.store_dir)
         try:
             self._check_public_key()
             self._trust_lock = threading.Lock()
             self._trust_stat = _stat_of(home.trust_file)
             self.trust = self._read_trust()
+            release.check(home, release_key, self.trust)
             limits = AuditLimits(memory_limit=parse_size(config.query_memory_limit), timeout_s=config.query_timeout_s, max_rows=config.query_max_rows)
             self.ledger = Ledger.open(home.ledger_file, key, head_path=home.head_file, audit=limits)
         except BaseException:
@@ -191,7 +195,8 @@ class Service:
 
     @classmethod
     def open(cls, root: Path, passphrase: bytes, *, config: ServiceConfig | None = None) -> Service:
-        """Unlock the node key of an existing home, lock the home, and take the ledger."""
+        """Unlock the node key (and the release key, if the home has one) of an existing home, lock
+        the home, and take the ledger. A release key the trust store does not trust now stops it."""
         os.umask(UMASK)
         home = Home(Path(root))
         home.require()
@@ -199,10 +204,11 @@ class Service:
         lock.acquire()
         try:
             key = load_key(home.key_file, passphrase)
+            release_key = release.unlock(home, passphrase)
         except BaseException:
             lock.release()
             raise
-        return cls(home, key, lock, config or ServiceConfig())
+        return cls(home, key, lock, config or ServiceConfig(), release_key=release_key)
 
     def close(self) -> None:
         """Stop the runs (their jobs checkpoint and stop), then release the ledger and the home."""
@@ -327,6 +333,10 @@ class Service:
         if not events:
             raise ApplianceError(f"ledger {self.home.ledger_file} has no home.initialised event", "initialise the home with `appliance init`")
         return str(events[0].data["owner"])
+
+    def require_release_key(self) -> NodeKey:
+        """The release key, valid now for the release role; KeyStoreError naming `appliance keys release-init` where there is none."""
+        return release.require(self)
 
     @property
     def trusted(self) -> dict[str, Any]:
