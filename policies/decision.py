@@ -34,6 +34,7 @@ ACTIONS = frozenset(
         "approvals.list",
         "approvals.decide",
         "model.promote",
+        "model.import",
         "data.card",
         "data.dropped",
         "data.skipped",

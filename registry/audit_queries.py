@@ -14,7 +14,7 @@ import re
 from registry.errors import AuditQueryError
 
 # Artifact kinds that are models someone could ship or use.
-MODEL_KINDS = ("model", "finetuned-model", "adapter")
+MODEL_KINDS = ("model", "finetuned-model", "adapter", "imported-model")
 _HEX = re.compile(r"(sha256:)?[0-9a-fA-F]{8,64}")
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}([T ][0-9:.]+)?(Z|[+-]\d{2}:?\d{2})?")
 

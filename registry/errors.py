@@ -26,3 +26,7 @@ class StoreError(ApplianceError):
 
 class AuditQueryError(ApplianceError):
     """A value given to a canned audit query is not what it must be (a digest, a date, plain text)."""
+
+
+class BundleError(ApplianceError):
+    """An export bundle cannot be written, or does not verify (a file, a signature, the provenance, the ledger excerpt)."""

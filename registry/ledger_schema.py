@@ -212,7 +212,7 @@ VIEWS: list[tuple[str, str]] = [
                row_number() OVER (PARTITION BY coalesce(r.recipe_name, a.name) ORDER BY a.seq) AS version,
                a.kind, a.digest, a.run_id, a.seq, a.ts, a.size_bytes
         FROM artifacts a LEFT JOIN runs r USING (run_id)
-        WHERE a.kind IN ('model', 'finetuned-model', 'adapter')
+        WHERE a.kind IN ('model', 'finetuned-model', 'adapter', 'imported-model')
         """,
     ),
     (

@@ -218,3 +218,39 @@ def _explain_failure(
                 _RESIGN,
             )
     raise SigningError(f"model {model_dir} does not verify: {library_message}", _RESIGN)
+
+
+def verify_signed_files(sig_path: Path, public_key: ec.EllipticCurvePublicKey, files: dict[str, str], *, what: str) -> None:
+    """Check a model-signing signature against file digests already computed (``files``: path in
+    the model directory -> sha256), without hashing the files again: the signature over the
+    signed statement verifies with ``public_key``, and the statement lists exactly these files
+    with these digests. The same checks model_signing's verifier makes, on one hashing pass."""
+    _hint, payload, signature, statement = _read_bundle(sig_path)
+    try:
+        # P-256 keys only (load_public_key admits no other), whose DSSE signatures use SHA-256.
+        public_key.verify(signature, _pae(payload), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise SigningError(
+            f"the model-signing signature {sig_path.name} of {what} does not verify with the release key: the signed file list was altered, or another key signed it",
+            _RESIGN,
+        ) from None
+    signed = _signed_files(statement)
+    if signed is None:
+        raise SigningError(f"{sig_path} of {what} is not a sha256 file-by-file model-signing statement", _RESIGN)
+    listed, ignore = signed
+    ignore = sorted(set(ignore) | {sig_path.name} | set(_GIT_PATHS))
+    present = {rel: digest for rel, digest in files.items() if not _ignored(rel, ignore)}
+    problems = [f"{rel} is missing" for rel in sorted(set(listed) - set(present))]
+    problems += [f"{rel} differs" for rel in sorted(set(listed) & set(present)) if listed[rel] != present[rel]]
+    problems += [f"{rel} is extra (not signed)" for rel in sorted(set(present) - set(listed))]
+    if problems:
+        raise SigningError(f"{what} does not match its model-signing signature: " + "; ".join(problems), _RESIGN)
+
+
+def signed_file_digests(sig_path: Path) -> dict[str, str]:
+    """The file -> sha256 list of a model-signing signature this process just made (not verified here)."""
+    _hint, _payload, _signature, statement = _read_bundle(sig_path)
+    signed = _signed_files(statement)
+    if signed is None:
+        raise SigningError(f"{sig_path} is not a sha256 file-by-file model-signing statement", _RESIGN)
+    return signed[0]

@@ -193,7 +193,7 @@ def test_nothing_is_requested_for_nothing(setup: Any) -> None:
     alice = who("alice")
     with pytest.raises(ApplianceError, match="not an action that is requested"):
         call(svc, alice, "approvals.request", action="run.start", subject="x")
-    with pytest.raises(ApplianceError, match="no recorded"):
+    with pytest.raises(ApplianceError, match="no model has a digest starting"):
         call(svc, alice, "approvals.request", action="model.export", subject="deadbeefdeadbeef")
     with pytest.raises(PolicyError, match="carol may not model.export"):
         call(svc, who("carol"), "approvals.request", action="model.export", subject="deadbeefdeadbeef")

@@ -60,8 +60,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
     home = home_of(args)
     passphrase = read_passphrase(purpose=f"unlock the keys of {home.root}")
-    with release.left_locked():  # the release key itself may be the one revoked
-        r = revoke_key(home.root, passphrase, Path(args.root_key), Caller.current(), args.key_id, args.reason, approval=args.approval)
+    r = revoke_key(home.root, passphrase, Path(args.root_key), Caller.current(), args.key_id, args.reason, approval=args.approval)
     emit(args, r, f"{r['role']} key {_short(r['key_id'])} revoked at {r['revoked_at']} (trust store version {r['trust_store_version']})")
     if r["role"] == "release" and release.holds(home, r["key_id"]):
         note(f"{home.release_key_file} holds it: the service refuses to start until `appliance keys release-init --root-key KEY` replaces it")

@@ -50,7 +50,8 @@ def error_from(body: dict[str, Any]) -> ApplianceError:
     from keys.truststore import TrustStoreError, UntrustedKeyError
     from pipeline.errors import ConfigError, DataError, Problem, ShardIntegrityError, TrainingError
     from policies.errors import ApprovalError, PolicyError, PolicyFileError, PolicySignatureError
-    from registry.errors import LedgerError, StoreError
+    from registry.dsse import EnvelopeError
+    from registry.errors import BundleError, LedgerError, StoreError
 
     known: dict[str, type[ApplianceError]] = {
         c.__name__: c
@@ -70,6 +71,8 @@ def error_from(body: dict[str, Any]) -> ApplianceError:
             UntrustedKeyError,
             ApprovalError,
             ApprovalSignatureError,
+            BundleError,
+            EnvelopeError,
             AirgapError,
         )
     }

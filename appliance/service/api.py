@@ -158,6 +158,23 @@ OPS: tuple[Op, ...] = (
     ),
     Op("model.list", ("GET",), "/v1/models", "appliance.service.models:model_list", summary="signed models"),
     Op(
+        "bundle.export",
+        ("GET",),
+        "/v1/models/{model}/bundle",
+        "appliance.service.export_ops:model_bundle",
+        (Param("model", S, True), Param("approval", S)),
+        result="tar",
+        summary="a model as a signed bundle for another site (tar stream)",
+    ),
+    Op(
+        "bundle.receive",
+        ("POST",),
+        "/v1/models/import",
+        "appliance.service.import_ops:model_import",
+        (Param("path", S, True), Param("root_key", S, True), Param("trust_store", S)),
+        summary="verify another site's bundle against its root key, and import its model",
+    ),
+    Op(
         "registry.list",
         ("GET",),
         "/v1/registry",

@@ -69,7 +69,7 @@ def how_to_use(req: dict[str, Any]) -> str:
     """The command that uses an approved request."""
     rid, action = req["id"], req["action"]
     if action == "model.export":
-        return f"appliance model export {req['subject']} --approval {rid} --out DIR"
+        return f"appliance export {req['subject']} --approval {rid} --to DIR"
     if action == "keys.rotate":
         return f"appliance keys rotate --root-key ROOT.key --approval {rid}"
     if action == "keys.revoke":
@@ -296,9 +296,10 @@ def _permission(action: str) -> str:
 def _check_subject(svc: Any, action: str, subject: str) -> dict[str, Any]:
     """Refuse a request whose subject does not exist now (no approval is asked for nothing)."""
     if action == "model.export":
-        from appliance.service.resolve import resolve_digest
+        from appliance.service.registry_ops import resolve_model
 
-        return {"model_digest": resolve_digest(svc.ledger, subject, kind="model")}
+        row = resolve_model(svc, subject)  # NAME:VERSION, NAME@TAG, NAME, or a digest prefix
+        return {"model_digest": row["digest"], "model": f"{row['name']}:{row['version']}"}
     if action == "keys.revoke":
         wanted = subject.removeprefix("key ")
         found = [e for e in svc.trust.entries if e.key_id.startswith(wanted)] if len(wanted) >= 8 else []

@@ -154,13 +154,20 @@ def registry_verify(svc: Any, caller: Caller, *, ref: str) -> dict[str, Any]:
     event = verify_stored(svc, row["digest"], svc.trusted)
     entry = svc.trust.require(event.key_id, "node", at=event.ts)  # raises UntrustedKeyError naming the key
     path = svc.store.path_of(row["digest"])
+    signer_pem = entry.public_key_pem
+    if row["kind"] == "imported-model":
+        # Its model.sig is the origin's: checked with the origin node key recorded at import (itself checked then against the origin's root).
+        found = svc.ledger.select(
+            "SELECT body ->> '$.data.origin_node_key_pem' FROM events WHERE kind = 'model.imported' AND body ->> '$.data.digest' = ? LIMIT 1", [row["digest"]]
+        )
+        signer_pem = str(found[0][0]) if found else signer_pem
     if (path / "model.sig").exists():
         import tempfile
 
         # Against the key that signed it then (a rotated-out key still verifies what it signed).
         with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
             pem = Path(tmp) / "signer.pub.pem"
-            pem.write_text(entry.public_key_pem, encoding="ascii")
+            pem.write_text(signer_pem, encoding="ascii")
             verify_model_dir(path, pem)
     return {
         **row,

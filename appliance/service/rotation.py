@@ -94,7 +94,18 @@ def rotate_node_key(root: Path, passphrase: bytes, root_key_file: Path, caller: 
 
 
 def revoke_key(root: Path, passphrase: bytes, root_key_file: Path, caller: Caller, key_id: str, reason: str, *, approval: str | None = None) -> dict[str, Any]:
-    """Mark a key revoked from now on, in a new root-signed trust store, and record it."""
+    """Mark a key revoked from now on, in a new root-signed trust store, and record it.
+
+    The services it opens leave the release key locked: it may be the key revoked, and a
+    revocation never signs with it.
+    """
+    from appliance.service import release
+
+    with release.left_locked():
+        return _revoke_key(root, passphrase, root_key_file, caller, key_id, reason, approval=approval)
+
+
+def _revoke_key(root: Path, passphrase: bytes, root_key_file: Path, caller: Caller, key_id: str, reason: str, *, approval: str | None = None) -> dict[str, Any]:
     home = Home(Path(root))
     if not reason.strip():
         raise ApplianceError("a revocation needs a reason", 'pass --reason "…" (it is recorded with the key)')
