@@ -48,9 +48,36 @@ def exported(tmp_path_factory: pytest.TempPathFactory, finished_run: tuple[Path,
         _cli_ok("--home", str(home), "registry", "tag", finished_run[1].model_digest[:16], "production")
         _cli_ok("--home", str(home), "export", "tiny-test@production", "--to", str(base / "one"))
         _cli_ok("--home", str(home), "export", finished_run[1].model_digest[:16], "--tar", str(base / "two.tar"))
+        _second_model(home, finished_run[1].model_digest, base / "work")
+        _cli_ok("--home", str(home), "export", "tiny-test:2", "--to", str(base / "other"))
     finally:
         mp.undo()
-    return {"home": home, "one": base / "one", "two": base / "two.tar", "root": home / "keys" / "root.pub.pem", "digest": finished_run[1].model_digest}
+    return {
+        "home": home,
+        "one": base / "one",
+        "two": base / "two.tar",
+        "other": base / "other",
+        "root": home / "keys" / "root.pub.pem",
+        "digest": finished_run[1].model_digest,
+    }
+
+
+def _second_model(home: Path, first: str, work: Path) -> None:
+    """A second model of the same run (another config), signed and recorded as packaging records one: tiny-test:2."""
+    from appliance.service import Service
+    from registry.modelsig import sign_model_dir
+
+    with Service.open(home, PASS) as svc:
+        src = svc.store.path_of(first)
+        shutil.copytree(src, work / "model2", copy_function=shutil.copyfile)
+        (work / "model2" / "model.sig").unlink()
+        config = json.loads((work / "model2" / "config.json").read_text())
+        (work / "model2" / "config.json").write_text(json.dumps({**config, "note": "second model"}))
+        sign_model_dir(work / "model2", svc.key)
+        stored = svc.store.import_path(work / "model2", kind="model", name="second", signer=svc.key, move=True)
+        (event,) = [e for e in svc.ledger.events("artifact.recorded") if e.data["digest"] == first]
+        data = {**event.data, "digest": stored.digest, "name": event.data["name"] + "2", "store_path": str(stored.path.relative_to(svc.home.store_dir))}
+        svc.ledger.append("artifact.recorded", "root", data)
 
 
 def _cli_ok(*argv: str) -> str:
@@ -92,7 +119,7 @@ def test_a_bundle_verifies_offline_and_with_model_signing(exported: dict[str, An
     # The export was recorded, with the manifest's digest.
     with __import__("appliance.service", fromlist=["Service"]).Service.open(exported["home"], PASS) as svc:
         events = svc.ledger.events("model.exported")
-    assert [e.data["name"] for e in events] == ["tiny-test", "tiny-test"] and all(len(e.data["bundle_manifest_sha256"]) == 64 for e in events)
+    assert [(e.data["name"], e.data["version"]) for e in events] == [("tiny-test", 1), ("tiny-test", 1), ("tiny-test", 2)] and all(len(e.data["bundle_manifest_sha256"]) == 64 for e in events)
 
 
 def _copy(exported: dict[str, Any], tmp_path: Path) -> Path:
@@ -136,6 +163,11 @@ def _swap_signature(b: Path, tmp: Path, other: Path) -> None:
     shutil.copyfile(tmp / "other" / "model" / "release.sig", b / "model" / "release.sig")
 
 
+def _swap_from_other_model(b: Path, e: dict[str, Any]) -> None:
+    """The release signature of another model (tiny-test:2) put on this one."""
+    shutil.copyfile(e["other"] / "model" / "release.sig", b / "model" / "release.sig")
+
+
 def _edit_statement(b: Path, home: Path) -> None:
     env = json.loads((b / "provenance.dsse.json").read_text())
     st = json.loads(base64.b64decode(env["payload"]))
@@ -177,7 +209,9 @@ CASES: dict[str, tuple[Callable[[Path, Path, dict[str, Any]], None], type[Except
     "renamed-model-dir": (lambda b, t, e: (b / "model").rename(b / "tiny-v1"), ApplianceError, "missing: model/"),
     "renamed-model-dir-resigned": (lambda b, t, e: _rename(b, e["home"]), ApplianceError, "does not match the model digest"),
     "unknown-key": (lambda b, t, e: _stranger(b, t), ApplianceError, "signed by no key this verifier trusts"),
-    "signatures-swapped": (lambda b, t, e: _swap_signature(b, t, e["two"]), ApplianceError, "changed: model/release.sig"),
+    "signatures-swapped": (lambda b, t, e: _swap_from_other_model(b, e), ApplianceError, "changed: model/release.sig"),
+    "signatures-swapped-resigned": (lambda b, t, e: (_swap_from_other_model(b, e), _resign(b, e["home"])), ApplianceError, "config.json differs"),
+    "bundles-swapped-parts": (lambda b, t, e: _swap_signature(b, t, e["two"]), ApplianceError, "changed: model/release.sig"),
     "provenance-edited": (lambda b, t, e: _edit_statement(b, e["home"]), ApplianceError, "provenance.dsse.json by key .* does not verify"),
     "excerpt-edited": (lambda b, t, e: _edit_excerpt(b, e["home"]), ApplianceError, "does not match its link in the chain"),
     "ledger-truncated": (lambda b, t, e: _truncate(b, e["home"]), ApplianceError, "not at the signed head's seq"),
@@ -241,13 +275,17 @@ def test_import_into_a_second_home_then_fine_tune_from_it(exported: dict[str, An
     assert code == 0, err
     imported = json.loads(out)
     assert imported["digest"] == exported["digest"] and imported["origin_version"] == 1
-    # The same (or an older) version again is a replay.
+    # The same version again is a replay; so is an older one once a newer is in.
     code, _, err = cli(capsys, "--home", str(site_b), "import", str(exported["one"]), "--root-key", str(exported["root"]))
-    assert code == 2 and "is a replay" in err
+    assert code == 2 and "not newer than version 1" in err and "is a replay" in err
+    code, _, err = cli(capsys, "--home", str(site_b), "import", str(exported["other"]), "--root-key", str(exported["root"]))
+    assert code == 0, err
+    code, _, err = cli(capsys, "--home", str(site_b), "import", str(exported["one"]), "--root-key", str(exported["root"]))
+    assert code == 2 and "tiny-test version 1 from this origin is not newer than version 2" in err
     code, out, err = cli(capsys, "--home", str(site_b), "registry", "verify", "tiny-test", "--json")
     assert code == 0 and json.loads(out)["kind"] == "imported-model", err
     with Service.open(site_b, PASS) as svc:
-        (event,) = svc.ledger.events("model.imported")
+        event = svc.ledger.events("model.imported")[0]
         assert event.data["origin_root_key_id"] == json.loads((exported["one"] / "bundle.json").read_text())["exporter"]["root_key_id"]
         origin_pem = tmp_path / "origin-node.pub.pem"
         origin_pem.write_text(event.data["origin_node_key_pem"])
