@@ -119,7 +119,9 @@ def test_a_bundle_verifies_offline_and_with_model_signing(exported: dict[str, An
     # The export was recorded, with the manifest's digest.
     with __import__("appliance.service", fromlist=["Service"]).Service.open(exported["home"], PASS) as svc:
         events = svc.ledger.events("model.exported")
-    assert [(e.data["name"], e.data["version"]) for e in events] == [("tiny-test", 1), ("tiny-test", 1), ("tiny-test", 2)] and all(len(e.data["bundle_manifest_sha256"]) == 64 for e in events)
+    assert [(e.data["name"], e.data["version"]) for e in events] == [("tiny-test", 1), ("tiny-test", 1), ("tiny-test", 2)] and all(
+        len(e.data["bundle_manifest_sha256"]) == 64 for e in events
+    )
 
 
 def _copy(exported: dict[str, Any], tmp_path: Path) -> Path:
