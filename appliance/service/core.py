@@ -12,6 +12,7 @@ life cycle, the lock on the home and the authorization step they all share.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -360,7 +361,10 @@ class Service:
         decision = self.policy.decide(caller.user, caller.groups, action, subject)
         allowed, reason, rule = decision.allowed, decision.reason, decision.rule
         hint = ""
-        with approvals.LOCK:
+        # Only a use of an approval is serialised (check it is unused, record its use); every
+        # other decision goes straight to the ledger's group commit.
+        redeeming = allowed and decision.needs_approval and not requesting and approval is not None
+        with approvals.LOCK if redeeming else contextlib.nullcontext():
             used = None
             if allowed and requesting:
                 rule = f"{decision.rule}; asks for a second person's approval"
