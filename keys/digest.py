@@ -13,6 +13,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from keys.sealed import open_read, plain_size
+
 CHUNK = 1 << 20
 
 
@@ -22,9 +24,13 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's contents, read in 1 MiB chunks."""
+    """Hex sha256 of a file's contents, read in 1 MiB chunks.
+
+    A sealed file (`keys.sealed`) is hashed by its plaintext, so an artifact's digest is the
+    same sealed or not and a third party's ``sha256sum`` of the exported plaintext agrees.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -40,7 +46,7 @@ def dir_manifest(path: Path) -> list[tuple[str, str, int]]:
             if full.is_symlink() or not full.is_file():
                 continue
             rel = full.relative_to(path).as_posix()
-            entries.append((rel, sha256_file(full), full.stat().st_size))
+            entries.append((rel, sha256_file(full), plain_size(full)))
     entries.sort(key=lambda e: e[0].encode("utf-8"))
     return entries
 

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from keys.errors import KeyStoreError, SigningError
 from keys.files import atomic_write
+from keys.sealed import unwrap_key
 
 # Where the passphrase comes from is keys.passphrase's concern; ENV_PASSPHRASE,
 # ENV_PASSPHRASE_FILE and read_passphrase are re-exported ("as") for callers that import them here.
@@ -109,6 +110,10 @@ class NodeKey:
     def public_pem(self) -> bytes:
         """The public key as SubjectPublicKeyInfo PEM."""
         return _public_pem(self.public_key)
+
+    def unwrap_data_key(self, record: dict[str, str]) -> bytes:
+        """A data key wrapped to this node key (`keys.sealed.wrap_key`)."""
+        return unwrap_key(record, self._private_key)
 
     def sign(self, data: bytes) -> bytes:
         """ECDSA-SHA256 signature (DER) over ``data``."""
