@@ -86,6 +86,16 @@ class Home:
         return self.root / "store"
 
     @property
+    def data_keys_dir(self) -> Path:
+        """The data key table (`appliance.service.datakeys`): one wrapped key per sealed artifact."""
+        return self.root / "keys" / "data"
+
+    @property
+    def purge_dir(self) -> Path:
+        """Purge certificates, one signed JSON file per purge."""
+        return self.root / "purge"
+
+    @property
     def work_dir(self) -> Path:
         return self.root / "work"
 

@@ -172,3 +172,33 @@ def publish_dir(tmp: Path, final: Path, *, replace: bool = False) -> None:
             final.unlink()
     os.rename(tmp, final)
     fsync_dir(final.parent)
+
+
+def overwrite_and_unlink(path: Path) -> int:
+    """Overwrite a regular file with random bytes, fsync it, unlink it and fsync its folder.
+
+    Returns the bytes overwritten. On flash and copy-on-write file systems the old blocks
+    may survive an overwrite: this is the second line of a purge, after the data keys are
+    destroyed (cryptographic erase), never the only one.
+    """
+    path = Path(path)
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        path.unlink()
+        fsync_dir(path.parent)
+        return 0
+    os.chmod(path, 0o600)
+    size = st.st_size
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        left = size
+        while left > 0:
+            n = min(left, 1 << 20)
+            _write_all(fd, os.urandom(n))
+            left -= n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink()
+    fsync_dir(path.parent)
+    return size

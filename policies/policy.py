@@ -122,6 +122,10 @@ ACTION_PERMISSION: dict[str, str] = {
     "policy.show": "policy.read",
     "policy.update": "policy.update",
     "approvals.list": "approvals.read",
+    # Seeing what a purge would reach, and reading purges' certificates, is reading artifacts.
+    "purge.impact": "artifact.read",
+    "purge.list": "artifact.read",
+    "purge.show": "artifact.read",
     # Actions that are their own permission, for the service to add as it grows them.
     **{p: p for p in ("data.ingest", "data.purge", "model.import", "model.promote", "keys.manage", "keys.rotate", "keys.revoke", "approvals.decide")},
 }

@@ -115,3 +115,20 @@ def approvals() -> str:
         "body ->> '$.data.subject' AS subject, body ->> '$.data.reason' AS reason FROM events "
         "WHERE kind LIKE 'approval.%' ORDER BY seq"
     )
+
+
+def purges() -> str:
+    """Every purge: target, who requested and approved it, when, what it erased, its verification and certificate."""
+    return (
+        "SELECT purge_id, target, status, requester, approver, started_ts, finished_ts, artifacts, verification, certificate_sha256 "
+        "FROM purges ORDER BY started_seq"
+    )
+
+
+def purge_derived() -> str:
+    """Artifacts derived from purged data (kept by choice: a model cannot be un-trained), and the purged ones themselves."""
+    return (
+        "SELECT a.status, a.kind, a.name, a.digest, coalesce(p.purge_id, d.purge_id) AS purge_id, coalesce(p.ts, d.ts) AS since "
+        "FROM artifacts a LEFT JOIN purged_artifacts p USING (digest) LEFT JOIN derived_from_purged d USING (digest) "
+        "WHERE a.status <> 'recorded' ORDER BY a.status, a.seq"
+    )

@@ -47,6 +47,47 @@ VIEWS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # Every purge: started, then completed (a started one without an end is being finished).
+        "purges",
+        """
+        SELECT s.data ->> '$.purge_id' AS purge_id,
+               s.data ->> '$.target' AS target,
+               CASE WHEN c.seq IS NULL THEN 'started' ELSE 'completed' END AS status,
+               s.data ->> '$.requester.user' AS requester,
+               s.data ->> '$.approver.user' AS approver,
+               s.seq AS started_seq, s.ts AS started_ts, c.ts AS finished_ts,
+               CAST(json_array_length(s.data -> '$.artifacts') AS BIGINT) AS artifacts,
+               c.data ->> '$.certificate_sha256' AS certificate_sha256,
+               c.data ->> '$.verification' AS verification
+        FROM (SELECT * FROM signed_events WHERE kind = 'purge.started') s
+        LEFT JOIN (SELECT * FROM signed_events WHERE kind = 'purge.completed') c
+               ON c.data ->> '$.purge_id' = s.data ->> '$.purge_id'
+        """,
+    ),
+    (
+        # Artifacts a completed purge erased: their rows stay, their bytes are gone.
+        "purged_artifacts",
+        """
+        SELECT unnest(json_extract_string(data, '$.purged[*]')) AS digest,
+               data ->> '$.purge_id' AS purge_id, ts, seq,
+               data ->> '$.certificate_sha256' AS certificate_sha256
+        FROM signed_events WHERE kind = 'purge.completed'
+        """,
+    ),
+    (
+        # Artifacts a purge left in place that derive from the data it erased (a model cannot be un-trained).
+        "derived_from_purged",
+        """
+        SELECT k.digest, any_value(k.purge_id) AS purge_id, min(k.ts) AS ts
+        FROM (
+            SELECT unnest(json_extract_string(data, '$.kept[*]')) AS digest, data ->> '$.purge_id' AS purge_id, ts
+            FROM signed_events WHERE kind = 'purge.completed'
+        ) k
+        WHERE k.digest NOT IN (SELECT digest FROM purged_artifacts)
+        GROUP BY k.digest
+        """,
+    ),
+    (
         # One row per digest: the first event that recorded it (a deterministic stage may
         # record the same content again in a later run; lineage keeps every edge).
         "artifacts",
@@ -59,7 +100,11 @@ VIEWS: list[tuple[str, str]] = [
                data ->> '$.store_path' AS store_path,
                data ->> '$.run_id'     AS run_id,
                data ->> '$.stage'      AS stage,
-               seq, ts
+               seq, ts,
+               CASE WHEN data ->> '$.digest' IN (SELECT digest FROM purged_artifacts) THEN 'purged'
+                    WHEN data ->> '$.digest' IN (SELECT digest FROM derived_from_purged) THEN 'derived-from-purged'
+                    ELSE 'recorded' END AS status,
+               data ->> '$.sealed.key_id' AS data_key_id
         FROM signed_events
         WHERE kind = 'artifact.recorded'
         QUALIFY row_number() OVER (PARTITION BY data ->> '$.digest' ORDER BY seq) = 1
@@ -292,6 +337,8 @@ EVENT_FIELDS: dict[str, frozenset[str]] = {
     "checkpoint.pruned": frozenset({"run_id", "stage", "step"}),
     "stage.reused": frozenset({"run_id", "stage", "from_run", "artifacts"}),
     "run.resumed": frozenset({"run_id", "previous_status", "reused_stages"}),
+    "purge.started": frozenset({"purge_id", "target", "artifacts", "kept", "requester"}),
+    "purge.completed": frozenset({"purge_id", "purged", "kept", "certificate", "certificate_sha256", "signature", "key_id"}),
 }
 
 

@@ -20,7 +20,7 @@ from keys.errors import ApplianceError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from appliance.cli import approvals, audit, bundle, data, finetune, generate, keys, ledger, policy, recipe, registry, runs, serve, slurm, store
+    from appliance.cli import approvals, audit, bundle, data, finetune, generate, keys, ledger, policy, purge, recipe, registry, runs, serve, slurm, store
 
     parser = argparse.ArgumentParser(prog="appliance", description="Sovereign LLM training appliance: dataset to signed model, proven in a ledger.")
     parser.add_argument("--home", help="local mode: run the service in-process on this home (default: $APPLIANCE_HOME or ~/.local/share/appliance)")
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     store.register(sub, add)
     registry.register(sub, add)
     bundle.register(sub, add)
+    purge.register(sub, add)
     data.register(sub, add)
     generate.register(sub, add)
     recipe.register(sub, add)

@@ -79,6 +79,16 @@ def cmd_audit_approvals(args: argparse.Namespace) -> int:
     return _run(args, q.approvals(), "no requests")
 
 
+def cmd_audit_purges(args: argparse.Namespace) -> int:
+    """Every purge, with who requested and approved it, its verification and its certificate."""
+    return _run(args, q.purges(), "nothing was purged")
+
+
+def cmd_audit_purged(args: argparse.Namespace) -> int:
+    """Purged artifacts, and the artifacts kept that derive from purged data (models cannot be un-trained)."""
+    return _run(args, q.purge_derived(), "no artifact is purged or derived from purged data")
+
+
 def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="the auditor's canned questions, answered from the ledger").add_subparsers(
         dest="audit_command", required=True, metavar="COMMAND"
@@ -101,3 +111,5 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("key_id", help="key id or prefix (`appliance keys list`)")
     command("exports", cmd_audit_exports)
     command("approvals", cmd_audit_approvals)
+    command("purges", cmd_audit_purges)
+    command("purged", cmd_audit_purged)

@@ -134,8 +134,11 @@ class Job:
         launch: LaunchOptions | None = None,
         spec_file: Path | None = None,
         lock: RunLock | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.module, self.work = module, Path(work)
+        # Added to the job's environment (its run's data keys): never written to the spec file.
+        self.env = dict(env or {})
         self.launch = launch or LaunchOptions()
         self.spec_file = spec_file or self.work / SPEC
         self.events_file = self.work / EVENTS
@@ -163,7 +166,7 @@ class Job:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    env=job_env(self.launch),
+                    env=job_env(self.launch, self.env),
                     start_new_session=True,
                     preexec_fn=preexec_die_with_parent,
                     pass_fds=pass_fds,

@@ -133,6 +133,30 @@ def _progress(emit: EventWriter) -> ProgressFn:
     return progress
 
 
+# The files each text- or token-holding output is written as (in the stage's out folder),
+# temporaries included: each is sealed under its own artifact's data key.
+SEALED_FILES = {
+    "raw": ("raw.parquet",),
+    "rejects": ("rejects.parquet",),
+    "dataset": ("dataset.parquet",),
+    "dropped": ("dropped.parquet",),
+    "shards": ("shards", "shards.partial"),
+    "examples": ("examples.parquet",),
+}
+
+
+def _seal_outputs(work: Path, seal: dict[str, str]) -> None:
+    """Tell `keys.sealed.open_write` what to seal: each output under its key, the rest of the
+    out folder (a stage's scratch files) under the stage's scratch key."""
+    from keys import sealed
+
+    if "*" in seal:
+        sealed.seal_path(work, seal["*"])
+    for name, key_id in seal.items():
+        for rel in SEALED_FILES.get(name, ()):
+            sealed.seal_path(work / rel, key_id)
+
+
 def _run_stage(spec: dict[str, Any], emit: EventWriter) -> None:
     from appliance.recipe import parse_recipe
 
@@ -140,6 +164,7 @@ def _run_stage(spec: dict[str, Any], emit: EventWriter) -> None:
     fn = FUNCTIONS[spec["stage"]]
     work = Path(spec["work"])
     work.mkdir(parents=True, exist_ok=True)
+    _seal_outputs(work, spec.get("seal") or {})
     artifacts = {k: Path(v) for k, v in spec["artifacts"].items()}
     result = fn(recipe, artifacts, Path(spec["source"]), work, _progress(emit), spec.get("provenance") or {})
     emit(

@@ -35,7 +35,7 @@ from pipeline.errors import ConfigError
 from policies.errors import ApprovalError
 
 # action -> who carries it out once approved: the service at once, or the requester with --approval.
-REQUESTABLE = {"model.export": "requester", "keys.rotate": "requester", "keys.revoke": "requester", "policy.update": "service"}
+REQUESTABLE = {"model.export": "requester", "data.purge": "requester", "keys.rotate": "requester", "keys.revoke": "requester", "policy.update": "service"}
 DEFAULT_TTL_S = 24 * 3600
 MAX_TTL_S = 7 * 24 * 3600
 MIN_TTL_S = 60
@@ -62,6 +62,8 @@ def request_command(action: str, subject: str) -> str:
     if action == "policy.update":
         return "appliance policy update FILE"
     shown = {"keys.rotate": "node", "keys.revoke": subject.removeprefix("key ")}.get(action, subject)
+    if " " in shown:
+        shown = f"'{shown}'"
     return f"appliance request {action} {shown}"
 
 
@@ -72,6 +74,9 @@ def how_to_use(req: dict[str, Any]) -> str:
         return f"appliance export {req['subject']} --approval {rid} --to DIR"
     if action == "keys.rotate":
         return f"appliance keys rotate --root-key ROOT.key --approval {rid}"
+    if action == "data.purge":
+        target, _, also = req["subject"].partition(" also=")
+        return f"appliance purge {target}" + "".join(f" --also {a}" for a in also.split(",") if a) + f" --approval {rid} --confirm"
     if action == "keys.revoke":
         return f"appliance keys revoke {req['subject'].removeprefix('key ')} --reason ... --root-key ROOT.key --approval {rid}"
     return "nothing: the service carries it out when it is approved"
@@ -300,6 +305,13 @@ def _check_subject(svc: Any, action: str, subject: str) -> dict[str, Any]:
 
         row = resolve_model(svc, subject)  # NAME:VERSION, NAME@TAG, NAME, or a digest prefix
         return {"model_digest": row["digest"], "model": f"{row['name']}:{row['version']}"}
+    if action == "data.purge":
+        from appliance.service.purge import _split_target, plan
+
+        target, also = _split_target(subject)
+        p = plan(svc, target, also)
+        # The approver sees what will be erased and what stays marked; the use re-plans and must match.
+        return {"purge": sorted(a["digest"] for a in p.purge), "keep": sorted(a["digest"] for a in p.keep), "label": p.label}
     if action == "keys.revoke":
         wanted = subject.removeprefix("key ")
         found = [e for e in svc.trust.entries if e.key_id.startswith(wanted)] if len(wanted) >= 8 else []

@@ -23,6 +23,7 @@ from typing import Any
 from appliance.home import Home
 from appliance.service import release
 from appliance.service.caller import Caller
+from appliance.service.datakeys import DataKeys
 from keys.errors import ApplianceError, KeyStoreError
 from keys.keystore import NodeKey, create_key, key_id_of, load_key, load_public_key, public_key_from_pem
 from keys.truststore import TrustStore, TrustStoreError, entry_for, new_store, read_store, write_store
@@ -106,6 +107,9 @@ class Service:
             release.check(home, release_key, self.trust)
             limits = AuditLimits(memory_limit=parse_size(config.query_memory_limit), timeout_s=config.query_timeout_s, max_rows=config.query_max_rows)
             self.ledger = Ledger.open(home.ledger_file, key, head_path=home.head_file, audit=limits)
+            # The data keys of sealed artifacts, unwrapped into this process's keyring only.
+            self.datakeys = DataKeys(home.data_keys_dir, key)
+            self.datakeys.load()
         except BaseException:
             lock.release()
             raise
@@ -113,6 +117,10 @@ class Service:
         self._record_trust_version()
         self.policy = self._load_policy()
         self.runs = RunManager(self)
+        # A purge a kill -9 interrupted is finished before anything else: its keys may be half gone.
+        from appliance.service.purge import recover as recover_purges
+
+        self.purges_recovered = recover_purges(self)
         self.runs.recover(resume=config.resume_interrupted)
 
     # -- life cycle ---------------------------------------------------------------------

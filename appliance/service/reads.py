@@ -130,12 +130,21 @@ def artifact_verify(svc: Any, caller: Caller, *, digest: str, trusted_keys: Sequ
     """Check a stored artifact on its own (digest, signature file) and through the ledger."""
     svc.authorize(caller, "artifact.verify", digest)
     full = resolve_digest(svc.ledger, digest)
+    from appliance.service.purge import purged_message
+
+    gone = purged_message(svc, full)
+    if gone is not None:
+        kind, name = svc.ledger.select("SELECT kind, name FROM artifacts WHERE digest = ?", [full])[0]
+        return {"ok": True, "purged": True, "digest": full, "kind": kind, "name": name, "message": gone}
     event = verify_stored(svc, full, _trusted(svc, trusted_keys))
     return {"ok": True, "digest": full, "kind": event.data["kind"], "name": event.data["name"], "seq": event.seq}
 
 
 def verify_stored(svc: Any, digest: str, trusted: dict[str, Any]) -> Any:
     """The ledger event that recorded ``digest``, after checking it and the stored copy."""
+    from appliance.service.purge import require_not_purged
+
+    require_not_purged(svc, digest)  # "purged on … by certificate …", not a missing-file failure
     event = svc.ledger.recorded(digest, trusted)
     if event.data.get("store_path") is None:
         raise StoreError(
@@ -163,7 +172,30 @@ def data_card(svc: Any, caller: Caller, *, run: str, trusted_keys: Sequence[str]
     run_id = resolve_run(svc.ledger, run)
     folder = _run_artifact(svc, run_id, "dataset-card", _trusted(svc, trusted_keys))
     card = json.loads((folder / "dataset_card.json").read_text(encoding="utf-8"))
-    return {"run_id": run_id, "card": card, "markdown": (folder / "dataset_card.md").read_text(encoding="utf-8")}
+    markdown = (folder / "dataset_card.md").read_text(encoding="utf-8")
+    notice = purge_notice(svc, run_id)
+    if notice:
+        card["purge_notice"] = notice
+        markdown = f"> **{notice}**\n\n" + markdown
+    return {"run_id": run_id, "card": card, "markdown": markdown}
+
+
+def purge_notice(svc: Any, run_id: str) -> str | None:
+    """The line a run's cards carry once some of its data was purged (the stored cards are immutable)."""
+    rows = svc.ledger.select(
+        "SELECT a.status, count(*), any_value(coalesce(p.purge_id, d.purge_id)) FROM artifacts a "
+        "LEFT JOIN purged_artifacts p USING (digest) LEFT JOIN derived_from_purged d USING (digest) "
+        "WHERE a.run_id = ? AND a.status <> 'recorded' GROUP BY a.status ORDER BY a.status",
+        [run_id],
+    )
+    if not rows:
+        return None
+    parts = {status: (n, pid) for status, n, pid in rows}
+    pid = next(iter(parts.values()))[1]
+    return (
+        f"Derived from purged data: {parts.get('purged', (0, ''))[0]} artifact(s) of run {run_id} were purged "
+        f"(certificate {pid}); what was trained on them keeps what it learned"
+    )
 
 
 def data_dropped(

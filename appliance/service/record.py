@@ -15,6 +15,7 @@ from typing import Any
 
 from appliance.jobs.launch import LaunchOptions
 from appliance.service.stage_table import Stage
+from keys import sealed
 from keys.digest import sha256_bytes
 from keys.errors import ApplianceError
 from pipeline.result import StageResult
@@ -83,7 +84,7 @@ class Recorder:
     def __init__(self, svc: Any) -> None:
         self.svc = svc
 
-    def stage_events(self, run: RunState, stage: Stage, result: StageResult) -> list[Event]:
+    def stage_events(self, run: RunState, stage: Stage, result: StageResult, *, seal: dict[str, str] | None = None) -> list[Event]:
         """Import a stage's outputs into the store and build its events (appended together)."""
         svc, actor = self.svc, run.actor
         events: list[Event] = []
@@ -123,15 +124,32 @@ class Recorder:
             if kind in ("model", "adapter", "finetuned-model"):
                 # model_signing's own format, so a third party verifies it with its CLI.
                 sign_model_dir(path, svc.key)
+            key_id = (seal or {}).get(out_name)
+            if key_id is not None:
+                require_sealed(path, key_id, f"stage {stage.name}'s output {out_name}")
             stored = svc.store.import_path(path, kind=kind, name=f"{run.run_id}/{out_name}", signer=svc.key, move=True)
             run.artifacts[out_name] = stored
-            events.append(self.artifact_event(run, out_name, stored, kind=kind, stage=stage.name, parents=parents))
+            event = self.artifact_event(run, out_name, stored, kind=kind, stage=stage.name, parents=parents)
+            if key_id is not None:
+                event[2]["sealed"] = self._bind(key_id, stored, kind)
+            events.append(event)
             if kind == "model":
                 events.append(("model.signed", actor, {"digest": stored.digest, "key_id": svc.key.key_id, "signature_file": "model.sig"}))
         if result.metrics:
             events.append(("metrics.recorded", actor, {"run_id": run.run_id, "stage": stage.name, "points": jsonable(result.metrics)}))
         events.append(("stage.finished", actor, {"run_id": run.run_id, "stage": stage.name, "stats": jsonable(result.stats)}))
         return events
+
+    def _bind(self, key_id: str, stored: StoredArtifact, kind: str) -> dict[str, Any] | None:
+        """Bind the output's data key to the stored artifact; or name the key it is stored under
+        already (the same content stored before), or None (stored before in the clear)."""
+        found = sealed_key_ids(stored.path)
+        if found == {key_id}:
+            return self.svc.datakeys.bind(key_id, stored.digest, kind)
+        if len(found) == 1 and None not in found:
+            (other,) = found
+            return {"key_id": other, "cipher": sealed.CIPHER, "wrap": sealed.WRAP}
+        return None
 
     def artifact_event(self, run: RunState, name: str, art: StoredArtifact, *, kind: str, stage: str | None, parents: Iterable[str]) -> Event:
         return (
@@ -174,3 +192,26 @@ class Recorder:
         if len(sources) <= MAX_SOURCES_IN_CARD:
             prov["sources"]["sha256"] = dict(sources)
         return jsonable(prov)
+
+
+def sealed_key_ids(path: Path) -> set[str | None]:
+    """The data key ids a file or folder's sealed files name (None for each plain data file).
+
+    A folder's small plain files (a shard manifest: digests and counts, no text) do not count;
+    a folder with no sealed file at all counts as plain.
+    """
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    ids = {sealed.header_key_id(f) for f in files}
+    if path.is_dir() and ids - {None}:
+        ids.discard(None)
+    return ids
+
+
+def require_sealed(path: Path, key_id: str, what: str) -> None:
+    """Refuse an output that should be sealed under ``key_id`` but was written otherwise."""
+    found = sealed_key_ids(path)
+    if found != {key_id}:
+        raise ApplianceError(
+            f"{what} ({path}) was not sealed under its data key {key_id} (found: {sorted(str(k) for k in found)})",
+            "this is a bug in the stage's writer: report it; the run is not recorded with data in the clear",
+        )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.service.caller import Caller
-from appliance.service.reads import verify_stored
+from appliance.service.reads import purge_notice, verify_stored
 from pipeline.errors import ConfigError
 from registry.errors import StoreError
 
@@ -101,6 +101,8 @@ def registry_show(svc: Any, caller: Caller, *, ref: str) -> dict[str, Any]:
         "parents": list(event.data.get("parents") or []),
         "recorded_by": event.actor,
         "tag_history": history,
+        # The stored model card cannot change: a model trained on data purged since says so here.
+        "purge_notice": purge_notice(svc, row["run_id"]) if row.get("run_id") else None,
     }
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from appliance.home import Home
 from appliance.service.caller import Caller
 from appliance.service.core import HomeLock, Service
+from appliance.service.datakeys import DataKeys
 from keys.errors import ApplianceError, KeyStoreError
 from keys.keystore import NodeKey, create_key, load_key, load_public_key, public_key_path
 from keys.truststore import TrustStore, TrustStoreError, entry_for, read_store, write_store
@@ -85,6 +86,8 @@ def rotate_node_key(root: Path, passphrase: bytes, root_key_file: Path, caller: 
             store = _store_and_root(home, Path(root_key_file), passphrase)[0]  # as it is now (a key may have been added)
             changed = store.with_change(old.key_id, not_after=boundary).with_entry(entry_for(new, "node", "node", not_before=boundary))
             write_store(home.trust_file, changed, root_key)
+        # Sealed artifacts' data keys must open under the new key: wrap each to it too.
+        DataKeys(home.data_keys_dir, old).rewrap(new)
         os.replace(staged, home.key_file)
         os.replace(public_key_path(staged), home.public_key_file)
     finally:

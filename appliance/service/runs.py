@@ -29,6 +29,7 @@ from appliance.jobs.runner import Job, RunLock
 from appliance.recipe import LoadedRecipe, load_recipe, parse_recipe
 from appliance.recipe_checks import Machine
 from appliance.service.caller import Caller
+from appliance.service.datakeys import SEALED_OUTPUTS
 from appliance.service.feed import ActiveRun, RunFeed
 from appliance.service.reads import verify_stored
 from appliance.service.record import Recorder, RunState, failure_text, jsonable
@@ -460,6 +461,11 @@ class RunManager:
         def progress(done: int, total: int, fields: dict[str, Any]) -> None:
             feed.push({"event": "progress", "stage": stage.name, "done": done, "total": total, "fields": jsonable(fields)})
 
+        # Each text- or token-holding output gets its own data key; the rest of the stage's
+        # scratch files one more, forgotten when the stage ends (so they become noise).
+        seal = {name: svc.datakeys.new() for name in stage.kinds if name in SEALED_OUTPUTS}
+        if seal:
+            seal["*"] = svc.datakeys.new()
         try:
             if stage.name in ("train", "finetune"):
                 # Training jobs are followed as they run: checkpoints recorded as they appear.
@@ -468,9 +474,9 @@ class RunManager:
                     parse_recipe(run.recipe_text, source=run.recipe_source), self._paths(run), work, progress, self._train_context(active, lock, stage.name)
                 )
             else:
-                result = self._job_stage(active, stage, work, progress, lock)
+                result = self._job_stage(active, stage, work, progress, lock, seal)
             clock = time.perf_counter()
-            events = self.recorder.stage_events(run, stage, result)
+            events = self.recorder.stage_events(run, stage, result, seal=seal)
         except BaseException as exc:
             message = failure_text(exc)
             # A stop on request (with a checkpoint to resume from) is not a failure: say which it was.
@@ -478,6 +484,9 @@ class RunManager:
             svc.ledger.append(kind, run.actor, {"run_id": run.run_id, "stage": stage.name, "error": message})
             feed.push({"event": "stage_failed", "stage": stage.name, "message": message, "stopped": kind == "stage.stopped"})
             raise
+        finally:
+            for key_id in seal.values():
+                svc.datakeys.discard(key_id)  # the bound ones stay
         svc.ledger.append_many(events)
         run.provenance_s += time.perf_counter() - clock
         run.recorded += sum(1 for kind, _, _ in events if kind == "artifact.recorded")
@@ -505,7 +514,7 @@ class RunManager:
     def _paths(self, run: RunState) -> dict[str, Path]:
         return {k: a.path for k, a in run.artifacts.items()}
 
-    def _job_stage(self, active: ActiveRun, stage: Stage, work: Path, progress: Any, lock: RunLock) -> StageResult:
+    def _job_stage(self, active: ActiveRun, stage: Stage, work: Path, progress: Any, lock: RunLock, seal: dict[str, str]) -> StageResult:
         """Run one data/evaluate/package stage as a child job and return what it reported."""
         run = active.state
         spec = {
@@ -517,8 +526,10 @@ class RunManager:
             "source": str(run.source),
             "work": str(work / "out"),
             "provenance": self._job_context(run, stage),
+            "seal": seal,  # key ids only: the keys travel in the job's environment
         }
-        job = Job(JOB_MODULE, spec, work / "job", lock=lock)
+        env = self.svc.datakeys.env_for([a.digest for a in run.artifacts.values()], list(seal.values()), {})
+        job = Job(JOB_MODULE, spec, work / "job", lock=lock, env=env)
         result: dict[str, Any] = {}
 
         def on_event(event: dict[str, Any]) -> None:
@@ -574,6 +585,7 @@ class RunManager:
             set_job=active.set_job,
             cancelled_by=lambda: active.cancelled_by,
             charge=charge,
+            env=svc.datakeys.env_for([a.digest for a in run.artifacts.values()], [], {}),
         )
 
 

@@ -61,6 +61,8 @@ class StageContext:
     cancelled_by: Callable[[], str | None] = lambda: None
     # Add seconds spent proving the run (hashing a checkpoint) to its provenance cost.
     charge: Callable[[float], None] = lambda seconds: None
+    # Environment the job gets on top of the usual (the data keys of the run's sealed inputs).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def select_resume(work: Path, ctx: StageContext) -> Path | None:
@@ -195,7 +197,7 @@ def _run_training_job(module: str, body: dict[str, Any], recipe: Any, work: Path
         "resume_from": str(resume_from) if resume_from else None,
         "records_dir": str(records),
     }
-    job = Job(module, spec, work, launch=launch, spec_file=ctx.job_file, lock=ctx.lock)
+    job = Job(module, spec, work, launch=launch, spec_file=ctx.job_file, lock=ctx.lock, env=ctx.env)
     follower = _Follower(work, ctx, progress, recipe.train.steps, stage=stage)
     ctx.set_job(job)
     try:
