@@ -3,7 +3,7 @@
 The signed document is ``{"certificate", "certificate_sha256", "signature", "key_id"}``: the
 signature is ECDSA-SHA256 over the canonical JSON of the certificate (whose sha256 is
 ``certificate_sha256``), so a third party re-serialises, hashes and verifies with OpenSSL or
-`appliance purge verify-certificate FILE --key NODE.pub.pem`.
+`appliance purges verify FILE --key NODE.pub.pem`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def sign_certificate(certificate: dict[str, Any], key: NodeKey) -> dict[str, Any
 def verify_certificate(doc: dict[str, Any], public_key: ec.EllipticCurvePublicKey, *, source: str = "the certificate") -> dict[str, Any]:
     """The certificate, after checking its digest and signature; SigningError names what failed."""
     if not isinstance(doc, dict) or not {"certificate", "certificate_sha256", "signature", "key_id"} <= set(doc):
-        raise SigningError(f"{source} is not a signed purge certificate", "pass the file `appliance purge show ID --out FILE` wrote")
+        raise SigningError(f"{source} is not a signed purge certificate", "pass the file `appliance purges show ID --out FILE` wrote")
     body = canonical_json(doc["certificate"])
     if hashlib.sha256(body).hexdigest() != doc["certificate_sha256"]:
         raise SigningError(f"{source}: the certificate does not match its sha256 (it was changed)", "get the certificate again from the appliance")

@@ -259,7 +259,7 @@ def purged_message(svc: Any, digest: str) -> str | None:
 def require_not_purged(svc: Any, digest: str) -> None:
     message = purged_message(svc, digest)
     if message is not None:
-        raise ArtifactPurged(message, f"its bytes are erased by design; read the certificate with `appliance purge show {message.rsplit(' ', 1)[-1]}`")
+        raise ArtifactPurged(message, f"its bytes are erased by design; read the certificate with `appliance purges show {message.rsplit(' ', 1)[-1]}`")
 
 
 def op_impact(svc: Any, caller: Caller, *, target: str, also: list[str] | None = None) -> dict[str, Any]:
