@@ -33,7 +33,7 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -52,6 +52,8 @@ KEY_BYTES = 32
 ENV_KEYS = "APPLIANCE_DATA_KEYS"
 ENV_SEAL = "APPLIANCE_SEAL_PATHS"
 CIPHER = "aes-256-ctr"
+_MASK64 = (1 << 64) - 1
+_MASK128 = (1 << 128) - 1
 WRAP = "ecdh-p256-hkdf-sha256-aes256gcm"
 
 
@@ -149,6 +151,15 @@ def sealing_key_for(path: Path | str) -> str | None:
         return found
 
 
+def reset_for_tests() -> None:
+    """Empty the keyring and the seal map, and read the environment again on next use (tests only)."""
+    global _ENV_LOADED
+    with _LOCK:
+        _KEYS.clear()
+        _SEAL.clear()
+        _ENV_LOADED = False
+
+
 def job_environment(keys: dict[str, bytes], seal: dict[str, str]) -> dict[str, str]:
     """The environment entries that hand a job its data keys and what to seal."""
     return {
@@ -219,8 +230,13 @@ class SealedReader(io.RawIOBase):
                     "the key was destroyed by a purge, or the reading job was not given it; read it through the service",
                 )
             if not hmac.compare_digest(_key_check(key, self._nonce), head[40:56]):
-                raise SealedDataError(f"{self.path}: data key {self.key_id} does not open it (key check failed)", "the file is damaged or was sealed under another key")
+                raise SealedDataError(
+                    f"{self.path}: data key {self.key_id} does not open it (key check failed)", "the file is damaged or was sealed under another key"
+                )
             self._key = key
+            self._counter = int.from_bytes(self._nonce, "big")
+            self._fd = self._f.fileno()
+            self._block: Any = None
             self.size = os.fstat(self._f.fileno()).st_size - HEADER_SIZE
         except BaseException:
             self._f.close()
@@ -253,6 +269,16 @@ class SealedReader(io.RawIOBase):
             enc.update(bytes(lead))  # advance the keystream to the byte offset inside its block
         return enc.update(data)
 
+    def pread_windows(self, offsets: Sequence[int], n: int) -> Any:
+        """The plaintext of ``n`` bytes at each of ``offsets`` (see the module's `pread_windows`)."""
+        return pread_windows([(self, o) for o in offsets], n)
+
+    def _ecb(self) -> Any:
+        if self._block is None:
+            # ECB here encrypts counter blocks, never data: it is the CTR keystream generator.
+            self._block = Cipher(algorithms.AES(self._key), modes.ECB()).encryptor()
+        return self._block
+
     def readinto(self, b: Any) -> int:
         data = self.pread(self._pos, len(b))
         b[: len(data)] = data
@@ -271,6 +297,64 @@ class SealedReader(io.RawIOBase):
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("a sealed file has no plaintext descriptor")
+
+
+def pread_windows(windows: Sequence[tuple[SealedReader, int]], n: int) -> Any:
+    """The plaintext of ``n`` bytes at each (reader, offset): a (len(windows), n) uint8 numpy array.
+
+    For random-access readers that take many small windows at once (a training batch, over
+    several sealed shards): setting up a cipher per window costs more than decrypting it, so
+    the counter blocks of every window under one key go through one AES call and one XOR.
+    Every window must lie wholly inside its file's plaintext; ValueError otherwise.
+    """
+    import numpy as np  # lazy: the service imports this module and never needs numpy
+
+    k = len(windows)
+    if k == 0 or n <= 0:
+        return np.empty((k, max(n, 0)), dtype=np.uint8)
+    blocks_per = (15 + n + 15) // 16  # enough for a window starting anywhere in its first block
+    width = blocks_per * 16
+    # Whole blocks are read and decrypted in place; each window is then taken from its offset
+    # in its row (near the end of a file a row's tail is left unread, and unused).
+    buf = np.empty(k * width, dtype=np.uint8)
+    view = buf.data  # a memoryview: slices of it are what preadv fills
+    high, low, starts = [], [], []
+    carry = False
+    for row, (reader, offset) in enumerate(windows):
+        if offset < 0 or offset + n > reader.size:
+            raise ValueError(f"{reader.path}: a window of {n} bytes at {offset} is not inside the plaintext's {reader.size} bytes")
+        first, lead = divmod(offset, 16)
+        at = row * width
+        if os.preadv(reader._fd, [view[at : at + width]], HEADER_SIZE + 16 * first) < lead + n:
+            raise SealedDataError(f"{reader.path} is shorter than its size said while it was read", "the file was truncated: restore it from a backup")
+        counter = (reader._counter + first) & _MASK128
+        high.append(counter >> 64)
+        low.append(counter & _MASK64)
+        carry = carry or (counter & _MASK64) + blocks_per > _MASK64
+        starts.append(at + lead)
+    # CTR by hand: the keystream of block b is AES_k(nonce + b), a 128-bit big-endian counter,
+    # so every window's counter blocks go through one stateless block encryption.
+    step = np.arange(blocks_per, dtype=np.uint64)
+    counters = np.empty((k, blocks_per, 2), dtype=">u8")
+    counters[:, :, 1] = np.array(low, dtype=np.uint64)[:, None] + step  # wraps modulo 2**64, as the low half does
+    if carry:  # a window crosses a 2**64 boundary of the counter (about never): carry into the high half
+        counters[:, :, 0] = np.array(high, dtype=np.uint64)[:, None] + (counters[:, :, 1] < step)
+    elif high.count(high[0]) == k:  # one file (one nonce): a scalar, not a broadcast array
+        counters[:, :, 0] = high[0]
+    else:
+        counters[:, :, 0] = np.array(high, dtype=np.uint64)[:, None]
+    keys = {reader._key for reader, _ in windows}
+    if len(keys) == 1:
+        buf ^= np.frombuffer(windows[0][0]._ecb().update(counters.tobytes()), dtype=np.uint8)
+    else:
+        rows_of = {key: [row for row, (reader, _) in enumerate(windows) if reader._key == key] for key in keys}
+        grid = buf.reshape(k, width)
+        for rows in rows_of.values():
+            stream = windows[rows[0]][0]._ecb().update(counters[rows].tobytes())
+            grid[rows] ^= np.frombuffer(stream, dtype=np.uint8).reshape(len(rows), width)
+    # Each window is the n bytes at its start: rows of one strided view, taken in one copy.
+    every = np.ndarray((k * width - n + 1, n), dtype=np.uint8, buffer=buf, strides=(1, 1))
+    return every[np.array(starts, dtype=np.intp)]
 
 
 class SealedWriter(io.RawIOBase):
@@ -311,16 +395,20 @@ class SealedWriter(io.RawIOBase):
 def open_read(path: Path | str) -> BinaryIO:
     """Open a file for reading its plaintext, sealed or not (buffered, seekable)."""
     if is_sealed(path):
-        return io.BufferedReader(SealedReader(path), buffer_size=1 << 20)  # type: ignore[return-value]
+        return io.BufferedReader(SealedReader(path), buffer_size=1 << 20)
     return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def open_write(path: Path | str) -> BinaryIO:
-    """Open a new file for writing: sealed when `seal_path` named it (or a folder above it)."""
-    key_id = sealing_key_for(path)
+def open_write(path: Path | str, *, like: Path | str | None = None) -> BinaryIO:
+    """Open a new file for writing: sealed when `seal_path` named it (or a folder above it).
+
+    ``like`` is the name the file will be renamed to (a ``.partial`` written first, then moved
+    into place): the file is sealed as that name would be, under that name's key.
+    """
+    key_id = sealing_key_for(path if like is None else like)
     if key_id is None:
         return open(path, "wb")  # noqa: SIM115 - the caller closes it
-    return io.BufferedWriter(SealedWriter(path, key_id), buffer_size=1 << 20)  # type: ignore[return-value]
+    return io.BufferedWriter(SealedWriter(path, key_id), buffer_size=1 << 20)
 
 
 def iter_plain(path: Path | str, chunk: int = 1 << 20) -> Iterator[bytes]:

@@ -212,6 +212,7 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
 
     # Pass 1 (parallel): per-document work; survivors go to a temporary file with their keys.
     stage1 = out_dir / "curate-stage1.parquet"
+    stage_pf: Any = None
     try:
         with ParquetSink(stage1, _STAGE1_SCHEMA) as sink:
             for res in ordered_map(_run_batch, _batches(pf, raw_parquet), workers=workers, initializer=_init_worker, initargs=(settings,)):
@@ -235,6 +236,7 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
                 done += res.documents
                 survivors += len(res.ids)
                 progress(done, total, {"kept": survivors})
+        pf.close()
 
         # Pass 2: which survivors are duplicates, and of which kept document.
         duplicate_of, kind, clusters = _dedup(exact_parts, band_parts, has_parts, survivors, settings.dedup)
@@ -275,10 +277,14 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
                 )
     except BaseException:
         # A failed stage leaves nothing behind (the sinks remove their partial files).
+        pf.close()
+        if stage_pf is not None:
+            stage_pf.close()
         stage1.unlink(missing_ok=True)
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
+    stage_pf.close()
     stage1.unlink(missing_ok=True)
     # Dedup samples name the kept document by doc_id, known for every row only after pass 3.
     samples += [(d, s, "dedup", r, f"duplicate of doc_id {ids_all[kept_row]}", t) for d, s, r, kept_row, t in dedup_samples]

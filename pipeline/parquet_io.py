@@ -2,6 +2,10 @@
 
 parquet-cpp writes no timestamps, so with the options below equal rows give byte-identical
 files: every stage's outputs can be compared by digest across runs and machines.
+
+Files that hold document text are written through `keys.sealed.open_write`, so a job told to
+seal them (``seal_path``) never writes their text in the clear, and read through
+`open_parquet`, which opens sealed and plain files alike (plain ones memory-mapped, as before).
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from keys.files import fsync_dir, fsync_path
+from keys.sealed import is_sealed, open_read, open_write
 from pipeline.errors import DataError
 
 PARQUET_OPTIONS: dict[str, Any] = {
@@ -49,12 +54,20 @@ class ParquetSink:
         self.count = 0
         self.chars = 0
         self.writer: pq.ParquetWriter | None = None
+        self.file: BinaryIO | None = None
         self.created_dir = False
 
     def __enter__(self) -> ParquetSink:
         self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, **PARQUET_OPTIONS)
+        # Sealed as the final name would be: the .partial must never hold the text in the clear.
+        self.file = open_write(self.tmp, like=self.path)
+        try:
+            self.writer = pq.ParquetWriter(self.file, self.schema, **PARQUET_OPTIONS)
+        except BaseException:
+            self.file.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
         return self
 
     def add(self, **row: Any) -> None:
@@ -79,8 +92,12 @@ class ParquetSink:
             if kind is None:
                 self._flush()
         finally:
-            if self.writer is not None:
-                self.writer.close()
+            try:
+                if self.writer is not None:
+                    self.writer.close()
+            finally:
+                if self.file is not None:
+                    self.file.close()  # pyarrow leaves a file object it was given open
         if kind is None:
             # A streamed file cannot be one atomic_write; the same steps by hand: data on disk
             # before the name points at it, and the new name on disk before the stage reports it.
@@ -94,23 +111,50 @@ class ParquetSink:
 
 
 def open_parquet(path: Path, columns: list[str], hint: str) -> pq.ParquetFile:
-    """Open ``path`` as parquet holding ``columns``; DataError naming the file otherwise.
+    """Open ``path`` (plain or sealed) as parquet holding ``columns``; DataError naming the file otherwise.
 
-    The file is memory-mapped where the platform allows, so reading it batch by batch
-    leaves its pages to the OS cache instead of copying them into the process.
-    ``hint`` tells the user what to do (e.g. "run the clean stage first").
+    A plain file is memory-mapped where the platform allows, so reading it batch by batch
+    leaves its pages to the OS cache instead of copying them into the process; a sealed one
+    is decrypted as pyarrow reads it. Close the result (it is a context manager).
+    ``hint`` tells the user what to do (e.g. "run the clean stage first"). A sealed file whose
+    key this process lacks raises `keys.sealed.SealedDataError`, which names file and key.
     """
     path = Path(path)
     try:
-        pf = map_parquet(path)
+        pf = _open_sealed_parquet(path) if is_sealed(path) else map_parquet(path)
     except FileNotFoundError:
         raise DataError(f"{path} does not exist", hint) from None
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path} is not a readable parquet file ({exc})", hint) from None
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
+        pf.close()
         raise DataError(f"{path} has no column '{missing[0]}' (columns: {', '.join(pf.schema_arrow.names)})", hint)
     return pf
+
+
+class _SealedParquetFile(pq.ParquetFile):
+    """A ParquetFile over a sealed file's plaintext stream, which its ``close`` also closes."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        super().__init__(source)
+        self._stream = source
+
+    def close(self, force: bool = False) -> None:
+        # pyarrow closes only sources it opened itself; this one it was handed.
+        try:
+            super().close(force=True)
+        finally:
+            self._stream.close()
+
+
+def _open_sealed_parquet(path: Path) -> pq.ParquetFile:
+    stream = open_read(path)
+    try:
+        return _SealedParquetFile(stream)
+    except BaseException:
+        stream.close()
+        raise
 
 
 def map_parquet(path: Path) -> pq.ParquetFile:

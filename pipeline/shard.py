@@ -132,7 +132,15 @@ def run_shard(dataset_parquet: Path, tokenizer_model: Path, out_dir: Path, cfg: 
     vocab, bos, eos = sp.get_piece_size(), sp.bos_id(), sp.eos_id()
     if bos < 0 or eos < 0:
         raise DataError(f"tokenizer {tokenizer_model} has no <s>/</s> pieces (bos {bos}, eos {eos})", "train it with the tokenizer stage")
-    pf = open_parquet(dataset_parquet, ["text"], _HINT)
+    with open_parquet(dataset_parquet, ["text"], _HINT) as pf:
+        return _shard(pf, dataset_parquet, tokenizer_model, out_dir, cfg, progress, (vocab, bos, eos))
+
+
+def _shard(
+    pf: pq.ParquetFile, dataset_parquet: Path, tokenizer_model: Path, out_dir: Path, cfg: ShardConfig, progress: ProgressFn, ids: tuple[int, int, int]
+) -> StageResult:
+    """`run_shard` over the opened dataset (which the caller closes); ``ids`` is (vocab size, bos, eos)."""
+    vocab, bos, eos = ids
     total = pf.metadata.num_rows
     splits = assign_splits(_doc_digests(pf, dataset_parquet), cfg.seed, cfg.val_fraction)
     # assign_splits gives val a document whenever there are two; so this is the one-document corpus.

@@ -5,6 +5,10 @@ token (u32: 2 for uint16, 4 for uint32), token count (u64), vocabulary size (u32
 A shard set is a directory holding the shards and ``manifest.json``, which lists each
 shard's split, token count and sha256; every shard is checked against it when opened.
 
+A shard is written through `keys.sealed.open_write`, so a job told to seal its shard set writes
+it encrypted (the header above is then part of the plaintext). `read_shard` memory-maps a plain
+shard and gives a sealed one as `SealedTokens`, which decrypts only the windows read from it.
+
 A split with no tokens is not damage: the manifest says so, and it comes from the corpus and
 the recipe (a one-document corpus sharded before the shard stage split such a document by
 token range). ``require_val_tokens`` refuses it, and a val split shorter than one evaluation
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from keys.digest import sha256_file
+from keys.sealed import SealedReader, is_sealed, open_write, pread_windows
 from pipeline.errors import DataError, ShardIntegrityError
 
 MAGIC = b"APLTOKS\x00"
@@ -45,23 +50,84 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
 
 
 def write_shard(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
-    """Write one shard file: header then the ids in the dtype the vocabulary allows."""
+    """Write one shard file: header then the ids in the dtype the vocabulary allows (sealed if told to)."""
     dtype = dtype_for_vocab(vocab_size)
     arr = np.ascontiguousarray(tokens, dtype=dtype)
-    with open(path, "wb") as f:
+    with open_write(path) as f:
         f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, arr.size, vocab_size))
         f.write(arr.tobytes())
 
 
-def read_shard(path: Path) -> np.ndarray:
-    """Memory-map one shard after checking its header; raises ShardIntegrityError naming the file."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(HEADER.size)
-    if len(raw) < HEADER.size:
+class SealedTokens:
+    """A sealed shard's token ids, read like the read-only np.memmap of a plain shard.
+
+    Indexing with an int or a slice decrypts only the bytes it covers; ``np.asarray(tokens)``
+    decrypts the whole shard. `windows` decrypts many equal-length windows in one AES call
+    (the training loader's batches). Holds the file open until `close` (or garbage collection).
+    """
+
+    ndim = 1
+
+    def __init__(self, reader: SealedReader, dtype: np.dtype, count: int) -> None:
+        self.path = reader.path
+        self.dtype = np.dtype(dtype)
+        self.size = count
+        self.shape = (count,)
+        self._reader = reader
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _read(self, begin: int, end: int) -> np.ndarray:
+        n = max(0, end - begin)
+        item = self.dtype.itemsize
+        return np.frombuffer(self._reader.pread(HEADER.size + begin * item, n * item), dtype=self.dtype, count=n)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            begin, end, step = key.indices(self.size)
+            if step == 1:
+                return self._read(begin, end)
+            picked = range(begin, end, step)
+            if not picked:
+                return self._read(0, 0)
+            lo, hi = min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1
+            return self._read(lo, hi)[picked[0] - lo :: step]
+        if isinstance(key, int | np.integer):
+            i = int(key) + self.size if key < 0 else int(key)
+            if not 0 <= i < self.size:
+                raise IndexError(f"index {int(key)} is out of bounds for shard {self.path} of {self.size} tokens")
+            return self._read(i, i + 1)[0]
+        raise TypeError(f"a sealed shard takes an int or a slice, not {type(key).__name__}")
+
+    def windows(self, starts: list[int], length: int) -> np.ndarray:
+        """A (len(starts), length) array of the ``length`` ids from each start, decrypted together."""
+        return sealed_windows([(self, s) for s in starts], length)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self._read(0, self.size)
+        return arr if dtype is None else arr.astype(dtype)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def sealed_windows(windows: list[tuple[SealedTokens, int]], length: int) -> np.ndarray:
+    """``length`` ids from each (sealed shard, start), as the rows of one array, decrypted in one call.
+
+    The shards must share a dtype, and each window must lie inside its shard.
+    """
+    dtype = windows[0][0].dtype if windows else np.dtype(np.uint16)
+    item = dtype.itemsize
+    rows = pread_windows([(t._reader, HEADER.size + s * item) for t, s in windows], length * item)
+    return rows.view(dtype)
+
+
+def _shard_header(path: Path, head: bytes, size: int) -> tuple[np.dtype, int]:
+    """(dtype, token count) of a shard whose plaintext starts with ``head`` and is ``size`` bytes."""
+    if len(head) < HEADER.size:
         raise ShardIntegrityError(f"shard {path} is shorter than its {HEADER.size}-byte header", FIX_HINT)
-    magic, version, itemsize, count, _vocab = HEADER.unpack(raw)
+    magic, version, itemsize, count, _vocab = HEADER.unpack(head)
     if magic != MAGIC:
         raise ShardIntegrityError(f"shard {path} has no token-shard magic (not a shard, or damaged)", FIX_HINT)
     if version != VERSION:
@@ -71,8 +137,36 @@ def read_shard(path: Path) -> np.ndarray:
         )
     if itemsize not in (2, 4) or size != HEADER.size + itemsize * count:
         raise ShardIntegrityError(f"shard {path} is {size} bytes, but its header promises {count} tokens", FIX_HINT)
-    dtype = np.uint16 if itemsize == 2 else np.uint32
+    return np.dtype(np.uint16 if itemsize == 2 else np.uint32), count
+
+
+def read_shard(path: Path) -> np.ndarray | SealedTokens:
+    """One shard after checking its header: memory-mapped if plain, a `SealedTokens` if sealed.
+
+    Raises ShardIntegrityError naming the file (and `keys.sealed.SealedDataError`, naming file
+    and key, for a sealed shard whose key this process lacks).
+    """
+    path = Path(path)
+    if is_sealed(path):
+        reader = SealedReader(path)
+        try:
+            dtype, count = _shard_header(path, reader.pread(0, HEADER.size), reader.size)
+        except BaseException:
+            reader.close()
+            raise
+        return SealedTokens(reader, dtype, count)
+    with open(path, "rb") as f:
+        raw = f.read(HEADER.size)
+    dtype, count = _shard_header(path, raw, path.stat().st_size)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
+
+
+def shard_token_count(path: Path) -> int:
+    """Tokens in one shard, from its checked header (a sealed shard's file is closed again)."""
+    tokens = read_shard(path)
+    if isinstance(tokens, SealedTokens):
+        tokens.close()
+    return int(tokens.size)
 
 
 @dataclass
@@ -101,8 +195,8 @@ class ShardSet:
         """Tokens of ``split`` as the manifest counts them (no shard is read)."""
         return split_tokens(self.manifest, split)
 
-    def tokens(self, split: str) -> np.ndarray:
-        """All ids of ``split`` as one array (memory-mapped when there is a single shard)."""
+    def tokens(self, split: str) -> np.ndarray | SealedTokens:
+        """All ids of ``split`` as one array (memory-mapped, or `SealedTokens`, when there is a single shard)."""
         parts = [read_shard(p) for p in self.shard_files(split)]
         if not parts:
             if split == "val":
@@ -181,7 +275,7 @@ def open_shards(root: Path, *, verify_digests: bool = True) -> ShardSet:
                 f"shard {path} does not match its manifest digest (sha256 {actual[:16]}…, expected {entry['sha256'][:16]}…): it was altered or corrupted",
                 FIX_HINT,
             )
-        if read_shard(path).size != entry["tokens"]:
+        if shard_token_count(path) != entry["tokens"]:
             raise ShardIntegrityError(f"shard {path} token count differs from {mpath}", FIX_HINT)
     return ShardSet(root=root, manifest=manifest)
 

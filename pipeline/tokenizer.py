@@ -93,7 +93,8 @@ def run_tokenizer(dataset_parquet: Path, out_dir: Path, cfg: TokenizerConfig, pr
                     yield from chunks
             progress(counts["documents"], total_docs, {"phase": "reading"})
 
-    sample = _reservoir(sentences(), cfg.sample_sentences, random.Random(cfg.seed), counts)
+    with pf:
+        sample = _reservoir(sentences(), cfg.sample_sentences, random.Random(cfg.seed), counts)
     if not sample:
         raise DataError(f"{dataset_parquet} holds no text to train a tokenizer on", "check the clean stage's output (clean.min_chars, the sources)")
     model = _train(sample, cfg, dataset_parquet)

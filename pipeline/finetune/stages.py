@@ -19,6 +19,7 @@ from typing import Any
 
 from keys.digest import sha256_file
 from keys.files import atomic_write_text
+from keys.sealed import open_read, open_write
 from pipeline.errors import ConfigError, DataError
 from pipeline.result import ProgressFn, StageResult
 from pipeline.settings.finetune import FinetuneConfig
@@ -144,7 +145,8 @@ def run_examples(fcfg: FinetuneConfig, recipe_dir: Path, base_json: Path, work: 
     )
     work.mkdir(parents=True, exist_ok=True)
     out = work / EXAMPLES_FILE
-    pq.write_table(table, out)
+    with open_write(out) as f:  # sealed when the job was told to seal its examples
+        pq.write_table(table, f)
     inputs = []
     for ds in fcfg.datasets:
         path = (recipe_dir / ds.path).resolve()
@@ -165,7 +167,8 @@ def read_examples(path: Path, split: str) -> list[Any]:
 
     from pipeline.finetune.render import Example
 
-    table = pq.read_table(path).to_pylist()
+    with open_read(path) as f:  # plain or sealed
+        table = pq.read_table(f).to_pylist()
     return [Example(input_ids=r["input_ids"], labels=r["labels"], file=r["file"], line=r["line"]) for r in table if r["split"] == split]
 
 

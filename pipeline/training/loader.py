@@ -12,6 +12,8 @@ state is one integer, ``position`` (windows consumed in total), so:
 
 Shards stay memory-mapped; a window that spans two shards is joined from two slices. Only the
 epoch's permutation lives in memory (4 bytes per window: 16 MB for 1B tokens at T = 256).
+Sealed shards (`SealedTokens`) are never decrypted whole: a batch's windows in one shard are
+read and decrypted together, in one AES call.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.shard_format import ShardSet, read_shard
+from pipeline.shard_format import SealedTokens, ShardSet, read_shard, sealed_windows
 
 
 class TokenLoader:
     def __init__(self, shards: ShardSet, split: str, *, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.parts = [read_shard(p) for p in shards.shard_files(split)]
+        self.sealed = any(isinstance(p, SealedTokens) for p in self.parts)
         self.bounds = np.cumsum([0] + [len(p) for p in self.parts])
         self.total = int(self.bounds[-1])
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
@@ -65,20 +68,45 @@ class TokenLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (inputs, targets) of shape (batch_size, seq_len); advances the global position."""
         start = self.position + self.rank * self.batch_size
-        rows = np.stack([self._window(start + i) for i in range(self.batch_size)])
+        rows = self._rows([self._begin(start + i) for i in range(self.batch_size)])
         self.position += self.batch_size * self.world
         windows = torch.from_numpy(rows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
 
-    def _window(self, index: int) -> np.ndarray:
+    def _begin(self, index: int) -> int:
+        """The first token of window ``index`` (counted over all epochs)."""
         epoch, slot = divmod(index, self.windows)
         if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, epoch])
             self._order = rng.permutation(self.windows).astype(np.uint32)
             self._offset = int(rng.integers(0, self.seq_len))
             self._epoch = epoch
-        begin = self._offset + int(self._order[slot]) * self.seq_len
-        return self._slice(begin, begin + self.seq_len + 1)
+        return self._offset + int(self._order[slot]) * self.seq_len
+
+    def _rows(self, begins: list[int]) -> np.ndarray:
+        """One row of ``seq_len + 1`` ids per window start."""
+        width = self.seq_len + 1
+        if not self.sealed:
+            return np.stack([self._slice(b, b + width) for b in begins])
+        rows: list[np.ndarray | None] = []
+        where: list[int] = []
+        sealed: list[tuple[SealedTokens, int]] = []
+        for row, begin in enumerate(begins):
+            i = int(np.searchsorted(self.bounds, begin, side="right")) - 1
+            part = self.parts[i]
+            if isinstance(part, SealedTokens) and begin + width <= self.bounds[i + 1]:
+                # Deferred: the batch's sealed windows are decrypted together, in one call below.
+                where.append(row)
+                sealed.append((part, begin - int(self.bounds[i])))
+                rows.append(None)
+            else:
+                rows.append(self._slice(begin, begin + width))
+        if len(sealed) == len(begins):
+            return sealed_windows(sealed, width)  # the common case: every window in one call
+        if sealed:
+            for row, window in zip(where, sealed_windows(sealed, width), strict=True):
+                rows[row] = window
+        return np.stack(rows)  # type: ignore[arg-type]
 
     def _slice(self, begin: int, end: int) -> np.ndarray:
         i = int(np.searchsorted(self.bounds, begin, side="right")) - 1
