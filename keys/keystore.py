@@ -41,7 +41,6 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from keys.errors import KeyStoreError, SigningError
 from keys.files import atomic_write
-from keys.sealed import unwrap_key
 
 # Where the passphrase comes from is keys.passphrase's concern; ENV_PASSPHRASE,
 # ENV_PASSPHRASE_FILE and read_passphrase are re-exported ("as") for callers that import them here.
@@ -49,6 +48,7 @@ from keys.passphrase import ENV_PASSPHRASE as ENV_PASSPHRASE
 from keys.passphrase import ENV_PASSPHRASE_FILE as ENV_PASSPHRASE_FILE
 from keys.passphrase import MIN_PASSPHRASE_LEN, PASSPHRASE_HINT, read_private_file
 from keys.passphrase import read_passphrase as read_passphrase
+from keys.sealed import unwrap_key
 
 FORMAT = "appliance-node-key/v1"
 

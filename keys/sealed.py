@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -457,7 +458,7 @@ def unwrap_key(record: dict[str, str], node_private: ec.EllipticCurvePrivateKey)
         eph = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes.fromhex(record["ephemeral"]))
         kek = _wrap_kek(node_private.exchange(ec.ECDH(), eph), record["key_id"], record["binding"])
         return AESGCM(kek).decrypt(bytes.fromhex(record["nonce"]), bytes.fromhex(record["wrapped"]), (record["key_id"] + "\0" + record["binding"]).encode())
-    except Exception as exc:  # InvalidTag, bad hex, bad point: all one answer
+    except (InvalidTag, ValueError, KeyError, TypeError) as exc:  # a changed entry, bad hex, a bad point: one answer
         raise SealedDataError(
             f"data key {record.get('key_id', '?')} does not unwrap with this node key",
             "the key table entry was changed, or it was wrapped by another node key (re-wrap keys when rotating the node key)",

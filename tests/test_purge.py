@@ -112,7 +112,11 @@ def test_impact_of_a_source_used_by_two_runs(home: tuple[Path, dict[str, Any]]) 
         assert set(r["runs"]) == runs
         # Raw documents and dataset are the same bytes in both runs (one stored object each);
         # the shards differ (two tokenizers): both are erased, both models kept and marked.
-        assert {k for k, _ in purged} == {"raw-documents", "dataset", "dropped-samples", "token-shards"} or {k for k, _ in purged} >= {"raw-documents", "dataset", "token-shards"}
+        assert {k for k, _ in purged} == {"raw-documents", "dataset", "dropped-samples", "token-shards"} or {k for k, _ in purged} >= {
+            "raw-documents",
+            "dataset",
+            "token-shards",
+        }
         assert {run for k, run in purged if k == "token-shards"} == runs
         assert {run for k, run in kept if k == "model"} == runs
         assert any(k == "tokenizer" for k, _ in kept)

@@ -25,6 +25,9 @@ def cmd_artifact_verify(args: argparse.Namespace) -> int:
     """Check a stored artifact against its digest, its signature and its ledger record."""
     with connect(args) as client:
         r = client.call("artifact.verify", digest=args.digest, trusted_keys=read_key_pems(args.trusted_key) or None)
+    if r.get("purged"):
+        emit(args, r, f"{r['message']} ({r['kind']} {r['name']}): its bytes are erased by design; its ledger rows stay")
+        return 0
     emit(
         args,
         r,

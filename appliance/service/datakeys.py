@@ -45,6 +45,10 @@ class DataKeys:
         for path in sorted(self.folder.glob("*.json")):
             record = self._read(path)
             sealed.add_key(record["key_id"], self._unwrap(record, path))
+            if set(record["wraps"]) != {self.node_key.key_id}:
+                # A finished rotation: drop the wraps to retired node keys.
+                record["wraps"] = {self.node_key.key_id: record["wraps"][self.node_key.key_id]}
+                atomic_write_json(path, record, mode=0o600)
             self._by_digest[record["binding"]] = record["key_id"]
             n += 1
         return n

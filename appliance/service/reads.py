@@ -18,6 +18,7 @@ import duckdb
 
 from appliance.service.caller import Caller
 from appliance.service.resolve import resolve_digest, resolve_run, run_artifact_digest
+from keys import sealed
 from keys.errors import ApplianceError
 from keys.keystore import key_id_of, public_key_from_pem
 from registry.errors import LedgerError, StoreError
@@ -221,12 +222,16 @@ def data_dropped(
 def _read_parquet(path: Any, *, filter: str | None, rule: str | None, limit: int) -> list[dict[str, Any]]:
     # The service imports no pyarrow: a private in-memory DuckDB reads the verified parquet file
     # (a path the service chose, never one a caller named).
+    # The file is sealed (its plaintext exists only in this process), so DuckDB reads it through
+    # the decrypting file object, never from the path.
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     try:
-        sql = "SELECT * FROM read_parquet(?) WHERE (? IS NULL OR filter = ?) AND (? IS NULL OR rule = ?) LIMIT ?"
-        cur = con.execute(sql, [str(path), filter, filter, rule, rule, limit])
-        cols = [d[0] for d in cur.description or []]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        with sealed.open_read(path) as f:
+            con.register("dropped", con.read_parquet(f))
+            sql = "SELECT * FROM dropped WHERE (? IS NULL OR filter = ?) AND (? IS NULL OR rule = ?) LIMIT ?"
+            cur = con.execute(sql, [filter, filter, rule, rule, limit])
+            cols = [d[0] for d in cur.description or []]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     finally:
         con.close()
 

@@ -91,3 +91,23 @@ def broadcast_object(ctx: DistContext, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def share_data_keys(ctx: DistContext) -> None:
+    """Give every rank rank 0's data keys (sealed shards open only with them).
+
+    A node that joined with ``appliance train --join`` never touches the home, so its ranks start
+    without the run's keys; node 0's job got them from the service. They travel once over the
+    process group, on the cluster's own network (DESIGN: multi-node training is inside the site).
+    """
+    if not ctx.initialised or ctx.world == 1:
+        return
+    import json
+
+    from keys import sealed
+
+    mine = os.environ.get(sealed.ENV_KEYS, "") if ctx.is_main else ""
+    text = broadcast_object(ctx, mine)
+    for key_id, hex_key in (json.loads(text) if text else {}).items():
+        if not sealed.has_key(key_id):
+            sealed.add_key(key_id, bytes.fromhex(hex_key))

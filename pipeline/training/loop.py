@@ -138,6 +138,7 @@ def _train(
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clear_stale(out_dir)
+    dist.share_data_keys(ctx)  # ranks of a joined node start without the run's data keys
     if ctx.local_rank == 0:
         # Every shard's sha256 is checked before a single step: once per node, not once per rank
         # (eight ranks re-hashing a 100 GB shard set would cost minutes at start-up).
