@@ -18,11 +18,16 @@ read and decrypted together, in one AES call.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.shard_format import SealedTokens, ShardSet, read_shard, sealed_windows
+from pipeline.shard_format import SealedTokens, ShardSet, read_shard
+
+# Windows read (or decrypted) per call (see TokenLoader._read_ahead).
+AHEAD_WINDOWS = 256
 
 
 class TokenLoader:
@@ -30,6 +35,7 @@ class TokenLoader:
         self.parts = [read_shard(p) for p in shards.shard_files(split)]
         self.sealed = any(isinstance(p, SealedTokens) for p in self.parts)
         self.bounds = np.cumsum([0] + [len(p) for p in self.parts])
+        self.dtype = np.result_type(*[p.dtype for p in self.parts]) if self.parts else np.dtype(np.uint16)
         self.total = int(self.bounds[-1])
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world = rank, world
@@ -41,6 +47,8 @@ class TokenLoader:
                 "lower train.seq_len or shard more text",
             )
         self.position = 0
+        self._ahead: deque[np.ndarray] = deque()
+        self._ahead_at = -1
         self._epoch = -1
         self._order = np.empty(0, dtype=np.uint32)
         self._offset = 0
@@ -67,46 +75,63 @@ class TokenLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (inputs, targets) of shape (batch_size, seq_len); advances the global position."""
-        start = self.position + self.rank * self.batch_size
-        rows = self._rows([self._begin(start + i) for i in range(self.batch_size)])
+        if not self._ahead or self._ahead_at != self.position:
+            self._read_ahead()
+        rows = self._ahead.popleft()
+        self._ahead_at += self.batch_size * self.world
         self.position += self.batch_size * self.world
         windows = torch.from_numpy(rows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
 
-    def _begin(self, index: int) -> int:
-        """The first token of window ``index`` (counted over all epochs)."""
-        epoch, slot = divmod(index, self.windows)
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order = rng.permutation(self.windows).astype(np.uint32)
-            self._offset = int(rng.integers(0, self.seq_len))
-            self._epoch = epoch
-        return self._offset + int(self._order[slot]) * self.seq_len
+    def _read_ahead(self) -> None:
+        """This rank's windows of the next batches, read (and on sealed shards decrypted) at once.
 
-    def _rows(self, begins: list[int]) -> np.ndarray:
-        """One row of ``seq_len + 1`` ids per window start."""
+        Every window is known from (seed, position), so about AHEAD_WINDOWS of them are taken in
+        one vectorised pass per shard — one gather from the memory map, or one AES call on a
+        sealed shard — instead of one slice (or one cipher) per window: a few hundred KB, never
+        a whole shard. ``position`` stays the loader's only state: a reloaded loader reads afresh.
+        """
+        step = self.batch_size * self.world
+        batches = max(1, AHEAD_WINDOWS // self.batch_size)
+        first = self.position + self.rank * self.batch_size
+        index = first + (np.arange(batches, dtype=np.int64)[:, None] * step + np.arange(self.batch_size, dtype=np.int64)).reshape(-1)
+        rows = self._rows(self._begins(index))
+        self._ahead = deque(rows[j * self.batch_size : (j + 1) * self.batch_size] for j in range(batches))
+        self._ahead_at = self.position
+
+    def _begins(self, index: np.ndarray) -> np.ndarray:
+        """The first token of each window ``index`` (counted over all epochs)."""
+        epoch, slot = np.divmod(index, self.windows)
+        out = np.empty(len(index), dtype=np.int64)
+        for e in np.unique(epoch):
+            if e != self._epoch:
+                rng = np.random.default_rng([self.seed, int(e)])
+                self._order = rng.permutation(self.windows).astype(np.uint32)
+                self._offset = int(rng.integers(0, self.seq_len))
+                self._epoch = int(e)
+            here = epoch == e
+            out[here] = self._offset + self._order[slot[here]].astype(np.int64) * self.seq_len
+        return out
+
+    def _rows(self, starts: np.ndarray) -> np.ndarray:
+        """One row of ``seq_len + 1`` ids per window start: per shard, one gather or one decryption."""
         width = self.seq_len + 1
-        if not self.sealed:
-            return np.stack([self._slice(b, b + width) for b in begins])
-        rows: list[np.ndarray | None] = []
-        where: list[int] = []
-        sealed: list[tuple[SealedTokens, int]] = []
-        for row, begin in enumerate(begins):
-            i = int(np.searchsorted(self.bounds, begin, side="right")) - 1
+        shard = np.searchsorted(self.bounds, starts, side="right") - 1
+        inside = starts + width <= self.bounds[shard + 1]
+        out = np.empty((len(starts), width), dtype=self.dtype)
+        for i in np.unique(shard[inside]):
             part = self.parts[i]
-            if isinstance(part, SealedTokens) and begin + width <= self.bounds[i + 1]:
-                # Deferred: the batch's sealed windows are decrypted together, in one call below.
-                where.append(row)
-                sealed.append((part, begin - int(self.bounds[i])))
-                rows.append(None)
+            rows = np.flatnonzero(inside & (shard == i))
+            local = starts[rows] - self.bounds[i]
+            if isinstance(part, SealedTokens):
+                out[rows] = part.take(local, width)
             else:
-                rows.append(self._slice(begin, begin + width))
-        if len(sealed) == len(begins):
-            return sealed_windows(sealed, width)  # the common case: every window in one call
-        if sealed:
-            for row, window in zip(where, sealed_windows(sealed, width), strict=True):
-                rows[row] = window
-        return np.stack(rows)  # type: ignore[arg-type]
+                # Row r of this strided view of the memory map is the window starting at token r.
+                view = np.lib.stride_tricks.as_strided(part, shape=(len(part) - width + 1, width), strides=(part.strides[0],) * 2, writeable=False)
+                out[rows] = view[local]
+        for row in np.flatnonzero(~inside):  # a window across two shards: joined from slices
+            out[row] = self._slice(int(starts[row]), int(starts[row]) + width)
+        return out
 
     def _slice(self, begin: int, end: int) -> np.ndarray:
         i = int(np.searchsorted(self.bounds, begin, side="right")) - 1
