@@ -308,7 +308,16 @@ def op_purge(
             )
     purge_id = "pg-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
     approver = _approver(svc, approval)
-    known, control = _markers(svc, p, markers or [])
+    svc.runs.begin_purge(purge_id)
+    try:
+        known, control = _markers(svc, p, markers or [])
+        _record_start(svc, caller, purge_id, target, subject, p, approval, approver, markers or [])
+        return _carry_out(svc, purge_id, known, control, resumed=False)
+    finally:
+        svc.runs.end_purge()
+
+
+def _record_start(svc: Any, caller: Caller, purge_id: str, target: str, subject: str, p: Plan, approval: str | None, approver: Any, markers: list[str]) -> None:
     svc.ledger.append(
         "purge.started",
         caller.user,
@@ -325,10 +334,9 @@ def op_purge(
             "approval": approval,
             "approver": approver,
             "requester": {"user": caller.user, "uid": caller.uid},
-            "operator_markers": len(markers or []),
+            "operator_markers": len(markers),
         },
     )
-    return _carry_out(svc, purge_id, known, control, resumed=False)
 
 
 def _approver(svc: Any, approval: str | None) -> dict[str, Any] | None:
@@ -450,10 +458,11 @@ def _erase_sealed_leftovers(svc: Any, key_ids: set[str]) -> int:
 def _markers(svc: Any, p: Plan, operator: list[str]) -> tuple[list[bytes], dict[str, Any]]:
     """Known pieces of the plaintext, in memory only: what the scan after the purge looks for.
 
-    A control scan first drops pieces that occur in files the purge leaves alone (the same
-    passage in another source, say): finding those afterwards would prove nothing. How many
-    were dropped, and where they were, goes into the certificate. The operator's own strings
-    are never dropped.
+    A control scan first drops pieces that occur in artifacts or home corpora the purge leaves
+    alone (the same passage in another source, say): finding those afterwards would prove
+    nothing. It looks only there: a piece found in the ledger, a log or a work folder is a leak
+    the verification must report, not excuse. How many were dropped, and where they were, goes
+    into the certificate. The operator's own strings are never dropped.
     """
     rng = secrets.SystemRandom()
     found: set[bytes] = {m.encode("utf-8") for m in operator if len(m.encode("utf-8")) >= 8}
@@ -484,7 +493,7 @@ def _markers(svc: Any, p: Plan, operator: list[str]) -> tuple[list[bytes], dict[
     erased = _to_erase(svc, p)
     shared_in: dict[str, int] = {}
     shared: set[bytes] = set()
-    for path, hits in _scan_home(svc, sampled, skip=erased):
+    for path, hits in _scan_home(svc, sampled, skip=erased, only=(svc.store.root, svc.home.corpora_dir)):
         shared_in[str(path.relative_to(svc.home.root))] = len(hits)
         shared |= hits
     control = {"sampled": len(sampled), "dropped_as_shared": len(shared), "shared_with": shared_in, "operator_markers": len(mine)}
@@ -502,14 +511,14 @@ def _to_erase(svc: Any, p: Plan) -> set[Path]:
     return out
 
 
-def _scan_home(svc: Any, markers: list[bytes], *, skip: set[Path] = frozenset()) -> Any:  # type: ignore[assignment]
+def _scan_home(svc: Any, markers: list[bytes], *, skip: set[Path] = frozenset(), only: tuple[Path, ...] = ()) -> Any:  # type: ignore[assignment]
     """(path, the markers found in it) for every file of the home holding one; plain bytes, chunked."""
     if not markers:
         return
     pattern = re.compile(b"|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
     overlap = max(len(m) for m in markers) - 1
     for path in _walk_home(svc):
-        if any(path == s or path.is_relative_to(s) for s in skip):
+        if any(path == s or path.is_relative_to(s) for s in skip) or (only and not any(path.is_relative_to(o) for o in only)):
             continue
         hits: set[bytes] = set()
         tail = b""

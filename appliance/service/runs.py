@@ -82,11 +82,30 @@ class RunManager:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closing = False
+        self.purging: str | None = None  # the purge in progress (no run starts meanwhile)
         self._workers = [threading.Thread(target=self._work, name=f"run-worker-{i}", daemon=True) for i in range(svc.config.max_jobs)]
         for w in self._workers:
             w.start()
 
     # -- requests -----------------------------------------------------------------------
+
+    def require_no_purge(self) -> None:
+        """A run does not start while a purge destroys keys and files it might read."""
+        if self.purging is not None:
+            raise ApplianceError(f"purge {self.purging} is in progress", "start the run again when it has finished (`appliance purges list`)")
+
+    def begin_purge(self, purge_id: str) -> None:
+        """Mark a purge in progress; refused while any run is queued or running."""
+        with self._lock:
+            if self.active:
+                raise ApplianceError(
+                    f"a purge waits for a quiet appliance: run(s) {', '.join(sorted(self.active))} are queued or running",
+                    "wait for them to finish, or cancel them with `appliance cancel RUN`, then purge",
+                )
+            self.purging = purge_id
+
+    def end_purge(self) -> None:
+        self.purging = None
 
     def start(
         self,
@@ -102,6 +121,7 @@ class RunManager:
         """Accept a run of the recipe at ``recipe`` (a path the caller can read) and queue it."""
         svc = self.svc
         svc.authorize(caller, "run.start", f"recipe {recipe}")
+        self.require_no_purge()
         recipe_path = caller.require_readable(Path(recipe), what="recipe")
         # Every value, across tables and against this machine, before anything is recorded.
         loaded = load_recipe(recipe_path, machine=Machine.here())
@@ -179,6 +199,7 @@ class RunManager:
         """Queue a stopped, failed or interrupted run again: finished stages are reused, training
         resumes from its newest checkpoint that verifies against the ledger."""
         self.svc.authorize(caller, "run.resume", run)
+        self.require_no_purge()
         run_id = resolve_run(self.svc.ledger, run)
         return self._resume(run_id, caller, launch=launch, job_file=job_file)
 
