@@ -25,7 +25,7 @@ from keys import sealed
 from keys.errors import ApplianceError
 from keys.keystore import load_public_key
 from registry.purge_cert import verify_certificate
-from tests.conftest import ASSETS, PASSPHRASE, new_home, run_to_end, single_operator, summary_of
+from tests.conftest import ASSETS, PASSPHRASE, cli, new_home, run_to_end, single_operator, summary_of
 from tests.test_approvals import PEOPLE, decide, who
 
 PASS = PASSPHRASE.encode()
@@ -227,4 +227,20 @@ def test_run_intermediates_single_operator_and_resume_after_kill_9(home: tuple[P
         for model in (facts["a"].model_digest, facts["b"].model_digest):
             v = dispatch(svc, Caller.current(), "artifact.verify", {"digest": model})
             assert v["ok"] and not v.get("purged")
-        assert _scan(root, MARKER) == []
+    assert _scan(root, MARKER) == []
+
+
+def test_an_export_after_a_purge_carries_the_notice(home: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, facts = home
+    single_operator(root)
+    with Service.open(root, PASS) as svc:
+        dispatch(svc, Caller.current(), "purge.run", {"target": f"run:{facts['a'].run_id}"})
+    for args in (
+        ("keys", "release-init", "--root-key", str(root / "keys" / "root.key")),
+        ("export", facts["b"].model_digest[:16], "--to", str(tmp_path / "bundle")),
+    ):
+        code, _, err = cli(capsys, "--home", str(root), *args)
+        assert code == 0, err
+    code, out, err = cli(capsys, "verify", str(tmp_path / "bundle"), "--root-key", str(root / "keys" / "root.pub.pem"))
+    assert code == 0, err
+    assert "notice from the exporting site: Derived from purged data" in out

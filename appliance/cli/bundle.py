@@ -67,7 +67,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"bundle OK: {m['name']}:{m['version']} ({m['kind']}, {m['digest']})\n"
         f"  release key {report['release_key_id'][:16]}… of the trust store signed by root {report['root_key_id'][:16]}… (pinned)\n"
         f"  {report['files']} files as signed; model-signing signature verifies; provenance names this model and {report['dependencies']} dependencies,"
-        f" each recorded in the ledger excerpt, whose chain and signed head (seq {report['head_seq']}) verify",
+        f" each recorded in the ledger excerpt, whose chain and signed head (seq {report['head_seq']}) verify"
+        + (f"\n  notice from the exporting site: {report['exporter']['notice']}" if (report.get("exporter") or {}).get("notice") else ""),
     )
     return 0
 

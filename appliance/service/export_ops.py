@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.service.caller import Caller
-from appliance.service.reads import verify_stored
+from appliance.service.reads import purge_notice, verify_stored
 from appliance.service.registry_ops import resolve_model
 from registry.bundle import stream_tar, write_bundle
 from registry.provenance import build_statement
@@ -94,7 +94,13 @@ def model_bundle(svc: Any, caller: Caller, *, model: str, approval: str | None =
             excerpt=excerpt,
             chain=chain,
             head=head,
-            exporter={"node_key_id": svc.key.key_id, "release_key_id": release.key_id, "root_key_id": svc.trust.root_key_id},
+            exporter={
+                "node_key_id": svc.key.key_id,
+                "release_key_id": release.key_id,
+                "root_key_id": svc.trust.root_key_id,
+                # The stored model card cannot change: a model trained on data purged since says so here.
+                **({"notice": notice} if (notice := purge_notice(svc, row["run_id"]) if row.get("run_id") else None) else {}),
+            },
             created_at=dt.datetime.now(dt.UTC).isoformat(),
         )
         manifest_digest = hashlib.sha256((folder / "bundle.json").read_bytes()).hexdigest()
