@@ -312,7 +312,14 @@ def op_purge(
     try:
         known, control = _markers(svc, p, markers or [])
         _record_start(svc, caller, purge_id, target, subject, p, approval, approver, markers or [])
-        return _carry_out(svc, purge_id, known, control, resumed=False)
+        try:
+            return _carry_out(svc, purge_id, known, control, resumed=False)
+        except (OSError, ApplianceError) as exc:
+            # Recorded as started: the keys may be half destroyed, so it must finish, not roll back.
+            raise PurgeError(
+                f"purge {purge_id} stopped part-way: {exc}",
+                "it stays recorded as started and the service finishes it when it next starts: fix the cause, then restart the service",
+            ) from exc
     finally:
         svc.runs.end_purge()
 
