@@ -35,6 +35,13 @@ def describe(r: dict[str, Any]) -> str:
     ]
     if r.get("model_digest"):
         lines.append(f"  model {r['model_digest']}")
+    if r.get("purge") is not None:
+        # What the approver agrees to erase, as planned when it was asked (the purge re-plans and must match).
+        lines.append(
+            f"  erases {len(r['purge'])} artifact(s) of {r.get('label', r['subject'])}; keeps {len(r.get('keep') or [])} marked 'derived from purged data'"
+        )
+        lines += [f"    erase {d}" for d in r["purge"]]
+        lines.append("  the full impact: `appliance purge " + r["subject"].split(" also=")[0] + "` (changes nothing)")
     if r.get("decided_by"):
         lines.append(f"  {r['status'] if r['status'] in ('approved', 'denied') else 'decided'} by {r['decided_by']} at {r['decided_at']}")
     if r.get("error"):
@@ -45,7 +52,7 @@ def describe(r: dict[str, Any]) -> str:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
-    """Ask a second person to approve an action under a two-person rule (model.export, keys.rotate, keys.revoke)."""
+    """Ask a second person to approve an action under a two-person rule (model.export, data.purge, keys.rotate, keys.revoke)."""
     with connect(args) as client:
         r = client.call("approvals.request", action=args.action, subject=args.subject, reason=args.reason, ttl_s=parse_duration(args.expires))
     emit(args, r, describe(r) + f"\nask one of them to run: appliance approve {r['id']}")

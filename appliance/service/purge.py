@@ -223,7 +223,7 @@ def plan(svc: Any, target: str, also: list[str]) -> Plan:
     if stray:
         raise PurgeError(f"--also names {', '.join(d[:16] + '…' for d in sorted(stray))}, which does not derive from {label}", "see the impact list")
     if not out.purge:
-        raise PurgeError(f"nothing of {label} is left in the home to purge (already purged, or never stored)", "see `appliance purge list`")
+        raise PurgeError(f"nothing of {label} is left in the home to purge (already purged, or never stored)", "see `appliance purges list`")
     digests = [a["digest"] for a in out.purge + out.keep]
     if digests:
         marks = ",".join("?" * len(digests))
