@@ -113,8 +113,11 @@ def cmd_deny(args: argparse.Namespace) -> int:
 
 def register(sub: Any, add: Any) -> None:
     p = add("request", cmd_request)
-    p.add_argument("action", help="model.export, keys.rotate or keys.revoke (a policy update is requested by `appliance policy update`)")
-    p.add_argument("subject", help="the model (digest or prefix), `node` for keys.rotate, the key id for keys.revoke")
+    p.add_argument("action", help="model.export, data.purge, keys.rotate or keys.revoke (a policy update is requested by `appliance policy update`)")
+    p.add_argument(
+        "subject",
+        help="the model (digest or prefix); for data.purge the purge's target, quoted with its choices ('run:RUN also=all'); `node` for keys.rotate; the key id for keys.revoke",
+    )
     p.add_argument("--reason", help="why: shown to the approvers and recorded")
     p.add_argument("--expires", default="24h", help="how long the request stays open, approved or not (default 24h, at most 7d)")
     approvals = sub.add_parser("approvals", help="requests under two-person rules").add_subparsers(dest="approvals_command", required=True, metavar="COMMAND")
