@@ -33,7 +33,7 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -54,7 +54,6 @@ ENV_KEYS = "APPLIANCE_DATA_KEYS"
 ENV_SEAL = "APPLIANCE_SEAL_PATHS"
 CIPHER = "aes-256-ctr"
 _MASK64 = (1 << 64) - 1
-_MASK128 = (1 << 128) - 1
 WRAP = "ecdh-p256-hkdf-sha256-aes256gcm"
 
 
@@ -307,22 +306,24 @@ class SealedReader(io.RawIOBase):
         # gathers every window's blocks.
         rows_view = np.lib.stride_tricks.as_strided(self._map, shape=(total - width + 1, width), strides=(1, 1), writeable=False)
         data = rows_view[at]
-        base = np.uint64(self._counter & _MASK64)
-        lo = base + first.astype(np.uint64)  # wraps modulo 2**64, as the counter's low half does
-        low = lo[:, None] + np.arange(blocks_per, dtype=np.uint64)
+        base = self._counter & _MASK64
         counters = np.empty((k, blocks_per, 2), dtype=">u8")
-        counters[:, :, 1] = low
-        # Carry into the high half where the low half wrapped (before the window, or inside it).
-        carry = (lo < base)[:, None].astype(np.uint64) + (low < lo[:, None]).astype(np.uint64)
-        counters[:, :, 0] = np.uint64(self._counter >> 64) + carry
-        data ^= np.frombuffer(self._ecb().update(counters.tobytes()), dtype=np.uint8).reshape(k, width)
+        if base + (self.size // 16 + 1) <= _MASK64:
+            # The usual case (all but 2**-44 or so of random nonces): the low half never wraps in
+            # this file, so the high half is one constant and the low half one broadcast sum.
+            counters[:, :, 0] = self._counter >> 64
+            counters[:, :, 1] = (first.astype(np.uint64) + np.uint64(base))[:, None] + np.arange(blocks_per, dtype=np.uint64)
+        else:
+            lo = np.uint64(base) + first.astype(np.uint64)  # wraps modulo 2**64, as the low half does
+            low = lo[:, None] + np.arange(blocks_per, dtype=np.uint64)
+            counters[:, :, 1] = low
+            # Carry into the high half where the low half wrapped (before the window, or inside it).
+            carry = (lo < np.uint64(base))[:, None].astype(np.uint64) + (low < lo[:, None]).astype(np.uint64)
+            counters[:, :, 0] = np.uint64(self._counter >> 64) + carry
+        data ^= np.frombuffer(self._ecb().update(counters.view(np.uint8).reshape(-1)), dtype=np.uint8).reshape(k, width)
         starts = np.arange(k, dtype=np.int64) * width + lead
         every = np.lib.stride_tricks.as_strided(data.reshape(-1), shape=(k * width - n + 1, n), strides=(1, 1), writeable=False)
         return every[starts]
-
-    def pread_windows(self, offsets: Sequence[int], n: int) -> Any:
-        """The plaintext of ``n`` bytes at each of ``offsets`` (see the module's `pread_windows`)."""
-        return pread_windows([(self, o) for o in offsets], n)
 
     def _ecb(self) -> Any:
         if self._block is None:
@@ -349,64 +350,6 @@ class SealedReader(io.RawIOBase):
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("a sealed file has no plaintext descriptor")
-
-
-def pread_windows(windows: Sequence[tuple[SealedReader, int]], n: int) -> Any:
-    """The plaintext of ``n`` bytes at each (reader, offset): a (len(windows), n) uint8 numpy array.
-
-    For random-access readers that take many small windows at once (a training batch, over
-    several sealed shards): setting up a cipher per window costs more than decrypting it, so
-    the counter blocks of every window under one key go through one AES call and one XOR.
-    Every window must lie wholly inside its file's plaintext; ValueError otherwise.
-    """
-    import numpy as np  # lazy: the service imports this module and never needs numpy
-
-    k = len(windows)
-    if k == 0 or n <= 0:
-        return np.empty((k, max(n, 0)), dtype=np.uint8)
-    blocks_per = (15 + n + 15) // 16  # enough for a window starting anywhere in its first block
-    width = blocks_per * 16
-    # Whole blocks are read and decrypted in place; each window is then taken from its offset
-    # in its row (near the end of a file a row's tail is left unread, and unused).
-    buf = np.empty(k * width, dtype=np.uint8)
-    view = buf.data  # a memoryview: slices of it are what preadv fills
-    high, low, starts = [], [], []
-    carry = False
-    for row, (reader, offset) in enumerate(windows):
-        if offset < 0 or offset + n > reader.size:
-            raise ValueError(f"{reader.path}: a window of {n} bytes at {offset} is not inside the plaintext's {reader.size} bytes")
-        first, lead = divmod(offset, 16)
-        at = row * width
-        if os.preadv(reader._fd, [view[at : at + width]], HEADER_SIZE + 16 * first) < lead + n:
-            raise SealedDataError(f"{reader.path} is shorter than its size said while it was read", "the file was truncated: restore it from a backup")
-        counter = (reader._counter + first) & _MASK128
-        high.append(counter >> 64)
-        low.append(counter & _MASK64)
-        carry = carry or (counter & _MASK64) + blocks_per > _MASK64
-        starts.append(at + lead)
-    # CTR by hand: the keystream of block b is AES_k(nonce + b), a 128-bit big-endian counter,
-    # so every window's counter blocks go through one stateless block encryption.
-    step = np.arange(blocks_per, dtype=np.uint64)
-    counters = np.empty((k, blocks_per, 2), dtype=">u8")
-    counters[:, :, 1] = np.array(low, dtype=np.uint64)[:, None] + step  # wraps modulo 2**64, as the low half does
-    if carry:  # a window crosses a 2**64 boundary of the counter (about never): carry into the high half
-        counters[:, :, 0] = np.array(high, dtype=np.uint64)[:, None] + (counters[:, :, 1] < step)
-    elif high.count(high[0]) == k:  # one file (one nonce): a scalar, not a broadcast array
-        counters[:, :, 0] = high[0]
-    else:
-        counters[:, :, 0] = np.array(high, dtype=np.uint64)[:, None]
-    keys = {reader._key for reader, _ in windows}
-    if len(keys) == 1:
-        buf ^= np.frombuffer(windows[0][0]._ecb().update(counters.tobytes()), dtype=np.uint8)
-    else:
-        rows_of = {key: [row for row, (reader, _) in enumerate(windows) if reader._key == key] for key in keys}
-        grid = buf.reshape(k, width)
-        for rows in rows_of.values():
-            stream = windows[rows[0]][0]._ecb().update(counters[rows].tobytes())
-            grid[rows] ^= np.frombuffer(stream, dtype=np.uint8).reshape(len(rows), width)
-    # Each window is the n bytes at its start: rows of one strided view, taken in one copy.
-    every = np.ndarray((k * width - n + 1, n), dtype=np.uint8, buffer=buf, strides=(1, 1))
-    return every[np.array(starts, dtype=np.intp)]
 
 
 class SealedWriter(io.RawIOBase):

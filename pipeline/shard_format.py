@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from keys.digest import sha256_file
-from keys.sealed import SealedReader, is_sealed, open_write, pread_windows
+from keys.sealed import SealedReader, is_sealed, open_write
 from pipeline.errors import DataError, ShardIntegrityError
 
 MAGIC = b"APLTOKS\x00"
@@ -102,7 +102,7 @@ class SealedTokens:
 
     def windows(self, starts: list[int], length: int) -> np.ndarray:
         """A (len(starts), length) array of the ``length`` ids from each start, decrypted together."""
-        return sealed_windows([(self, s) for s in starts], length)
+        return self.take(np.asarray(starts, dtype=np.int64), length)
 
     def take(self, starts: np.ndarray, length: int) -> np.ndarray:
         """A (len(starts), length) array of the ``length`` ids from each start (an int array), vectorised."""
@@ -116,17 +116,6 @@ class SealedTokens:
 
     def close(self) -> None:
         self._reader.close()
-
-
-def sealed_windows(windows: list[tuple[SealedTokens, int]], length: int) -> np.ndarray:
-    """``length`` ids from each (sealed shard, start), as the rows of one array, decrypted in one call.
-
-    The shards must share a dtype, and each window must lie inside its shard.
-    """
-    dtype = windows[0][0].dtype if windows else np.dtype(np.uint16)
-    item = dtype.itemsize
-    rows = pread_windows([(t._reader, HEADER.size + s * item) for t, s in windows], length * item)
-    return rows.view(dtype)
 
 
 def _shard_header(path: Path, head: bytes, size: int) -> tuple[np.dtype, int]:
