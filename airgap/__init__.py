@@ -1,1 +1,1 @@
-"""Air gap: offline switches and environment attestation (egress guard and wheel bundles to come)."""
+"""Air gap: the egress guard (every job and the service), offline switches, environment attestation."""

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from airgap import guard
+
 # Every hub client we might pull in honours one of these; setting them makes a stray
 # from_pretrained("name") fail fast instead of reaching for the network.
 OFFLINE_ENV = {
@@ -22,12 +24,18 @@ OFFLINE_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
+    "WANDB_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
 }
+# Proxies would route around the guard's address checks (and name a host outside): cleared.
+PROXY_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "ALL_PROXY", "NO_PROXY")
 
 
 def force_offline() -> None:
-    """Set the hub libraries' offline switches in this process and its children."""
+    """Set the hub and telemetry switches, and clear proxies, in this process and its children."""
     os.environ.update(OFFLINE_ENV)
+    for name in PROXY_VARS:
+        os.environ.pop(name, None)
 
 
 def _has_default_route() -> bool | None:
@@ -57,5 +65,6 @@ def environment_attestation() -> dict[str, Any]:
         "packages": len(packages),
         "offline_env": {k: os.environ.get(k) for k in OFFLINE_ENV},
         "default_route": _has_default_route(),
-        "egress_guard": False,
+        # Jobs always run behind it (airgap.run); the service process when it is `appliance serve`.
+        "egress_guard": {"jobs": True, "service": guard.installed(), "allowed": guard.configured_allow()},
     }

@@ -33,3 +33,19 @@ class KeyStoreError(ApplianceError):
 
 class SigningError(ApplianceError):
     """A signature could not be made or did not verify."""
+
+
+def appliance_cause(exc: BaseException) -> ApplianceError | None:
+    """The first of our own errors in ``exc``'s chain of causes, if a library wrapped one.
+
+    A library that catches everything and re-raises its own error (transformers turns a refused
+    download into "Can't load the configuration…") would hide the message that says the fix.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ApplianceError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -42,14 +42,15 @@ Root Cause (first observed failure):
 """
 
 
-def test_one_process_runs_the_job_module_directly() -> None:
+def test_one_process_runs_the_job_module_behind_the_egress_guard() -> None:
     cmd = command(Path("spec.json"), LaunchOptions())
-    assert cmd == [sys.executable, "-m", "pipeline.training.job", "spec.json"]
+    assert cmd == [sys.executable, "-m", "airgap.run", "pipeline.training.job", "spec.json"]
 
 
 def test_one_node_uses_a_standalone_rendezvous_and_no_restarts() -> None:
     cmd = command(Path("spec.json"), LaunchOptions(nproc_per_node=4))
-    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[1:4] == ["-m", "airgap.run", "torch.distributed.run"]
+    assert cmd[-4:] == ["-m", "airgap.run", "pipeline.training.job", "spec.json"]  # each worker too
     assert "--standalone" in cmd and "--nproc-per-node=4" in cmd and "--max-restarts=0" in cmd
 
 

@@ -25,6 +25,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the appliance service: own the home (ledger, store, node key) and answer the CLI and
     console over a Unix socket until SIGTERM or Ctrl-C. Callers are identified by the kernel;
     every request is authorized and recorded. On stop, active runs save a checkpoint first."""
+    from airgap.attest import force_offline
+    from airgap.guard import install
+
+    # Before the server's own libraries load: nothing this process does may leave the machine.
+    force_offline()
+    install()
     from appliance.cli.common import home_of
     from appliance.server.app import serve
     from appliance.service.core import ServiceConfig

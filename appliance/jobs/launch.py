@@ -64,10 +64,12 @@ class LaunchOptions:
 
 def command(spec: Path, opts: LaunchOptions, *, module: str = "pipeline.training.job") -> list[str]:
     """The job's argv: the job module alone, or under torchrun."""
-    job = ["-m", module, str(spec)]
+    # Behind the egress guard (airgap.run installs it before the job imports anything), and so
+    # is torchrun itself and each of its workers.
+    job = ["-m", "airgap.run", module, str(spec)]
     if not opts.distributed:
         return [sys.executable, *job]
-    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={opts.nproc_per_node}", "--max-restarts=0", "--monitor-interval=1"]
+    run = [sys.executable, "-m", "airgap.run", "torch.distributed.run", f"--nproc-per-node={opts.nproc_per_node}", "--max-restarts=0", "--monitor-interval=1"]
     if opts.nnodes == 1:
         run.append("--standalone")
     else:

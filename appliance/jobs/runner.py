@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from airgap.attest import OFFLINE_ENV
+from airgap.guard import ENV_ALLOW, ENV_LOG
 from appliance.jobs.launch import LaunchOptions, check_port, command
 from keys.files import atomic_write
 from pipeline.errors import ConfigError, TrainingError
@@ -58,6 +59,13 @@ def job_env(opts: LaunchOptions, extra: dict[str, str] | None = None) -> dict[st
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root
     env.update(OFFLINE_ENV)
+    # The guard's allowances: the service's own configuration, plus the rendezvous host of a
+    # multi-node job (the cluster's own address).
+    allow = [a for a in os.environ.get(ENV_ALLOW, "").split(",") if a.strip()]
+    if opts.nnodes > 1:
+        allow.append(opts.rdzv_endpoint.rpartition(":")[0].strip("[]"))
+    if allow:
+        env[ENV_ALLOW] = ",".join(dict.fromkeys(allow))
     if not opts.distributed:
         # The job's parent is this process; under torchrun it is torchrun (whose own death
         # signal is armed before exec), and each rank follows torchrun.
@@ -139,6 +147,9 @@ class Job:
         self.module, self.work = module, Path(work)
         # Added to the job's environment (its run's data keys): never written to the spec file.
         self.env = dict(env or {})
+        # Where the job's egress guard writes what it refused; read back as `refusals`.
+        self.egress_log = self.work / "egress.jsonl"
+        self.env[ENV_LOG] = str(self.egress_log)
         self.launch = launch or LaunchOptions()
         self.spec_file = spec_file or self.work / SPEC
         self.events_file = self.work / EVENTS
@@ -154,6 +165,7 @@ class Job:
         check_port(self.launch)
         self.work.mkdir(parents=True, exist_ok=True)
         self.events_file.unlink(missing_ok=True)
+        self.egress_log.unlink(missing_ok=True)
         self.spec_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.spec_file, (json.dumps(self.spec, indent=2, sort_keys=True, default=str) + "\n").encode(), mode=0o644)
         tail = EventTail(self.events_file)
@@ -194,6 +206,20 @@ class Job:
                     proc.wait()
         outcome.cancelled = self._cancels > 0
         return outcome
+
+    def refusals(self) -> list[dict[str, Any]]:
+        """What the job's egress guard refused (address, asking module), for the ledger."""
+        try:
+            lines = self.egress_log.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by the job's death: the rest still count
+        return out
 
     def cancel(self) -> None:
         """First call: ask the working processes to stop (they checkpoint); second: kill the group."""

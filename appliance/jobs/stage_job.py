@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from keys.errors import ApplianceError
+from keys.errors import ApplianceError, appliance_cause
 from pipeline.events import EventWriter
 from pipeline.lifeline import die_with_parent
 from pipeline.result import ProgressFn, StageResult
@@ -233,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        emit({"event": "error", "message": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__})
+        inner = appliance_cause(exc)  # ours, wrapped by a library (a refused download, say): it says the fix
+        if inner is not None:
+            emit({"event": "error", "message": inner.diagnostics(), "type": type(inner).__name__})
+        else:
+            emit({"event": "error", "message": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__})
         return EXIT_ERROR
     return 0
 

@@ -116,6 +116,10 @@ class Service:
         self.owner = self._owner()
         self._record_trust_version()
         self.policy = self._load_policy()
+        from airgap import guard
+
+        if guard.installed():  # `appliance serve`: this process's refusals are signed into the ledger
+            guard.set_on_refuse(lambda r: self.ledger.append("egress.refused", "service", r))
         self.runs = RunManager(self)
         # A purge a kill -9 interrupted is finished before anything else: its keys may be half gone.
         from appliance.service.purge import recover as recover_purges

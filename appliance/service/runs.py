@@ -564,6 +564,8 @@ class RunManager:
             outcome = job.run(on_event)
         finally:
             active.set_job(None)
+            for refused in job.refusals():  # what the job's egress guard stopped, signed into the ledger
+                self.svc.ledger.append("egress.refused", run.actor, {"run_id": run.run_id, "stage": stage.name, **refused})
         if outcome.last("stopped") is not None or (outcome.cancelled and outcome.returncode != 0):
             raise RunStopped(
                 f"stage {stage.name} of run {run.run_id} was cancelled by {active.cancelled_by}", f"continue the run with `appliance resume {run.run_id}`"

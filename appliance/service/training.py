@@ -204,6 +204,8 @@ def _run_training_job(module: str, body: dict[str, Any], recipe: Any, work: Path
         outcome = job.run(follower)
     finally:
         ctx.set_job(None)
+        for refused in job.refusals():  # what the job's egress guard stopped, signed into the ledger
+            ctx.note("egress.refused", refused)
     follower.flush()
     finished = outcome.last("finished")
     stopped = outcome.last("stopped")

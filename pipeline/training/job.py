@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keys.errors import ApplianceError
+from keys.errors import ApplianceError, appliance_cause
 from pipeline.config import from_mapping
 from pipeline.lifeline import ENV_PARENT, die_with_parent
 from pipeline.model import ModelConfig
@@ -151,7 +151,8 @@ def run_job(argv: list[str] | None, *, module: str, read: Callable[[Path], Any],
         events({"event": "error", "rank": rank, "message": exc.diagnostics()})
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the job's last line of defence: report, never hang silently
-        message = f"{type(exc).__name__}: {exc}"
+        inner = appliance_cause(exc)  # ours, wrapped by a library (a refused download, say): it says the fix
+        message = inner.diagnostics() if inner is not None else f"{type(exc).__name__}: {exc}"
         if _lost_peer(exc):
             detail = str(exc).splitlines()[0].split(". This is typically")[0]
             message = f"lost contact with another rank (it died or hung): {detail[-160:]}"
