@@ -1,12 +1,14 @@
-"""Environment attestation: what the job ran with, recorded with every run.
+"""Environment attestation: what a run ran with, recorded (signed) with every run.
 
-Hub libraries are forced offline here so that no code path downloads anything; the egress
-guard itself comes with the air-gap work and is reported as absent until then.
+Python and platform, every installed distribution (with its wheel's sha256 where an offline
+bundle installed it), the egress guard and what it allows, the hub switches, the host's
+default routes and interfaces that are up, and the recipe's digest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -14,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from airgap import guard
+from airgap import guard, netinfo
 
 # Every hub client we might pull in honours one of these; setting them makes a stray
 # from_pretrained("name") fail fast instead of reaching for the network.
@@ -38,33 +40,60 @@ def force_offline() -> None:
         os.environ.pop(name, None)
 
 
-def _has_default_route() -> bool | None:
-    # /proc/net/route lists the kernel's IPv4 routes; a default route has destination 0.
+BUNDLE_RECORD = "appliance-bundle.json"  # written into the environment by airgap/install.sh
+
+
+def _bundle_hashes() -> dict[str, str]:
+    """Wheel sha256 by normalised distribution name, where this environment was installed from a bundle."""
     try:
-        lines = Path("/proc/net/route").read_text().splitlines()[1:]
-    except OSError:
-        return None
-    return any(line.split()[1] == "00000000" for line in lines if len(line.split()) > 1)
+        record = json.loads((Path(sys.prefix) / BUNDLE_RECORD).read_text(encoding="utf-8"))
+        return {_norm(w["name"]): w["sha256"] for w in record.get("wheels", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def packages() -> list[dict[str, str]]:
+    """Installed distributions: name, version, and the wheel's sha256 where a bundle installed it."""
+    hashes = _bundle_hashes()
+    seen: dict[str, dict[str, str]] = {}
+    for d in metadata.distributions():
+        name = d.metadata["Name"]
+        if not name:
+            continue
+        entry = {"name": name, "version": d.version}
+        if (digest := hashes.get(_norm(name))) is not None:
+            entry["wheel_sha256"] = digest
+        seen[_norm(name)] = entry
+    return [seen[k] for k in sorted(seen)]
 
 
 def package_set() -> list[str]:
     """Installed distributions as sorted ``name==version`` lines."""
-    names = {f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]}
-    return sorted(names, key=str.lower)
+    return [f"{p['name']}=={p['version']}" for p in packages()]
 
 
-def environment_attestation() -> dict[str, Any]:
-    """A JSON-able description of the environment a run used."""
-    packages = package_set()
+def environment_attestation(*, recipe_digest: str | None = None) -> dict[str, Any]:
+    """What a run ran with, for its signed ``run.started`` event (and `appliance airgap check`)."""
+    pkgs = packages()
     return {
         "python": sys.version.split()[0],
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "packages_sha256": hashlib.sha256("\n".join(packages).encode()).hexdigest(),
-        "packages": len(packages),
-        "offline_env": {k: os.environ.get(k) for k in OFFLINE_ENV},
-        "default_route": _has_default_route(),
+        "packages_sha256": hashlib.sha256("\n".join(f"{p['name']}=={p['version']}" for p in pkgs).encode()).hexdigest(),
+        "packages": len(pkgs),
+        "package_list": pkgs,
+        "from_bundle": sum(1 for p in pkgs if "wheel_sha256" in p),
+        # What every job runs with (airgap.run sets them, whatever the service's own environment).
+        "offline_env_in_jobs": dict(OFFLINE_ENV),
+        "proxies_in_jobs": "cleared",
+        "default_route": netinfo.default_routes(),
+        "interfaces_up": netinfo.interfaces_up(),
         # Jobs always run behind it (airgap.run); the service process when it is `appliance serve`.
         "egress_guard": {"jobs": True, "service": guard.installed(), "allowed": guard.configured_allow()},
+        "recipe_digest": recipe_digest,
     }

@@ -20,7 +20,25 @@ from keys.errors import ApplianceError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from appliance.cli import approvals, audit, bundle, data, finetune, generate, keys, ledger, policy, purge, recipe, registry, runs, serve, slurm, store
+    from appliance.cli import (
+        airgap,
+        approvals,
+        audit,
+        bundle,
+        data,
+        finetune,
+        generate,
+        keys,
+        ledger,
+        policy,
+        purge,
+        recipe,
+        registry,
+        runs,
+        serve,
+        slurm,
+        store,
+    )
 
     parser = argparse.ArgumentParser(prog="appliance", description="Sovereign LLM training appliance: dataset to signed model, proven in a ledger.")
     parser.add_argument("--home", help="local mode: run the service in-process on this home (default: $APPLIANCE_HOME or ~/.local/share/appliance)")
@@ -47,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.register(sub, add)
     bundle.register(sub, add)
     purge.register(sub, add)
+    airgap.register(sub, add)
     data.register(sub, add)
     generate.register(sub, add)
     recipe.register(sub, add)

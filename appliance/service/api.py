@@ -52,7 +52,15 @@ def info(svc: Any, caller: Any) -> dict[str, Any]:
         "owner": svc.owner,
         "caller": caller.as_record(),
         "max_jobs": svc.config.max_jobs,
+        # Whether this service process runs behind the egress guard (`appliance serve` does).
+        "egress_guard": _guard_installed(),
     }
+
+
+def _guard_installed() -> bool:
+    from airgap.guard import installed
+
+    return installed()
 
 
 S, I, B, L, D = str, int, bool, list, dict

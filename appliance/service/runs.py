@@ -184,7 +184,7 @@ class RunManager:
                         "data_from": from_run,
                         "launch": jsonable(to_mapping(opts)),
                         "job_file": job_file,
-                        "environment": environment_attestation(),
+                        "environment": environment_attestation(recipe_digest=loaded.digest),
                         "context": context or {},
                         "caller": caller.as_record(),
                     },
