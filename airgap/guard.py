@@ -92,12 +92,31 @@ def install(allow: Iterable[str] = (), *, on_refuse: Callable[[dict[str, Any]], 
     """Install the guard in this process (once; a second call only widens nothing and keeps it)."""
     extra = [a for a in os.environ.get(ENV_ALLOW, "").split(",") if a.strip()]
     nets, names = parse_allow([*DEFAULT_ALLOWED, *allow, *extra])
+    if not _STATE.installed:
+        # An allowed host name (the rendezvous host of a multi-node job) is looked up now, while
+        # lookups are still free, so connections to its addresses pass later.
+        nets += _addresses_of(names)
     _STATE.nets, _STATE.names = nets, names | set(LOCAL_NAMES) | {socket.gethostname().lower()}
     _STATE.on_refuse = on_refuse
     _STATE.log = os.environ.get(ENV_LOG) or None
     if not _STATE.installed:
         sys.addaudithook(_hook)  # audit hooks cannot be removed: the guard stays for the process's life
         _STATE.installed = True
+
+
+def _addresses_of(names: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for name in names:
+        try:
+            infos = socket.getaddrinfo(name, None)
+        except OSError:
+            continue  # unknown here: its lookup is still allowed, a connection to it is not
+        for info in infos:
+            try:
+                out.append(ipaddress.ip_network(str(info[4][0]).split("%", 1)[0]))
+            except ValueError:
+                continue
+    return out
 
 
 def set_on_refuse(fn: Callable[[dict[str, Any]], None] | None) -> None:

@@ -160,3 +160,20 @@ def test_the_job_runner_reads_back_what_the_guard_refused(tmp_path: Path) -> Non
     (refused,) = job.refusals()
     assert refused["event"] == "getaddrinfo" and refused["address"] == "127.0.0.2:9" and refused["module"].startswith("tests.egress_probe")
     assert "PROBE" in job.log_file.read_text()
+
+
+def test_an_allowed_host_name_lets_its_addresses_through() -> None:
+    """The rendezvous host of a multi-node job is given by name: its addresses pass (here localhost's)."""
+    out = _python(
+        """
+        import socket
+        from airgap import guard
+        guard.install(["localhost"])
+        server = socket.create_server(("127.0.0.1", 0))
+        with socket.create_connection(("localhost", server.getsockname()[1])):
+            print("connected by name")
+        """,
+        {},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "connected by name"
