@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from airgap.errors import AirgapError
+from keys.errors import ApplianceError
 
 ENV_ALLOW = "APPLIANCE_EGRESS_ALLOW"
 ENV_LOG = "APPLIANCE_EGRESS_LOG"
@@ -184,8 +185,8 @@ def _refuse(event: str, address: str) -> None:
     if _STATE.on_refuse is not None:
         try:
             _STATE.on_refuse(record)
-        except Exception:  # noqa: BLE001 - recording must never let the connection through
-            pass
+        except (ApplianceError, OSError, RuntimeError, ValueError):
+            pass  # recording failed (the ledger closing, say): the refusal below still stands
     raise EgressRefused(
         f"egress refused: {event} to {address}, asked by {who}; this appliance is air-gapped",
         f"nothing may leave this machine; if {address} is the cluster's own, allow it ({ENV_ALLOW}, or the recipe's allowed addresses)",
