@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from keys.sealed import open_read, plain_size
+from keys.sealed import open_read
 
 CHUNK = 1 << 20
 
@@ -29,11 +29,18 @@ def sha256_file(path: Path) -> str:
     A sealed file (`keys.sealed`) is hashed by its plaintext, so an artifact's digest is the
     same sealed or not and a third party's ``sha256sum`` of the exported plaintext agrees.
     """
+    return _hash_and_size(path)[0]
+
+
+def _hash_and_size(path: Path) -> tuple[str, int]:
+    """sha256 and length of a file's plaintext, in one read (sealed or not)."""
     h = hashlib.sha256()
+    size = 0
     with open_read(path) as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+            size += len(chunk)
+    return h.hexdigest(), size
 
 
 def dir_manifest(path: Path) -> list[tuple[str, str, int]]:
@@ -46,7 +53,8 @@ def dir_manifest(path: Path) -> list[tuple[str, str, int]]:
             if full.is_symlink() or not full.is_file():
                 continue
             rel = full.relative_to(path).as_posix()
-            entries.append((rel, sha256_file(full), plain_size(full)))
+            digest, size = _hash_and_size(full)
+            entries.append((rel, digest, size))
     entries.sort(key=lambda e: e[0].encode("utf-8"))
     return entries
 

@@ -389,9 +389,17 @@ class SealedWriter(io.RawIOBase):
 
 def open_read(path: Path | str) -> BinaryIO:
     """Open a file for reading its plaintext, sealed or not (buffered, seekable)."""
-    if is_sealed(path):
-        return io.BufferedReader(SealedReader(path), buffer_size=1 << 20)
-    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    f = open(path, "rb")  # noqa: SIM115 - the caller closes it
+    try:
+        sealed = f.read(len(MAGIC)) == MAGIC
+        f.seek(0)
+    except BaseException:
+        f.close()
+        raise
+    if not sealed:
+        return f  # a plain file: opened once, as before sealing
+    f.close()
+    return io.BufferedReader(SealedReader(path), buffer_size=1 << 20)
 
 
 def open_write(path: Path | str, *, like: Path | str | None = None) -> BinaryIO:

@@ -306,9 +306,9 @@ def _check_subject(svc: Any, action: str, subject: str) -> dict[str, Any]:
         row = resolve_model(svc, subject)  # NAME:VERSION, NAME@TAG, NAME, or a digest prefix
         return {"model_digest": row["digest"], "model": f"{row['name']}:{row['version']}"}
     if action == "data.purge":
-        from appliance.service.purge import _split_target, plan
+        from appliance.service.purge import plan, split_subject
 
-        target, also = _split_target(subject)
+        target, also = split_subject(subject)
         p = plan(svc, target, also)
         # The approver sees what will be erased and what stays marked; the use re-plans and must match.
         return {"purge": sorted(a["digest"] for a in p.purge), "keep": sorted(a["digest"] for a in p.keep), "label": p.label}

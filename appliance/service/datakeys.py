@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +107,14 @@ class DataKeys:
         with self._lock:
             return self._by_digest.get(digest)
 
-    def env_for(self, digests: list[str], extra_keys: list[str], seal: dict[str, str]) -> dict[str, str]:
-        """The environment that gives a job the keys of its inputs and outputs, and what to seal."""
-        ids = [k for d in digests if (k := self.key_of(d))] + extra_keys
+    def env_for(self, digests: list[str], extra_keys: Sequence[str] = ()) -> dict[str, str]:
+        """The environment that gives a job the keys of its inputs (their digests) and outputs (key ids).
+
+        What to seal travels in the job's spec (key ids and output names), not here.
+        """
+        ids = [k for d in digests if (k := self.key_of(d))] + list(extra_keys)
         keys = {k: v for k in ids if (v := sealed.get_key(k)) is not None}
-        return sealed.job_environment(keys, seal)
+        return sealed.job_environment(keys, {})
 
     # -- destruction ----------------------------------------------------------------------
 

@@ -77,9 +77,6 @@ class Plan:
     runs: list[str] = field(default_factory=list)
     sources: list[dict[str, Any]] = field(default_factory=list)
 
-    def subject(self) -> str:
-        return self.target
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "target": self.target,
@@ -112,7 +109,7 @@ class Plan:
         return out
 
 
-def _split_target(raw: str) -> tuple[str, list[str]]:
+def split_subject(raw: str) -> tuple[str, list[str]]:
     """``TARGET [also=D1,D2|all]`` -> (target, also)."""
     parts = str(raw).split()
     if not parts:
@@ -518,22 +515,37 @@ def _to_erase(svc: Any, p: Plan) -> set[Path]:
     return out
 
 
-def _scan_home(svc: Any, markers: list[bytes], *, skip: set[Path] = frozenset(), only: tuple[Path, ...] = ()) -> Any:  # type: ignore[assignment]
-    """(path, the markers found in it) for every file of the home holding one; plain bytes, chunked."""
+def _marker_pattern(markers: list[bytes]) -> tuple[re.Pattern[bytes], int] | None:
     if not markers:
+        return None
+    return re.compile(b"|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True))), max(len(m) for m in markers) - 1
+
+
+def _markers_in(path: Path, pattern: re.Pattern[bytes] | None, overlap: int = 0) -> tuple[set[bytes], bytes]:
+    """The markers in one file (its plain bytes, chunked), and its first 64 bytes (a sealed header, if any)."""
+    hits: set[bytes] = set()
+    head, tail = b"", b""
+    with open(path, "rb") as f:
+        if pattern is None:  # no markers to look for: the header is all that is read
+            return hits, f.read(sealed.HEADER_SIZE)
+        while chunk := f.read(1 << 22):
+            if not head:
+                head = chunk[: sealed.HEADER_SIZE]
+            hits |= set(pattern.findall(tail + chunk))
+            tail = chunk[-overlap:] if overlap else b""
+    return hits, head
+
+
+def _scan_home(svc: Any, markers: list[bytes], *, skip: set[Path], only: tuple[Path, ...]) -> Any:
+    """(path, the markers found in it) for every file under ``only`` and not under ``skip`` that holds one."""
+    compiled = _marker_pattern(markers)
+    if compiled is None:
         return
-    pattern = re.compile(b"|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
-    overlap = max(len(m) for m in markers) - 1
     for path in _walk_home(svc):
-        if any(path == s or path.is_relative_to(s) for s in skip) or (only and not any(path.is_relative_to(o) for o in only)):
+        if any(path == s or path.is_relative_to(s) for s in skip) or not any(path.is_relative_to(o) for o in only):
             continue
-        hits: set[bytes] = set()
-        tail = b""
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    hits |= set(pattern.findall(tail + chunk))
-                    tail = chunk[-overlap:] if overlap else b""
+            hits, _ = _markers_in(path, *compiled)
         except OSError:
             continue
         if hits:
@@ -575,21 +587,26 @@ def _text_windows(path: Path, rng: Any) -> set[bytes]:
 def _verify(svc: Any, key_ids: list[str], known: list[bytes], control: dict[str, Any], *, resumed: bool) -> dict[str, Any]:
     in_table = [k for k in key_ids if svc.datakeys.entry(k).exists()]
     in_memory = [k for k in key_ids if sealed.has_key(k)]
-    opened, still_sealed = 0, 0
+    # One pass over the home: each file's header (sealed under a destroyed key?) and its bytes (markers).
+    compiled = _marker_pattern(known) or (None, 0)
+    opened = still_sealed = scanned = size = 0
+    hits: dict[str, int] = {}
     for path in _walk_home(svc):
         try:
-            kid = sealed.header_key_id(path)
+            found, head = _markers_in(path, *compiled)
+            size += path.stat().st_size
         except OSError:
             continue
-        if kid in key_ids:
+        scanned += 1
+        if found:
+            hits[str(path.relative_to(svc.home.root))] = len(found)
+        if head[: len(sealed.MAGIC)] == sealed.MAGIC and head[8:24].hex() in key_ids:
             still_sealed += 1
             try:
                 sealed.SealedReader(path).close()
                 opened += 1
             except sealed.SealedDataError:
                 pass
-    hits = {str(path.relative_to(svc.home.root)): len(found) for path, found in _scan_home(svc, known)}
-    scanned = sum(1 for _ in _walk_home(svc))
     ok = not in_table and not in_memory and opened == 0 and not hits
     return {
         "result": "passed" if ok else "failed",
@@ -602,7 +619,7 @@ def _verify(svc: Any, key_ids: list[str], known: list[bytes], control: dict[str,
         "marker_scan": (
             "not repeated: the purge was resumed after an interruption and its markers were lost with the process"
             if resumed
-            else {"files": scanned, "bytes": sum(p.stat().st_size for p in _walk_home(svc)), "files_with_markers": hits, "control": control}
+            else {"files": scanned, "bytes": size, "files_with_markers": hits, "control": control}
         ),
     }
 
@@ -641,7 +658,7 @@ def _certificate(
             else "cryptographic erase where sealed; overwrite (one pass of random data), fsync and unlink for artifacts stored before encryption at rest (not crypto-erasable)",
             "cipher": sealed.CIPHER,
             "key_wrap": sealed.WRAP,
-            "data_keys_destroyed": data_keys(data),
+            "data_keys_destroyed": sorted({a["key_id"] for a in arts if a.get("key_id")}),
             "key_table_entries_overwritten": destroyed,
             "bytes_overwritten": overwritten,
             "tool": "sovereign-appliance",
@@ -656,7 +673,3 @@ def _certificate(
         "post_sanitization": "the media stays in service in the appliance home; the ledger keeps the purged artifacts' rows (status purged)",
         "recorded_by": actor,
     }
-
-
-def data_keys(data: dict[str, Any]) -> list[str]:
-    return sorted({a["key_id"] for a in data["artifacts"] if a.get("key_id")})

@@ -549,7 +549,7 @@ class RunManager:
             "provenance": self._job_context(run, stage),
             "seal": seal,  # key ids only: the keys travel in the job's environment
         }
-        env = self.svc.datakeys.env_for([a.digest for a in run.artifacts.values()], list(seal.values()), {})
+        env = self.svc.datakeys.env_for([a.digest for a in run.artifacts.values()], list(seal.values()))
         job = Job(JOB_MODULE, spec, work / "job", lock=lock, env=env)
         result: dict[str, Any] = {}
 
@@ -608,7 +608,7 @@ class RunManager:
             set_job=active.set_job,
             cancelled_by=lambda: active.cancelled_by,
             charge=charge,
-            env=svc.datakeys.env_for([a.digest for a in run.artifacts.values()], [], {}),
+            env=svc.datakeys.env_for([a.digest for a in run.artifacts.values()]),
         )
 
 
