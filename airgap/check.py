@@ -104,7 +104,7 @@ def _packages(att: dict[str, Any]) -> Item:
         "packages",
         "warn",
         f"{n} installed, none from a signed offline bundle",
-        "signed offline bundles are not built yet; until then install from a local wheel folder (`pip install --no-index --find-links DIR`)",
+        "install into a fresh environment from a signed offline wheel bundle: `appliance airgap bundle` on a connected machine, `install.sh` on this one (README: Installing on an air-gapped head node)",
     )
 
 

@@ -19,6 +19,17 @@ from typing import Any
 from keys.errors import ApplianceError
 
 
+def _version() -> str:
+    """The installed distribution's version."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("sovereign-appliance")
+    except metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    return f"{version} (Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from appliance.cli import (
         airgap,
@@ -43,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Sovereign LLM training appliance: dataset to signed model, proven in a ledger.")
     parser.add_argument("--home", help="local mode: run the service in-process on this home (default: $APPLIANCE_HOME or ~/.local/share/appliance)")
     parser.add_argument("--socket", help="talk to the service on this Unix socket (default: $APPLIANCE_SOCKET, else /run/appliance/appliance.sock if present)")
+    parser.add_argument("--version", action="version", version=f"appliance {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], parent: Any = sub) -> argparse.ArgumentParser:
