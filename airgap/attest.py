@@ -43,11 +43,11 @@ def force_offline() -> None:
 BUNDLE_RECORD = "appliance-bundle.json"  # written into the environment by airgap/install.sh
 
 
-def _bundle_hashes() -> dict[str, str]:
-    """Wheel sha256 by normalised distribution name, where this environment was installed from a bundle."""
+def _bundle_hashes() -> dict[tuple[str, str], str]:
+    """Wheel sha256 by (normalised distribution name, version), where this environment was installed from a bundle."""
     try:
         record = json.loads((Path(sys.prefix) / BUNDLE_RECORD).read_text(encoding="utf-8"))
-        return {_norm(w["name"]): w["sha256"] for w in record.get("wheels", [])}
+        return {(_norm(w["name"]), str(w.get("version"))): w["sha256"] for w in record.get("wheels", [])}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -65,7 +65,8 @@ def packages() -> list[dict[str, str]]:
         if not name:
             continue
         entry = {"name": name, "version": d.version}
-        if (digest := hashes.get(_norm(name))) is not None:
+        # By name and version: a distribution upgraded since, by other means, is not the bundle's.
+        if (digest := hashes.get((_norm(name), d.version))) is not None:
             entry["wheel_sha256"] = digest
         seen[_norm(name)] = entry
     return [seen[k] for k in sorted(seen)]

@@ -55,17 +55,24 @@ def _pip(args: list[str], what: str) -> None:
     if done.returncode != 0:
         lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
         detail = " / ".join(lines[-4:])
-        raise BundleError(f"{what} failed: {detail}", "give the build machine's wheel sources with --find-links DIR or --index-url URL (see the message for the requirement)")
+        raise BundleError(
+            f"{what} failed: {detail}", "give the build machine's wheel sources with --find-links DIR or --index-url URL (see the message for the requirement)"
+        )
 
 
 def _appliance_wheel(work: Path, source: Path | None, wheel: Path | None, pip_args: list[str]) -> Path:
     if wheel is not None:
         if not wheel.is_file() or not wheel.name.startswith("sovereign_appliance-") or wheel.suffix != ".whl":
-            raise BundleError(f"{wheel} is not the appliance's wheel (sovereign_appliance-*.whl)", "build it with `pip wheel --no-deps -w DIR SOURCE`, or leave out --appliance-wheel")
+            raise BundleError(
+                f"{wheel} is not the appliance's wheel (sovereign_appliance-*.whl)",
+                "build it with `pip wheel --no-deps -w DIR SOURCE`, or leave out --appliance-wheel",
+            )
         return wheel
     source = source or ROOT
     if not (source / "pyproject.toml").is_file():
-        raise BundleError(f"{source} is not the appliance's source tree (no pyproject.toml)", "give the source tree with --source, or a built wheel with --appliance-wheel")
+        raise BundleError(
+            f"{source} is not the appliance's source tree (no pyproject.toml)", "give the source tree with --source, or a built wheel with --appliance-wheel"
+        )
     # Built from a clean copy: an in-tree build reuses build/, where a module since deleted lingers.
     tree = work / "source"
     tree.mkdir()
@@ -74,7 +81,9 @@ def _appliance_wheel(work: Path, source: Path | None, wheel: Path | None, pip_ar
             shutil.copy2(source / name, tree / name)
     for name in SOURCE_PACKAGES:
         if not (source / name).is_dir():
-            raise BundleError(f"{source} lacks the package folder {name}/", "give the appliance's source tree with --source, or a built wheel with --appliance-wheel")
+            raise BundleError(
+                f"{source} lacks the package folder {name}/", "give the appliance's source tree with --source, or a built wheel with --appliance-wheel"
+            )
         shutil.copytree(source / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = work / "appliance"
     try:
@@ -128,7 +137,19 @@ def build_bundle(
             reqs = staging / "requirements.txt"
             reqs.write_text("".join(p.requirement() + "\n" for p in chosen), encoding="utf-8")
             _pip(
-                ["download", "-q", "--no-deps", "--only-binary=:all:", "--require-hashes", "-d", str(wheels_dir), "-r", str(reqs), *lock.target.pip_args(), *pip_args],
+                [
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--require-hashes",
+                    "-d",
+                    str(wheels_dir),
+                    "-r",
+                    str(reqs),
+                    *lock.target.pip_args(),
+                    *pip_args,
+                ],
                 "pip download",
             )
             reqs.unlink()
@@ -137,7 +158,10 @@ def build_bundle(
             path = wheels_dir / p.wheel
             if not path.is_file():
                 got = ", ".join(sorted(f.name for f in wheels_dir.glob(f"{p.wheel.split('-')[0]}-*")))
-                raise BundleError(f"pip fetched no {p.wheel} for {p.name} {p.version} (got: {got or 'nothing'})", "the lock's wheel must be the one fetched: regenerate the lock or give the wheel's folder")
+                raise BundleError(
+                    f"pip fetched no {p.wheel} for {p.name} {p.version} (got: {got or 'nothing'})",
+                    "the lock's wheel must be the one fetched: regenerate the lock or give the wheel's folder",
+                )
             entries.append({"file": p.wheel, "name": p.name, "version": p.version, "sha256": sha256_file(path), "size": path.stat().st_size})
         appliance_info = None
         if with_appliance:
@@ -173,7 +197,7 @@ def build_bundle(
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "built_with": {"python": platform.python_version(), "platform": platform.platform()},
             "signer_key_id": key.key_id,
-            "wheels": sorted(entries, key=lambda e: e["name"]),
+            "wheels": sorted(entries, key=lambda e: str(e["name"])),
             "files": files,
         }
         data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8")

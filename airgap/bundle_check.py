@@ -52,7 +52,9 @@ def load_manifest(bundle: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise BundleProblem(f"{bundle} holds no {MANIFEST}", f"give the bundle's folder (the one `appliance airgap bundle --out` made) and check its path: {bundle}") from None
+        raise BundleProblem(
+            f"{bundle} holds no {MANIFEST}", f"give the bundle's folder (the one `appliance airgap bundle --out` made) and check its path: {bundle}"
+        ) from None
     except (OSError, ValueError) as exc:
         raise BundleProblem(f"{path} cannot be read: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -137,7 +139,9 @@ def main(argv: list[str]) -> int:
             want = target.get("python")
             have = f"{sys.version_info.major}.{sys.version_info.minor}"
             if want and want != have:
-                raise BundleProblem(f"the bundle is for Python {want}; this python3 is {have}", f"run install.sh with --python naming a Python {want} interpreter")
+                raise BundleProblem(
+                    f"the bundle is for Python {want}; this python3 is {have}", f"run install.sh with --python naming a Python {want} interpreter"
+                )
             return 0
         if len(argv) == 3 and argv[0] == "record":
             data = record(Path(argv[1]), Path(argv[2]))

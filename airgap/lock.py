@@ -173,7 +173,8 @@ def drift(lock: Lock, pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     from packaging.markers import default_environment
     from packaging.requirements import InvalidRequirement, Requirement
 
-    env = default_environment() | {"python_version": lock.target.python, "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
+    env: dict[str, str] = {str(k): str(v) for k, v in default_environment().items()}
+    env |= {"python_version": lock.target.python, "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
     env |= {"python_full_version": f"{lock.target.python}.0", "implementation_name": "cpython", "platform_python_implementation": "CPython"}
     locked = {p.name: p for p in lock.packages}
     reqs = project_requirements(pyproject)
@@ -228,21 +229,37 @@ def make_lock(target: str = DEFAULT_TARGET, *, pip_args: list[str] | None = None
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise LockError(f"pip lock failed: {' / '.join(tail)}", "pip >= 25.1 is needed (`python -m pip install -U pip`); the rest of the message names the requirement")
+            raise LockError(
+                f"pip lock failed: {' / '.join(tail)}", "pip >= 25.1 is needed (`python -m pip install -U pip`); the rest of the message names the requirement"
+            )
         data = tomllib.loads(raw.read_text(encoding="utf-8"))
     finally:
         raw.unlink(missing_ok=True)
+    text = portable(data, target, torch=torch, requirements=reqs, constraints=constraints, python=platform.python_version().rsplit(".", 1)[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    load_lock(out)  # what we wrote must read back
+    return out
+
+
+def portable(data: dict[str, Any], target: str, *, torch: str, requirements: list[str], constraints: list[str], python: str) -> str:
+    """``pip lock``'s output as the lock we keep: no URLs, no source-tree entry, the target in [tool.appliance]."""
+    if not isinstance(data.get("packages"), list):
+        raise LockError("pip lock wrote no packages", "run `pip lock` by hand to see why")
     packages = [p for p in data["packages"] if "wheels" in p]
     skipped = [p["name"] for p in data["packages"] if "wheels" not in p and normalise(p["name"]) != "sovereign-appliance"]
     if skipped:
-        raise LockError(f"pip lock found no wheel for {', '.join(skipped)}", "a bundle installs wheels only: build them (`pip wheel`) into a folder and pass it with --find-links")
+        raise LockError(
+            f"pip lock found no wheel for {', '.join(skipped)}",
+            "a bundle installs wheels only: build them (`pip wheel`) into a folder and pass it with --find-links",
+        )
     platforms = sorted({tag for p in packages for w in p["wheels"] for tag in _platform_tags(w["name"])})
     lines = [
         "# The appliance's install for one target, hash-pinned (PEP 751). Written by `appliance airgap lock`;",
         "# do not edit by hand. CI checks it against pyproject.toml (`appliance airgap lock --check`).",
         'lock-version = "1.0"',
         'created-by = "appliance airgap lock (pip lock)"',
-        f"requires-python = {json.dumps('==' + platform.python_version().rsplit('.', 1)[0] + '.*')}",
+        f"requires-python = {json.dumps('==' + python + '.*')}",
         "",
     ]
     for p in sorted(packages, key=lambda p: normalise(p["name"])):
@@ -257,21 +274,17 @@ def make_lock(target: str = DEFAULT_TARGET, *, pip_args: list[str] | None = None
             f"hashes = {{ sha256 = {json.dumps(wheel['hashes']['sha256'])} }}",
             "",
         ]
-    py = platform.python_version().rsplit(".", 1)[0]
     lines += [
         "[tool.appliance]",
         f"target = {json.dumps(target)}",
-        f"python = {json.dumps(py)}",
+        f"python = {json.dumps(python)}",
         'implementation = "cp"',
-        f"abi = {json.dumps('cp' + py.replace('.', ''))}",
+        f"abi = {json.dumps('cp' + python.replace('.', ''))}",
         f"platforms = {json.dumps(platforms)}",
         f"torch = {json.dumps(torch)}",
-        f"requirements = {json.dumps(reqs)}",
+        f"requirements = {json.dumps(requirements)}",
         f"constraints = {json.dumps(constraints)}",
-        f"requirements-sha256 = {json.dumps(requirements_digest(reqs, constraints))}",
+        f"requirements-sha256 = {json.dumps(requirements_digest(requirements, constraints))}",
         "",
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines), encoding="utf-8")
-    load_lock(out)  # what we wrote must read back
-    return out
+    return "\n".join(lines)

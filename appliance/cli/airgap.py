@@ -7,9 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from appliance.cli.common import connect, emit, note
 
@@ -65,9 +64,14 @@ def cmd_airgap_lock(args: argparse.Namespace) -> int:
     if args.check:
         lock = load_lock(path)
         problems = drift(lock)
-        emit(args, {"lock": str(path), "packages": len(lock.packages), "drift": problems}, "\n".join([f"lock {path}: {len(lock.packages)} packages", *problems]))
+        emit(
+            args, {"lock": str(path), "packages": len(lock.packages), "drift": problems}, "\n".join([f"lock {path}: {len(lock.packages)} packages", *problems])
+        )
         if problems:
-            raise LockError(f"the lock {path.name} no longer matches pyproject.toml: {problems[0]}", "regenerate it: `appliance airgap lock` on a connected machine (pip >= 25.1), and commit it")
+            raise LockError(
+                f"the lock {path.name} no longer matches pyproject.toml: {problems[0]}",
+                "regenerate it: `appliance airgap lock` on a connected machine (pip >= 25.1), and commit it",
+            )
         return 0
     note(f"locking {args.target} with pip lock (resolves through this machine's package sources)")
     written = make_lock(args.target, pip_args=_pip_sources(args), out=path, python=args.python)
@@ -98,7 +102,14 @@ def cmd_airgap_bundle(args: argparse.Namespace) -> int:
     size = sum(w["size"] for w in m["wheels"])
     emit(
         args,
-        {"bundle": args.out, "wheels": len(m["wheels"]), "bytes": size, "signer_key_id": m["signer_key_id"], "target": m["target"]["name"], "partial": m["partial"]},
+        {
+            "bundle": args.out,
+            "wheels": len(m["wheels"]),
+            "bytes": size,
+            "signer_key_id": m["signer_key_id"],
+            "target": m["target"]["name"],
+            "partial": m["partial"],
+        },
         f"bundle {args.out}: {len(m['wheels'])} wheels ({size / 1e6:.1f} MB) for {m['target']['name']}{' (partial)' if m['partial'] else ''}, "
         f"signed by {m['signer_key_id'][:16]}…\n"
         f"on the head node: bash {args.out}/install.sh --key RELEASE.pub.pem {args.out} /opt/appliance/venv",
@@ -115,7 +126,15 @@ def cmd_airgap_verify(args: argparse.Namespace) -> int:
     size = sum(w["size"] for w in m["wheels"])
     emit(
         args,
-        {"bundle": args.bundle, "ok": True, "wheels": len(m["wheels"]), "bytes": size, "target": m["target"], "signer_key_id": m["signer_key_id"], "partial": m["partial"]},
+        {
+            "bundle": args.bundle,
+            "ok": True,
+            "wheels": len(m["wheels"]),
+            "bytes": size,
+            "target": m["target"],
+            "signer_key_id": m["signer_key_id"],
+            "partial": m["partial"],
+        },
         f"bundle OK: {len(m['wheels'])} wheels ({size / 1e6:.1f} MB) for {m['target']['name']}, signature by {m['signer_key_id'][:16]}…, every sha256 matches, nothing extra",
     )
     return 0
@@ -139,7 +158,9 @@ def register(sub: Any, add: Any) -> None:
     p.add_argument("--python", help="the interpreter whose pip locks (pip >= 25.1; default: this one)")
     p = group.choices["bundle"]
     p.add_argument("--out", required=True, help="new folder for the bundle")
-    p.add_argument("--key", required=True, help="the release key file that signs the manifest (the home's keys/release.key, or one from `appliance keys create`)")
+    p.add_argument(
+        "--key", required=True, help="the release key file that signs the manifest (the home's keys/release.key, or one from `appliance keys create`)"
+    )
     p.add_argument("--source", help="the appliance's source tree to build its wheel from (default: this one)")
     p.add_argument("--appliance-wheel", help="the appliance's wheel, already built")
     p.add_argument("--only", help="comma-separated distributions (sovereign-appliance for the appliance): a partial bundle that updates an install")
