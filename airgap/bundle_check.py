@@ -97,7 +97,7 @@ def check_files(bundle: Path, manifest: dict[str, Any]) -> None:
 
 def requirements(manifest: dict[str, Any]) -> str:
     """pip's --require-hashes requirements: every wheel, pinned to its version and sha256."""
-    return "".join(f"{w['name']}=={w['version']} --hash=sha256:{w['sha256']}\n" for w in manifest["wheels"])
+    return "".join(f"{w['name']}==={w['version']} --hash=sha256:{w['sha256']}\n" for w in manifest["wheels"])
 
 
 def record(bundle: Path, venv: Path) -> dict[str, Any]:

@@ -60,7 +60,9 @@ have="$(openssl dgst -sha256 -r "$BUNDLE/check.py" 2>/dev/null | cut -d' ' -f1)"
 # 3. Every wheel and file against the manifest; nothing extra. Writes pip's hash-pinned requirements.
 "$PY" "$BUNDLE/check.py" verify "$BUNDLE" "$TMP/requirements.txt" || exit 2
 
-# 4. Install: no index, no configuration or PIP_* variables of this host, every wheel hash-pinned.
+# 4. Install: no index, no configuration or PIP_* variables of this host, every wheel hash-pinned;
+#    reinstalled even where the same version is there, so what runs is the bundle's (and an
+#    install killed half-way is made whole by running this again).
 fresh=0
 if [ ! -e "$VENV" ]; then
   "$PY" -m venv --without-pip "$VENV" || die "could not make the environment $VENV" "check that $PY has its venv module and that the folder's parent is writable"
@@ -76,7 +78,7 @@ else
 fi
 while read -r name; do unset "$name"; done < <(compgen -e | grep '^PIP_' || true)
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! "${PIP[@]}" install --no-index --find-links "$BUNDLE/wheels" --require-hashes --no-deps -r "$TMP/requirements.txt" >"$TMP/pip.out" 2>&1; then
+if ! "${PIP[@]}" install --no-index --find-links "$BUNDLE/wheels" --require-hashes --no-deps --force-reinstall -r "$TMP/requirements.txt" >"$TMP/pip.out" 2>&1; then
   tail -n 5 "$TMP/pip.out" >&2
   if [ "$fresh" = 1 ]; then rm -rf "$VENV"; fi
   die "pip could not install the bundle into $VENV (its last lines are above)" "a wheel for another platform or Python says so above: build the bundle for this head node's target"

@@ -71,7 +71,8 @@ class Locked:
     sha256: str
 
     def requirement(self) -> str:
-        return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
+        # "===": exactly this version; "==2.13.0" would also take a local build such as 2.13.0+cpu.
+        return f"{self.name}==={self.version} --hash=sha256:{self.sha256}"
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def drift(lock: Lock, pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     env |= {"python_full_version": f"{lock.target.python}.0", "implementation_name": "cpython", "platform_python_implementation": "CPython"}
     locked = {p.name: p for p in lock.packages}
     reqs = project_requirements(pyproject)
-    constraints = cpu_constraints() if lock.target.torch == "cpu" else []
+    constraints = cpu_constraints()
     problems = []
     for text in reqs + constraints:
         try:
@@ -217,7 +218,9 @@ def make_lock(target: str = DEFAULT_TARGET, *, pip_args: list[str] | None = None
     if impl != "cpython" or platform.machine() != "x86_64" or sys.platform != "linux":
         raise LockError(f"this machine is {impl} on {sys.platform}/{platform.machine()}", "make a lock on a Linux x86_64 CPython machine of the target's kind")
     torch = "cpu" if "cpu" in target.split("-") else "cuda"
-    constraints = cpu_constraints() if torch == "cpu" else []
+    # The torch version CI tested, for both builds; which build is the package sources' choice
+    # (a CPU wheel folder or index for cpu-*, the default index's CUDA build for cuda-*).
+    constraints = cpu_constraints()
     reqs = project_requirements()
     out = out or lock_path(target)
     # pip lock writes the source tree's entry relative to the lock, so the raw lock sits in the tree.

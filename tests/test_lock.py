@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from airgap.lock import DEFAULT_TARGET, LockError, drift, load_lock, lock_path, portable
+from airgap.lock import DEFAULT_TARGET, Lock, LockError, drift, load_lock, lock_path, portable
 from tests.conftest import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +25,21 @@ def test_committed_lock_matches_pyproject(capsys: pytest.CaptureFixture[str]) ->
     assert "://" not in text, "a lock names no index or folder of the machine that made it"
     code, out, _ = cli(capsys, "airgap", "lock", "--check")
     assert code == 0 and f"{len(lock.packages)} packages" in out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "locks").glob("pylock.*.toml")), ids=lambda p: p.name)
+def test_every_committed_lock_matches_pyproject(path: Path) -> None:
+    lock = load_lock(path)
+    assert path.name == f"pylock.{lock.target.name}.toml"
+    assert drift(lock) == [], f"{path.name}: remake it with `appliance airgap lock --target {lock.target.name}`"
+    assert "://" not in path.read_text()
+
+    def torch(lk: Lock) -> str:
+        return next(p.version for p in lk.packages if p.name == "torch").split("+")[0]
+
+    # The same torch release for every build, the one CI tests; the CUDA build brings its runtime wheels.
+    assert torch(lock) == torch(load_lock(lock_path(DEFAULT_TARGET)))
+    assert (lock.target.torch == "cuda") == any(p.name.startswith("nvidia-") for p in lock.packages)
 
 
 def _project_copy(tmp_path: Path, old: str, new: str) -> Path:
