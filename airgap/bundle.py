@@ -227,7 +227,7 @@ def verify_bundle(bundle: Path, public_key: ec.EllipticCurvePublicKey, *, key_so
         except SigningError:
             signer = str(manifest.get("signer_key_id") or "?")
             ours = key_id_of(public_key)
-            why = f"it was signed by key {signer[:16]}…, this key is {ours[:16]}…" if signer != ours else "the manifest was changed after signing"
+            why = f"the manifest names signer {signer[:16]}…, this key is {ours[:16]}…" if signer != ours else "the manifest was changed after signing"
             raise BundleProblem(
                 f"{bundle / MANIFEST}: the signature does not verify with {key_source} ({why})",
                 "check that you hold the release key of the site that built it (`appliance keys export-public --role release` there); never install a bundle that fails this",

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         approvals,
         audit,
         bundle,
+        console,
         data,
         finetune,
         generate,
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.register(sub, add)
     purge.register(sub, add)
     airgap.register(sub, add)
+    console.register(sub, add)
     data.register(sub, add)
     generate.register(sub, add)
     recipe.register(sub, add)
