@@ -133,11 +133,12 @@ VIEWS: list[tuple[str, str]] = [
                    actor, seq AS started_seq, ts AS started_ts
             FROM signed_events WHERE kind = 'run.started'
         ), finished AS (
+            -- The last of run.finished and run.resumed: a resumed run is running again.
             SELECT data ->> '$.run_id' AS run_id,
-                   data ->> '$.status' AS status,
-                   data ->> '$.error' AS error,
-                   ts AS finished_ts
-            FROM signed_events WHERE kind = 'run.finished'
+                   CASE kind WHEN 'run.resumed' THEN 'running' ELSE data ->> '$.status' END AS status,
+                   CASE kind WHEN 'run.resumed' THEN NULL ELSE data ->> '$.error' END AS error,
+                   CASE kind WHEN 'run.resumed' THEN NULL ELSE ts END AS finished_ts
+            FROM signed_events WHERE kind IN ('run.finished', 'run.resumed')
             QUALIFY row_number() OVER (PARTITION BY data ->> '$.run_id' ORDER BY seq DESC) = 1
         )
         SELECT s.run_id, s.recipe_name, s.recipe_digest, s.actor, s.started_seq, s.started_ts,

@@ -72,3 +72,23 @@ def test_dashboard(snap_compare: Any, frozen_app: Any) -> None:
 
 def test_help(snap_compare: Any, frozen_app: Any) -> None:
     assert snap_compare(frozen_app, terminal_size=SIZE, run_before=_settled("question_mark"))
+
+
+def test_runs(snap_compare: Any, frozen_app: Any) -> None:
+    assert snap_compare(frozen_app, terminal_size=SIZE, run_before=_settled("2"))
+
+
+def test_data(snap_compare: Any, frozen_app: Any) -> None:
+    assert snap_compare(frozen_app, terminal_size=SIZE, run_before=_settled("3"))
+
+
+def test_registry(snap_compare: Any, frozen_app: Any) -> None:
+    assert snap_compare(frozen_app, terminal_size=SIZE, run_before=_settled("4"))
+
+
+def test_chat(snap_compare: Any, frozen_app: Any) -> None:
+    assert snap_compare(frozen_app, terminal_size=SIZE, run_before=_settled("8"))
+
+
+def test_ledger(snap_compare: Any, frozen_app: Any) -> None:
+    assert snap_compare(frozen_app, terminal_size=SIZE, run_before=_settled("5"))

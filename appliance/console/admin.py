@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -29,6 +29,7 @@ from textual.widgets import Button, DataTable, Input, Label, Static, TextArea
 
 from appliance.cli.approvals import describe as describe_request
 from appliance.console.base import Gated, Loaded, ServicePane
+from appliance.console.ledger import keep_focus_out_while_hidden, reveal
 from appliance.console.session import Grants, short
 
 DECIDE = "approvals.decide"
@@ -191,8 +192,8 @@ class AdminPane(ServicePane):
     AdminPane #admin-approvals { height: 1fr; }
     AdminPane #admin-actions { height: auto; }
     AdminPane #admin-actions Button { margin-right: 1; min-width: 14; }
-    AdminPane #admin-request-box { width: 46; height: 100%; }
-    AdminPane #admin-request { height: 1fr; overflow-y: auto; }
+    AdminPane #admin-request-box { width: 42; height: 100%; }
+    AdminPane #admin-request-scroll { height: 1fr; }
     AdminPane #admin-decide-reason { color: $warning; width: 1fr; }
     AdminPane #admin-bottom { height: 1fr; }
     AdminPane #admin-policy-box { width: 80; height: 100%; }
@@ -211,11 +212,11 @@ class AdminPane(ServicePane):
         Binding("r", "refresh_data", "Refresh", id="admin.refresh"),
     ]
     PALETTE: ClassVar[list[tuple[str, str, str]]] = [
-        ("Approvals: approve the selected request", "sign an approval with your user key (a)", "action_approve"),
-        ("Approvals: deny the selected request", "sign a denial with your user key (d)", "action_deny"),
-        ("Approvals: every request / mine and pending", "switch what the approvals table lists (v)", "action_toggle_all"),
-        ("Policy: read the signed policy file", "the policy in force, every rule (p)", "action_policy_text"),
-        ("Keys & approvals: refresh", "reload keys, policy and requests (r)", "refresh_data"),
+        ("Approvals: approve the selected request", "sign an approval with your user key (a)", "palette_approve"),
+        ("Approvals: deny the selected request", "sign a denial with your user key (d)", "palette_deny"),
+        ("Approvals: every request / mine and pending", "switch what the approvals table lists (v)", "palette_toggle_all"),
+        ("Policy: read the signed policy file", "the policy in force, every rule (p)", "palette_policy_text"),
+        ("Keys & approvals: refresh", "reload keys, policy and requests (r)", "palette_refresh"),
     ]
 
     show_all = False
@@ -229,11 +230,7 @@ class AdminPane(ServicePane):
         self.policy: dict[str, Any] = {}
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="admin-keys-box", classes="card"):
-            yield Label("Keys", classes="title", id="admin-keys-title")
-            yield Label("", id="admin-keys-reason", classes="denied")
-            yield Label("", id="admin-keys-anchor", classes="muted")
-            yield DataTable(id="admin-keys", zebra_stripes=True, cursor_type="row")
+        # Requests first: the app focuses a pane's first focusable widget, the one to decide from.
         with Horizontal(id="admin-middle"):
             with Vertical(id="admin-approvals-box", classes="card"):
                 yield Label("Approvals: your requests and those waiting for you", classes="title", id="admin-approvals-title")
@@ -245,7 +242,13 @@ class AdminPane(ServicePane):
                     yield Label("", id="admin-decide-reason")
             with Vertical(id="admin-request-box", classes="card"):
                 yield Label("Request", classes="title")
-                yield Static("no request selected", id="admin-request")
+                with VerticalScroll(id="admin-request-scroll"):
+                    yield Static("no request selected", id="admin-request")
+        with Vertical(id="admin-keys-box", classes="card"):
+            yield Label("Keys", classes="title", id="admin-keys-title")
+            yield Label("", id="admin-keys-reason", classes="denied")
+            yield Label("", id="admin-keys-anchor", classes="muted")
+            yield DataTable(id="admin-keys", zebra_stripes=True, cursor_type="row")
         with Horizontal(id="admin-bottom"):
             with Vertical(id="admin-policy-box", classes="card"):
                 yield Label("Policy", classes="title", id="admin-policy-title")
@@ -258,7 +261,7 @@ class AdminPane(ServicePane):
 
     def on_mount(self) -> None:
         self.query_one("#admin-keys", DataTable).add_columns("role", "status", "key id", "owner", "valid from", "valid until", "note")
-        self.query_one("#admin-approvals", DataTable).add_columns("request", "action", "subject", "asked by", "status", "expires", "yours to decide")
+        self.query_one("#admin-approvals", DataTable).add_columns("request", "action", "subject", "by", "status", "yours")
         for perm, label, hide in (("keys.read", "#admin-keys-reason", "#admin-keys"), ("policy.read", "#admin-policy-reason", "#admin-policy")):
             reason = self.session.grants.reason(perm)
             self.query_one(label, Label).update(Content(reason))
@@ -272,12 +275,13 @@ class AdminPane(ServicePane):
         self._update_decide()
 
     def on_show(self) -> None:
-        # Load on first sight, and take the focus so this pane's keys (a, d, v, p) work.
+        # Load on first sight.
         if not self._shown:
             self._shown = True
             self.refresh_data()
-        if self.app.focused is None or self not in self.app.focused.ancestors:
-            self.query_one("#admin-approvals", DataTable).focus()
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        keep_focus_out_while_hidden(self, event)
 
     def refresh_data(self) -> None:
         calls: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -376,7 +380,7 @@ class AdminPane(ServicePane):
         for r in rows:
             status = Text(r["status"], style={"pending": "yellow", "approved": "green", "executed": "green", "denied": "red"}.get(r["status"], ""))
             yours = Text("yes", style="bold green") if r.get("you_may_decide") else Text("")
-            table.add_row(r["id"], r["action"], Text(short(r["subject"], 20)), Text(r["requester"]["user"]), status, str(r["expires_at"])[:16], yours, key=r["id"])
+            table.add_row(r["id"], r["action"], Text(short(r["subject"], 14)), Text(r["requester"]["user"]), status, yours, key=r["id"])
         title = "every request" if self.show_all else "your requests and those waiting for you"
         self.query_one("#admin-approvals-title", Label).update(f"Approvals: {title} ({len(rows)})")
         self.query_one("#admin-all", Gated).label = "Mine (v)" if self.show_all else "All (v)"
@@ -426,11 +430,25 @@ class AdminPane(ServicePane):
             return None  # dimmed in the footer; the reason is shown beside the control
         return True
 
-    def action_approve(self) -> None:
+    # The palette calls these (from any tab: they show this one).
+    def palette_approve(self) -> None:
+        reveal(self)
         self.action_decide("approve")
 
-    def action_deny(self) -> None:
+    def palette_deny(self) -> None:
+        reveal(self)
         self.action_decide("deny")
+
+    def palette_toggle_all(self) -> None:
+        reveal(self)
+        self.action_toggle_all()
+
+    def palette_policy_text(self) -> None:
+        self.action_policy_text()
+
+    def palette_refresh(self) -> None:
+        reveal(self)
+        self.refresh_data()
 
     def action_decide(self, decision: str) -> None:
         req = self.requests.get(self.selected) if self.selected else None

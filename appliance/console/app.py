@@ -134,7 +134,25 @@ class ConsoleApp(App[None]):
     # -- actions ------------------------------------------------------------------------------
 
     def action_show_tab(self, tab: str) -> None:
+        # Drop the focus first: else Textual hands it to a sibling inside the pane being hidden,
+        # and TabbedContent switches back to that pane.
+        self.screen.set_focus(None)
         self.query_one("#tabs", TabbedContent).active = tab
+        # Focus moves into the pane, so its own keys work at once (not the tab bar's).
+        self.call_after_refresh(self._focus_pane)
+
+    def _focus_pane(self) -> None:
+        if (pane := self.current_pane()) is None:
+            return
+        if self.focused is not None and pane in self.focused.ancestors_with_self:
+            return  # the pane chose its own focus when shown
+        if (chosen := pane.default_focus()) is not None and chosen.focusable:
+            chosen.focus()
+            return
+        for widget in pane.query("*"):
+            if widget.focusable:
+                widget.focus()
+                return
 
     def current_pane(self) -> ServicePane | None:
         tabs = self.query_one("#tabs", TabbedContent)

@@ -1,8 +1,8 @@
 """What every console pane shares: service calls in worker threads, typed results, gated controls.
 
 A pane never blocks the UI thread on the service. `ServicePane.load` runs ``Session.call`` in
-a thread worker (``@work(thread=True, exclusive=True, exit_on_error=False)``, one group per
-key, so a newer request for the same thing replaces an older one) and posts a `Loaded`
+a thread worker (thread=True, exclusive=True, exit_on_error=False, one group per key, so a
+newer request for the same thing replaces an older one) and posts a `Loaded`
 message back, which the pane handles in ``on_loaded`` by its key; an error goes to the app's
 one error handler (`ConsoleApp.report`), which shows every error the same way, with its fix.
 
@@ -12,6 +12,7 @@ disabled, with the reason and whom to ask in their tooltip and the status line.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from textual import work
@@ -49,6 +50,8 @@ class ServicePane(Widget):
 
     # Permission a caller needs to see anything here; the pane shows the reason otherwise.
     NEEDS: str | None = None
+    # What takes the focus when the pane's tab is shown (a selector); else its first focusable widget.
+    FOCUS: str | None = None
 
     @property
     def console(self) -> ConsoleApp:
@@ -59,10 +62,13 @@ class ServicePane(Widget):
         return self.console.session
 
     def load(self, key: str, op: str, **params: Any) -> None:
-        """Call ``op`` in a worker; the result arrives as ``Loaded(key, result)``."""
-        self._call(key, op, params)
+        """Call ``op`` in a worker; the result arrives as ``Loaded(key, result)``.
 
-    @work(thread=True, exit_on_error=False, exclusive=True, group="load")
+        One exclusive group per key: a newer request for the same key replaces an older one,
+        and requests for different keys run side by side.
+        """
+        self.run_worker(partial(self._call, key, op, params), thread=True, exclusive=True, group=f"load:{key}", exit_on_error=False)
+
     def _call(self, key: str, op: str, params: dict[str, Any]) -> None:
         try:
             result = self.session.call(op, **params)
@@ -73,9 +79,9 @@ class ServicePane(Widget):
 
     def load_many(self, calls: dict[str, tuple[str, dict[str, Any]]]) -> None:
         """Several calls in one worker (``{key: (op, params)}``), each posted as it finishes."""
-        self._call_many(calls)
+        group = "load-many:" + ",".join(sorted(calls))
+        self.run_worker(partial(self._call_many, calls), thread=True, exclusive=True, group=group, exit_on_error=False)
 
-    @work(thread=True, exit_on_error=False, exclusive=True, group="load-many")
     def _call_many(self, calls: dict[str, tuple[str, dict[str, Any]]]) -> None:
         for key, (op, params) in calls.items():
             try:
@@ -100,6 +106,13 @@ class ServicePane(Widget):
         except Exception as exc:
             if not worker.is_cancelled:
                 self.console.call_from_thread(self.console.report, exc)
+
+    def default_focus(self) -> Widget | None:
+        """What takes the focus when the pane's tab is shown: ``FOCUS`` (a selector), else the first focusable widget."""
+        if self.FOCUS is not None:
+            found = self.query(self.FOCUS)
+            return found.first() if found else None
+        return None
 
     def refresh_data(self) -> None:
         """Reload what the pane shows (bound to r in every pane)."""

@@ -137,7 +137,7 @@ class Answered(Message):
 class ChatPane(ServicePane):
     """Pick a model, set the sampling, send a prompt; base and tuned side by side where there is a fine-tune."""
 
-    NEEDS = PERMISSION
+    NEEDS = "artifact.read"  # to list the models; sending needs model.use, shown disabled without it
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("ctrl+s", "send", "Send", id="chat.send"),
         Binding("ctrl+t", "toggle_compare", "Compare", id="chat.compare"),

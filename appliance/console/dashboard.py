@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -61,7 +62,7 @@ class DashboardPane(ServicePane):
     def _health(self) -> None:
         info, grants = self.session.info, self.session.grants
         who = self.session.whoami
-        guard = "[green]on[/]" if info.get("egress_guard") else "[yellow]off here[/] (local mode: jobs are guarded)"
+        guard = "[green]on[/]" if info.get("egress_guard") else "[yellow]off here[/] · local mode: jobs are guarded"
         disk = who.get("disk", {})
         routes = who.get("default_routes") or []
         route = "[yellow]default route " + ", ".join(f"via {r['via']} ({r['interface']})" for r in routes) + "[/]" if routes else "[green]no default route[/]"
@@ -103,7 +104,7 @@ class DashboardPane(ServicePane):
         table = self.query_one("#dash-runs", DataTable)
         table.clear()
         for r in active:
-            table.add_row(r["run_id"], r["recipe_name"], r["status"], r["actor"], r["started_ts"][:19], key=r["run_id"])
+            table.add_row(*(Text(str(v)) for v in (r["run_id"], r["recipe_name"], r["status"], r["actor"], r["started_ts"][:19])), key=r["run_id"])
         if not active:
             self.query_one("#dash-rate", Label).update("no run is active; start one in Runs (2)")
             self.query_one("#dash-progress", ProgressBar).update(total=100, progress=0)
@@ -148,4 +149,5 @@ class DashboardPane(ServicePane):
         table = self.query_one("#dash-events", DataTable)
         table.clear()
         for seq, ts, kind, actor, run_id in result.get("rows", []):
-            table.add_row(str(seq), str(ts)[:19], kind, actor, run_id or "")
+            # Text, not str: a DataTable reads a str as markup, and ledger text may hold "[...]".
+            table.add_row(*(Text(str(v)) for v in (seq, str(ts)[:19], kind, actor, run_id or "")))

@@ -15,16 +15,25 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label, LoadingIndicator, Markdown, Select, Static
 
 from appliance.console.base import Loaded, ServicePane
-from appliance.console.session import human_bytes, short
+from appliance.console.session import describe, human_bytes, short
 
 SAMPLES = 20  # documents shown per rule: enough to judge a rule, few enough to read
 SHOWN_CHARS = 1200  # of each document; the CLI's `appliance data dropped --full` prints them whole
 SHOWN_LINES = 16
 NEEDS = "data.read"
+
+
+class CardFailed(Message):
+    """A run's card could not be read (no card yet: the run failed or runs before its card stage)."""
+
+    def __init__(self, run_id: str, error: BaseException) -> None:
+        super().__init__()
+        self.run_id, self.error = run_id, error
 
 
 class DroppedScreen(ModalScreen[None]):
@@ -144,6 +153,8 @@ class DataPane(ServicePane):
     DataPane #data-denied { margin: 1 2; }
     """
 
+    FOCUS = "#data-drops"
+
     def __init__(self) -> None:
         super().__init__()
         self.run_id: str | None = None
@@ -208,9 +219,8 @@ class DataPane(ServicePane):
         if not options:
             self.query_one("#data-summary", Static).update("no run yet: start one in Runs (2)")
             return
-        select.value = keep or options[0][1]  # the latest by default
-        if keep:
-            self._load_card(keep)  # a refresh reloads the card shown
+        # The latest by default; set_options cleared the value, so this posts Changed, which (re)loads the card.
+        select.value = keep or options[0][1]
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id != "data-run" or event.value is Select.NULL:
@@ -220,7 +230,28 @@ class DataPane(ServicePane):
     def _load_card(self, run_id: str) -> None:
         self.run_id = run_id
         self.query_one("#data-summary", Static).update(f"loading the card of {run_id}…")
-        self.load("card", "data.card", run=run_id)
+        self._fetch_card(run_id)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="data-card")
+    def _fetch_card(self, run_id: str) -> None:
+        try:
+            result = self.session.call("data.card", run=run_id)
+        except Exception as exc:  # shown on the pane (why this run has no card) and by the one handler
+            self.post_message(CardFailed(run_id, exc))
+            return
+        self.post_message(Loaded("card", result))
+
+    def on_card_failed(self, message: CardFailed) -> None:
+        if message.run_id != self.run_id:
+            return
+        self.card, self.markdown = None, ""
+        for table in ("#data-sources", "#data-drops"):
+            self.query_one(table, DataTable).clear()
+        for static in ("#data-formats", "#data-tokens", "#data-pii", "#data-dedup"):
+            self.query_one(static, Static).update("")
+        what, _ = describe(message.error)
+        self.query_one("#data-summary", Static).update(f"[red]no card to show:[/] {escape(what)}")
+        self.console.report(message.error)
 
     # -- the card ----------------------------------------------------------------------------
 

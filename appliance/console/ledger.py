@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.message import Message
-from textual.widgets import DataTable, Input, Label, OptionList, Static, TabPane, TextArea
+from textual.widgets import DataTable, Input, Label, OptionList, Static, TabbedContent, TabPane, Tabs, TextArea
 from textual.widgets.option_list import Option
 
 from appliance.console.base import Gated, Loaded, ServicePane
@@ -30,7 +30,7 @@ from registry import audit_queries as q
 
 # `appliance serve`'s defaults for the sandbox (--query-timeout, --query-max-rows,
 # --query-memory-limit), shown until the service reports its own (service.info "query_limits").
-SANDBOX_DEFAULTS = {"timeout_s": 30.0, "max_rows": 100_000, "memory": "1GB"}
+SANDBOX_DEFAULTS: dict[str, Any] = {"timeout_s": 30.0, "max_rows": 100_000, "memory": "1GB"}
 # A screen needs far fewer rows than the sandbox may return; the count says how many there were.
 SHOWN_ROWS = 2000
 CELL_CHARS = 72
@@ -38,7 +38,7 @@ CELL_CHARS = 72
 
 @dataclass(frozen=True)
 class Canned:
-    """One of the auditor's questions: ``appliance audit NAME [ARG]``."""
+    """One of the auditor's questions (the same as `appliance audit`'s, with its argument where it takes one)."""
 
     name: str
     key: str  # its key in the pane (binding ``ledger.canned.NAME``)
@@ -77,7 +77,9 @@ def limits_caption(info: dict[str, Any]) -> str:
     source = "" if isinstance(limits, dict) else " (serve defaults)"
     limits = limits if isinstance(limits, dict) else SANDBOX_DEFAULTS
     memory = limits.get("memory") or limits.get("memory_limit") or "?"
-    return f"sandbox{source}: one read-only SELECT · ≤ {float(limits.get('timeout_s', 0)):g} s · ≤ {int(limits.get('max_rows', 0)):,} rows · {memory} · no files"
+    return (
+        f"sandbox{source}: one read-only SELECT · ≤ {float(limits.get('timeout_s', 0)):g} s · ≤ {int(limits.get('max_rows', 0)):,} rows · {memory} · no files"
+    )
 
 
 def cell(value: Any) -> Text:
@@ -87,6 +89,29 @@ def cell(value: Any) -> Text:
         return Text("NULL", style="dim")
     text = str(value).replace("\n", " ")
     return Text(text if len(text) <= CELL_CHARS else text[: CELL_CHARS - 1] + "…")
+
+
+def reveal(pane: ServicePane) -> None:
+    """Show the tab holding ``pane`` (a palette command may come from another tab)."""
+    for ancestor in pane.ancestors:
+        if isinstance(ancestor, TabPane) and ancestor.id:
+            pane.console.action_show_tab(ancestor.id)
+            return
+
+
+def keep_focus_out_while_hidden(pane: ServicePane, event: events.DescendantFocus) -> None:
+    """Called on focus landing inside ``pane``: refuse it while another tab is shown.
+
+    When a tab key hides the pane that holds the focus, Textual hands the focus to a visible
+    sibling of the focused widget (still inside the hidden pane), and TabbedContent then
+    switches back to the tab holding the focus: the number keys would bounce back here.
+    """
+    tabbed = next((a for a in pane.ancestors if isinstance(a, TabbedContent)), None)
+    tab = next((a for a in pane.ancestors if isinstance(a, TabPane)), None)
+    if tabbed is None or tab is None or tabbed.active == tab.id:
+        return
+    event.stop()  # the TabPane must not hear of it
+    tabbed.query_one(Tabs).focus()
 
 
 class QueryDone(Message):
@@ -139,8 +164,8 @@ class LedgerPane(ServicePane):
         *[Binding(c.key, f"canned('{c.name}')", f"audit {c.name}", show=False, id=f"ledger.canned.{c.name}") for c in CANNED],
     ]
     PALETTE: ClassVar[list[tuple[str, str, str]]] = [
-        ("Ledger: run the SQL", "run the editor's SELECT in the sandbox (ctrl+r)", "action_run_query"),
-        ("Ledger: verify the chain", "recompute the chain, every signature and the signed head (v)", "action_verify"),
+        ("Ledger: run the SQL", "run the editor's SELECT in the sandbox (ctrl+r)", "palette_run"),
+        ("Ledger: verify the chain", "recompute the chain, every signature and the signed head (v)", "palette_verify"),
         *[(f"Audit: {c.name}" + (f" {c.arg}" if c.arg else ""), c.help, f"canned_{c.name}") for c in CANNED],
     ]
 
@@ -153,8 +178,10 @@ class LedgerPane(ServicePane):
             with Vertical(id="ledger-side"):
                 with Vertical(id="ledger-canned-box", classes="card"):
                     yield Label("Audit questions (key, or enter)", classes="title")
-                    yield Input(placeholder="argument: USER, MODEL, SOURCE or KEY", id="ledger-arg")
+                    # The list first: the app focuses a pane's first focusable widget, and the
+                    # argument box would swallow the letter keys.
                     yield OptionList(*[Option(c.label, id=c.name) for c in CANNED], id="ledger-canned")
+                    yield Input(placeholder="argument: USER, MODEL, SOURCE or KEY", id="ledger-arg")
                 with Vertical(id="ledger-chain-box", classes="card"):
                     yield Label("Chain and signed head", classes="title")
                     yield Static("not verified yet", id="ledger-chain")
@@ -182,14 +209,13 @@ class LedgerPane(ServicePane):
             status.add_class("denied")
 
     def on_show(self) -> None:
-        # The tab was opened: load on first sight (verifying a long chain is not free), and take
-        # the focus so this pane's keys work (the editor would swallow the tab keys: the list).
+        # The tab was opened: load on first sight (verifying a long chain is not free).
         if not self._shown:
             self._shown = True
             self.refresh_data()
-        if self.app.focused is None or self not in self.app.focused.ancestors:
-            target = self.query_one("#ledger-canned", OptionList)
-            (target if not target.disabled else self.query_one("#ledger-results", DataTable)).focus()
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        keep_focus_out_while_hidden(self, event)
 
     def refresh_data(self) -> None:
         if self.allowed("ledger.verify"):
@@ -207,7 +233,7 @@ class LedgerPane(ServicePane):
     # -- SQL ------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if (action == "run_query" or action == "canned" or action == "argument") and not self.allowed("ledger.query"):
+        if action in ("run_query", "canned", "argument", "edit") and not self.allowed("ledger.query"):
             return None  # shown dimmed in the footer; the status line says why
         return True
 
@@ -269,7 +295,7 @@ class LedgerPane(ServicePane):
         """Put the canned question's SQL in the editor and run it (its argument from the box, or a default)."""
         if not self._may_query():
             return
-        self._reveal()
+        reveal(self)
         canned = BY_NAME[name]
         self.query_one("#ledger-canned", OptionList).highlighted = CANNED.index(canned)
         box = self.query_one("#ledger-arg", Input)
@@ -321,14 +347,15 @@ class LedgerPane(ServicePane):
             if option.id is not None:
                 self.action_canned(option.id)
 
-    def _reveal(self) -> None:
-        """Show this tab (a palette command may come from another one)."""
-        for ancestor in self.ancestors:
-            if isinstance(ancestor, TabPane) and ancestor.id:
-                self.console.action_show_tab(ancestor.id)
-                return
+    # The palette calls these (from any tab: they show this one).
+    def palette_run(self) -> None:
+        reveal(self)
+        self.action_run_query()
 
-    # The palette calls these (one per canned question).
+    def palette_verify(self) -> None:
+        reveal(self)
+        self.action_verify()
+
     def canned_who(self) -> None:
         self.action_canned("who")
 

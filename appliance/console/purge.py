@@ -21,6 +21,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
+from textual.reactive import var
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Static
 
@@ -78,7 +79,7 @@ def impact_summary(impact: dict[str, Any], also: list[str]) -> str:
     erased = impact["purge"]
     size = sum(int(a.get("size_bytes") or 0) for a in erased)
     subject = str(impact["subject"])
-    said = subject == impact["target"] and root_digest(impact) is not None  # the label names the digest already
+    said = subject == impact["target"]  # the label names the target already; the subject says more only with also
     lines = [
         f"[b]{escape(impact['label'])}[/b]" + ("" if said else f"  subject [i]{escape(subject)}[/i]"),
         f"[red]erase {len(erased)} artifact(s), {human_bytes(size)}[/red]"
@@ -94,6 +95,8 @@ def impact_summary(impact: dict[str, Any], also: list[str]) -> str:
     for e in impact["exports"]:
         lines.append(f"[red]exported beyond reach:[/red] {short(e['digest'])} to {escape(str(e['destination']))} at {str(e['ts'])[:19]}")
     lines += [f"[yellow]⚠ {escape(w)}[/yellow]" for w in impact["warnings"]]
+    if impact["keep"]:
+        lines.append("[dim]here: a on a kept row erases it too; the palette's 'also erase everything derived' is --also all[/dim]")
     if impact.get("two_person"):
         lines.append("[b]two-person rule:[/b] data.purge needs a second person's approval (p: the dialog requests it)")
     return "\n".join(lines)
@@ -331,24 +334,25 @@ class PurgePane(ServicePane):
     PurgePane #purge-target { margin: 0; }
     PurgePane #purge-targets { height: 1fr; }
     PurgePane #purge-impact-box { width: 1fr; height: 100%; }
-    PurgePane #purge-summary-scroll { height: auto; max-height: 10; }
+    PurgePane #purge-summary-scroll { height: auto; max-height: 9; }
     PurgePane #purge-impact-table { height: 1fr; }
     PurgePane #purge-actions { height: 3; }
     PurgePane #purge-actions Button { margin-right: 1; }
-    PurgePane #purge-gate { width: 1fr; height: 3; content-align: left middle; color: $text-muted; }
+    PurgePane #purge-gate { width: 1fr; height: auto; color: $text-muted; }
     PurgePane #purge-running { height: 1; display: none; }
     PurgePane #purge-running.busy { display: block; }
     PurgePane #purge-progress { width: 30; }
-    PurgePane #purge-history-box { height: 11; }
+    PurgePane #purge-history-box { height: 8; }
     PurgePane #purge-history { height: 1fr; }
     """
+
+    running: var[bool] = var(False, init=False)  # a purge is under way: the bar shows, the button waits
 
     def __init__(self) -> None:
         super().__init__()
         self.impact: dict[str, Any] | None = None  # the impact shown: what the dialog confirms
         self.also: list[str] = []  # --also digests (or "all") of the impact shown
         self.approved: list[str] = []  # the caller's approved requests for its subject
-        self.running = False
         self.certificates: dict[str, dict[str, Any]] = {}
 
     def compose(self) -> ComposeResult:
@@ -365,7 +369,7 @@ class PurgePane(ServicePane):
                 with Horizontal(id="purge-actions"):
                     yield Gated("Impact", "artifact.read", id="purge-impact-go")
                     yield Gated("Purge…", PERMISSION, id="purge-go", variant="error")
-                    yield Label("", id="purge-gate")
+                yield Label("", id="purge-gate")
                 with Horizontal(id="purge-running"):
                     yield ProgressBar(total=None, show_eta=False, show_percentage=False, id="purge-progress")
                     yield Label("", id="purge-running-label")
@@ -548,6 +552,8 @@ class PurgePane(ServicePane):
         self.impact, self.also, self.approved = message.impact, message.also, message.approved
         self.query_one("#purge-summary", Static).update(impact_summary(message.impact, message.also))
         table = self.query_one("#purge-impact-table", DataTable)
+        # Stay on the artifact the operator was on (a toggled one moves between erase and keep).
+        was = str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value) if table.row_count else None
         table.clear()
         root = root_digest(message.impact)
         for a in message.impact["purge"]:
@@ -557,6 +563,8 @@ class PurgePane(ServicePane):
         for a in message.impact["keep"]:
             how = "derived: a model cannot be un-trained (a: erase too)" if a["kind"] in MODEL_KINDS else "derived (a: erase too)"
             table.add_row("[yellow]keep, marked[/yellow]", a["kind"], _name(a), human_bytes(a.get("size_bytes") or 0), short(a["digest"]), how, key=a["digest"])
+        if was is not None and was in {a["digest"] for a in message.impact["purge"] + message.impact["keep"]}:
+            table.move_cursor(row=table.get_row_index(was))
         self._gate()
 
     # -- confirm, request, purge -------------------------------------------------------------
@@ -581,12 +589,10 @@ class PurgePane(ServicePane):
         if choice.action == "request":
             self._request(self.impact["subject"], choice.reason)
             return
-        self.running = True
-        self.query_one("#purge-running").add_class("busy")
         self.query_one("#purge-running-label", Label).update(
             f" purging {escape(self.impact['label'])}: destroying keys, overwriting, scanning the home to verify…"
         )
-        self._gate()
+        self.running = True
         self._purge(self.impact["target"], list(self.also), choice.markers, choice.approval)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="purge-run")
@@ -599,20 +605,22 @@ class PurgePane(ServicePane):
             return
         self.post_message(PurgeFinished(result))
 
+    def watch_running(self, running: bool) -> None:
+        self.query_one("#purge-running").set_class(running, "busy")
+        self._gate()
+
     def on_purge_finished(self, message: PurgeFinished) -> None:
-        self.running = False
-        self.query_one("#purge-running").remove_class("busy")
         if message.result is not None:
             r = message.result
             result = r["certificate"]["verification"]["result"]
-            self.impact, self.also, self.approved = None, [], []
+            self.impact, self.also, self.approved = None, [], []  # its target is gone: nothing left to confirm
             self.query_one("#purge-impact-table", DataTable).clear()
             self.query_one("#purge-summary", Static).update(
                 f"[b]purge {escape(r['purge_id'])}[/b] done: verification {result}; certificate signed by node key {short(r['key_id'], 16)}…"
             )
             self.app.push_screen(CertificateScreen(r))
             self.refresh_data()
-        self._gate()
+        self.running = False
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="purge-request")
     def _request(self, subject: str, reason: str) -> None:

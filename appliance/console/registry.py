@@ -265,11 +265,12 @@ class ExportScreen(ModalScreen[dict[str, Any] | None]):
         if self.two_person:
             self._load_approvals()
             self.set_interval(POLL_S, self._poll)
+        self.query_one("#export-progress", ProgressBar).display = False  # shown while an export runs
         self.query_one("#export-dest", Input).focus()
 
     @property
     def session(self) -> Session:
-        return self.app.session  # type: ignore[attr-defined, no-any-return]
+        return self.app.session  # type: ignore[attr-defined]
 
     def _status(self, text: str) -> None:
         self.query_one("#export-status", Static).update(text)
@@ -358,13 +359,17 @@ class ExportScreen(ModalScreen[dict[str, Any] | None]):
             return
         self.busy = True
         self.query_one("#export-go", Button).disabled = True
+        self.query_one("#export-progress", ProgressBar).display = True
         self._status(f"exporting {model} to {dest}…")
         self._export(model, approval, Path(dest))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="export")
     def _export(self, model: str, approval: str | None, target: Path) -> None:
+        def progress(written: int) -> None:
+            self.post_message(ExportProgress(written))
+
         try:
-            report = export_bundle(self.session, model, approval, target, lambda n: self.post_message(ExportProgress(n)))
+            report = export_bundle(self.session, model, approval, target, progress)
         except Exception as exc:  # what failed goes on the dialog and to the app's one handler
             self.post_message(ExportFinished(None, exc))
             return
@@ -382,12 +387,15 @@ class ExportScreen(ModalScreen[dict[str, Any] | None]):
             self.query_one("#export-go", Button).disabled = False
             bar.update(total=1, progress=0)
             self.app.report(message.error)  # type: ignore[attr-defined]
-            self._load_approvals() if self.two_person else None
+            if self.two_person:
+                self._load_approvals()
             return
-        report = self.report = message.report
-        assert report is not None
+        self.report = message.report or {}
         bar.update(total=1, progress=1)
-        self._status(summary(report))
+        self._status(summary(self.report))
+        self.query_one("#export-go", Button).disabled = False
+        if self.two_person:
+            self._load_approvals()  # the approval is used now
 
     def action_close(self) -> None:
         if self.busy:
@@ -420,7 +428,7 @@ def _default_destination(model: dict[str, Any]) -> Path:
 # -- the pane ---------------------------------------------------------------------------------
 
 MODEL_COLUMNS = ("name", "version", "kind", "tags", "digest", "signer", "recorded")
-ARTIFACT_COLUMNS = ("kind", "name", "digest", "size", "status")
+ARTIFACT_COLUMNS = ("kind", "name", "digest", "size")
 
 
 class RegistryPane(ServicePane):
@@ -501,7 +509,6 @@ class RegistryPane(ServicePane):
         if not self.allowed(NEEDS):
             return
         self.query_one("#reg-models", DataTable).add_columns(*MODEL_COLUMNS)
-        self.query_one("#reg-artifacts", DataTable).add_columns(*ARTIFACT_COLUMNS)
         self.query_one("#reg-lineage", Tree).show_root = True
         self.refresh_data()
 
@@ -511,8 +518,14 @@ class RegistryPane(ServicePane):
             self._active_table().focus()
 
     def refresh_data(self) -> None:
-        if self.allowed(NEEDS):
-            self.load_many({"models": ("registry.list", {}), "artifacts": ("artifact.list", {})})
+        if not self.allowed(NEEDS):
+            return
+        calls: dict[str, tuple[str, dict[str, Any]]] = {"models": ("registry.list", {}), "artifacts": ("artifact.list", {})}
+        if self.selected and self.selected[0] == "model":
+            ref = _key(*self.selected)
+            calls |= {"show": ("registry.show", {"ref": ref}), "lineage": ("registry.lineage", {"ref": ref})}
+        # One worker for all of it: a second call of the same group now would cancel the first before it ran.
+        self.load_many(calls)
 
     # -- lists -------------------------------------------------------------------------------
 
@@ -532,12 +545,7 @@ class RegistryPane(ServicePane):
         elif key == "tagged":
             verb = "removed from" if result["version"] is None else "now points at"
             version = result["version"] if result["version"] is not None else result["previous_version"]
-            calls: dict[str, tuple[str, dict[str, Any]]] = {"models": ("registry.list", {}), "artifacts": ("artifact.list", {})}
-            if self.selected and self.selected[0] == "model":
-                ref = _key(*self.selected)
-                calls |= {"show": ("registry.show", {"ref": ref}), "lineage": ("registry.lineage", {"ref": ref})}
-            # One worker for all of it: a second call of the same group now would cancel the first before it ran.
-            self.load_many(calls)
+            self.refresh_data()
             self._result(f"[green]tag {result['tag']} {verb} {result['name']}:{version}[/]")
 
     def _is_selected(self, digest: str) -> bool:
@@ -563,11 +571,14 @@ class RegistryPane(ServicePane):
 
     def _fill_artifacts(self) -> None:
         table = self.query_one("#reg-artifacts", DataTable)
-        table.clear()
+        # A status column only where the service names one (purged, derived from purged data, …).
+        status = any("status" in r for r in self.artifacts)
+        table.clear(columns=True)
+        table.add_columns(*ARTIFACT_COLUMNS, *(("status",) if status else ()))
         rows = [r for r in self.artifacts if matches(r, self.query_text)]
         for r in rows:
-            # artifact.list names no status yet: "recorded" until the service says otherwise.
-            table.add_row(r["kind"], r["name"], short(r["digest"], 16), human_bytes(r.get("size_bytes") or 0), r.get("status", "—"), key=r["digest"])
+            cells = [r["kind"], r["name"], short(r["digest"], 16), human_bytes(r.get("size_bytes") or 0)]
+            table.add_row(*cells, *((str(r.get("status") or ""),) if status else ()), key=r["digest"])
         self._count("reg-artifacts-tab", "Artifacts", len(rows), len(self.artifacts))
         self._after_fill(table, "artifact", {r["digest"]: r for r in rows})
 
@@ -590,6 +601,9 @@ class RegistryPane(ServicePane):
                     self._select(kind, first)
             else:
                 self._clear_selection()
+
+    def default_focus(self) -> DataTable[Any] | None:
+        return self._active_table() if self.allowed(NEEDS) else None
 
     def _active_table(self) -> DataTable[Any]:
         tabs = self.query_one("#reg-tabs", TabbedContent)
@@ -646,7 +660,9 @@ class RegistryPane(ServicePane):
                 f"size   {human_bytes(row.get('size_bytes') or 0)}\n"
                 f"run    {row.get('run_id') or '—'}"
             )
-            tree.reset(f"{row['kind']} {short(row['digest'])}: the registry keeps lineage for models")
+            tree.reset(f"{row['kind']}  {short(row['digest'])}")
+            tree.root.add_leaf("lineage is kept for models (s: the Models list)")
+            tree.root.expand()
 
     def _clear_selection(self) -> None:
         self.selected = self.detail = None

@@ -8,7 +8,6 @@ problem of the file shows in the start dialog at once instead of one at a time f
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -50,7 +49,6 @@ CHARTS = (
     ("tokens_per_s", "tokens/s", ("tokens_per_s",)),
 )
 # A run id as the service makes them (`new_run_id`): the only text put into the timings query.
-RUN_ID = re.compile(r"run-\d{8}T\d{6}Z-[0-9a-f]{6}")
 
 
 # -- the recipe check, without the UI (the start dialog runs it in a worker) --------------------
@@ -275,6 +273,8 @@ class ConfirmCancelScreen(ModalScreen[bool]):
 class RunsPane(ServicePane):
     """Every run, filtered as you type; the selected run's stages, timings, metrics and log."""
 
+    FOCUS = "#runs-table"
+
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("s", "start", "Start run", id="runs.start"),
         Binding("c", "cancel", "Cancel run", id="runs.cancel"),
@@ -294,6 +294,7 @@ class RunsPane(ServicePane):
     # `runs-card`s: the same look as `.card`, with heights of their own.
     DEFAULT_CSS = """
     RunsPane .runs-card { border: round $primary 50%; padding: 0 1; }
+    RunsPane #runs-top { dock: top; height: auto; }
     RunsPane #runs-bar { height: 3; }
     RunsPane #runs-filter { width: 1fr; }
     RunsPane #runs-bar Button { width: 14; min-width: 14; margin-left: 1; }
@@ -332,15 +333,19 @@ class RunsPane(ServicePane):
         self._chart = "loss"
 
     def compose(self) -> ComposeResult:
-        with Horizontal(id="runs-bar"):
-            yield Input(placeholder="filter runs by id, recipe or status (/)", id="runs-filter")
-            yield Gated("Start (s)", "run.start", id="runs-start", variant="primary")
-            yield Gated("Cancel (c)", "run.cancel", id="runs-cancel", variant="error")
-            yield Gated("Resume (u)", "run.resume", id="runs-resume")
-        yield Static("", id="runs-why")
+        # The run list comes first in the DOM, the bar above it is docked: a tab switch focuses
+        # the first focusable widget, which must be the list (its keys are the pane's), not the
+        # filter (which would take the number keys as text).
         with Vertical(id="runs-list-box", classes="runs-card"):
             yield Label("Runs", classes="title", id="runs-count")
             yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+        with Vertical(id="runs-top"):
+            with Horizontal(id="runs-bar"):
+                yield Input(placeholder="filter runs by id, recipe or status (/)", id="runs-filter")
+                yield Gated("Start (s)", "run.start", id="runs-start", variant="primary")
+                yield Gated("Cancel (c)", "run.cancel", id="runs-cancel", variant="error")
+                yield Gated("Resume (u)", "run.resume", id="runs-resume")
+            yield Static("", id="runs-why")
         with Horizontal(id="runs-detail"):
             with Vertical(id="runs-left"):
                 yield Static("select a run", id="runs-summary", classes="card")
@@ -357,7 +362,6 @@ class RunsPane(ServicePane):
 
     def on_mount(self) -> None:
         self.query_one("#runs-table", DataTable).add_columns("run", "recipe", "status", "started by", "started", "finished")
-        self.query_one("#runs-stages", DataTable).add_columns("stage", "status", "ended", "took")
         self._update_actions()
         self.refresh_data()
         self.set_interval(POLL_S, self._poll)
@@ -366,6 +370,17 @@ class RunsPane(ServicePane):
         # The tab's keys work only with the focus inside the pane; a tab switch leaves it outside.
         if self.app.focused is None or self not in self.app.focused.ancestors_with_self:
             self.query_one("#runs-table", DataTable).focus()
+
+    def on_hide(self) -> None:
+        # Leaving the tab from inside it leaves the focus nowhere (or in the next tab's first
+        # field, where the number keys would be typed): give it to the tab bar, once the next tab
+        # has had its say.
+        self.call_after_refresh(self._focus_tab_bar)
+
+    def _focus_tab_bar(self) -> None:
+        if self.app.focused is None:
+            for bar in self.app.query("#tabs > Tabs"):
+                bar.focus()
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -384,10 +399,6 @@ class RunsPane(ServicePane):
             "show": ("run.show", {"run": run_id}),
             "metrics": ("run.metrics", {"run": run_id}),
         }
-        if self.allowed("ledger.query") and RUN_ID.fullmatch(run_id):
-            # Per-stage times are in the ledger's `stages` view only (run.show gives statuses).
-            sql = f"SELECT run_id, stage, status, seq, ts FROM stages WHERE run_id = '{run_id}' ORDER BY seq"
-            calls["times"] = ("ledger.query", {"sql": sql})
         if self.log_stage:
             calls["log"] = ("run.log", {"run": run_id, "stage": self.log_stage, "lines": LOG_LINES})
         self.load_many(calls)
@@ -414,7 +425,7 @@ class RunsPane(ServicePane):
         elif message.key == "times":
             self.times = stage_times(self.detail.get("started_ts"), [r[1:] for r in result.get("rows", [])])
             self._stages()
-        elif message.key == "log":
+        elif message.key == "log" and result.get("stage") == self.log_stage:
             self._log(result)
 
     # -- the list -------------------------------------------------------------------------------
@@ -467,7 +478,8 @@ class RunsPane(ServicePane):
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         key = event.row_key.value
-        if key is None:
+        # Refilling a table highlights its first row on the way to the one kept: that is no choice.
+        if key is None or event.cursor_row != event.data_table.cursor_row:
             return
         if event.data_table.id == "runs-table":
             self._select(key)
@@ -494,6 +506,9 @@ class RunsPane(ServicePane):
     def _show(self, detail: dict[str, Any]) -> None:
         detail = self.detail = self._patched(detail)
         stages = detail.get("stages", {})
+        # run.show gives when each stage last changed state, in the ledger's order.
+        ended = sorted(detail.get("stage_ts", {}).items(), key=lambda kv: kv[1])
+        self.times = stage_times(detail.get("started_ts"), [[stage, None, None, ts] for stage, ts in ended])
         if self.log_stage is None and stages:
             # The training log is the one people read; else the last stage that ran.
             self.log_stage = "train" if "train" in stages else list(stages)[-1]
@@ -524,17 +539,17 @@ class RunsPane(ServicePane):
 
     def _stages(self) -> None:
         table = self.query_one("#runs-stages", DataTable)
-        table.clear()
+        # Columns too: a width once grown (a long error, "reused from …") would stay grown.
+        table.clear(columns=True)
+        table.add_columns("stage", "status", "ended", "took")
         stages = dict(self.detail.get("stages", {}))
         if self.live and self.detail.get("status") in ACTIVE and self.live[0] not in stages:
-            stages[self.live[0]] = f"running {self.live[1]}".strip()
+            stages[self.live[0]] = f"running {self.live[1].split(' ', 1)[0]}".strip()
         for name, status in stages.items():
             ended, seconds = self.times.get(name, ("", None))
             table.add_row(name, styled(status), when(ended)[11:], took(seconds), key=name)
-        if self.log_stage in stages:
+        if self.log_stage is not None and self.log_stage in stages:
             table.move_cursor(row=table.get_row_index(self.log_stage), animate=False)
-        if not self.times and stages and not self.allowed("ledger.query"):
-            self.query_one("#runs-stages-box Label", Label).update("Stages (per-stage times need ledger.query)")
 
     def _log(self, result: dict[str, Any]) -> None:
         log = self.query_one("#runs-log", Log)
@@ -561,7 +576,8 @@ class RunsPane(ServicePane):
                 plot.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="braille")
                 self.plotted[name] = len(points)
         run_id = self.metrics.get("run_id") or self.selected or ""
-        plot.title(f"{title} · {run_id}" if self.plotted else f"{title}: no points recorded for {run_id or 'this run'} (yet)")
+        # Short: plotext drops a title wider than the plot.
+        plot.title(f"{title} · {run_id}" if self.plotted else f"{title}: no points recorded (yet)")
         plot.xlabel("step")
         widget.refresh()
 
@@ -579,6 +595,9 @@ class RunsPane(ServicePane):
         if kind == "stage_started":
             self.live = (event["stage"], "")
             self._now_running()
+            if self.selected:  # the log of the stage running now is the one to watch
+                self.log_stage = event["stage"]
+                self.load("log", "run.log", run=self.selected, stage=event["stage"], lines=LOG_LINES)
         elif kind == "progress":
             fields = event.get("fields") or {}
             shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in list(fields.items())[:3])
@@ -681,8 +700,14 @@ class RunsPane(ServicePane):
         self.refresh_data()
 
     def action_filter(self) -> None:
+        field = self.query_one("#runs-filter", Input)
+        if self.is_on_screen:
+            field.focus()
+            return
+        # From the palette, elsewhere: show the tab, then focus the field once the tab switch
+        # has focused the list (it runs after the refresh too, and first).
         self.console.action_show_tab("runs")
-        self.query_one("#runs-filter", Input).focus()
+        self.call_after_refresh(field.focus)
 
     def action_focus_list(self) -> None:
         self.query_one("#runs-table", DataTable).focus()

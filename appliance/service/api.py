@@ -54,7 +54,18 @@ def info(svc: Any, caller: Any) -> dict[str, Any]:
         "max_jobs": svc.config.max_jobs,
         # Whether this service process runs behind the egress guard (`appliance serve` does).
         "egress_guard": _guard_installed(),
+        # The root key's public half: what a caller checks an export against. Public, and needed
+        # by roles without keys.read (a release manager exports).
+        "root_key": _root_key(svc),
+        # The auditor's SQL sandbox: what `ledger.query` enforces per query.
+        "query_limits": {"timeout_s": svc.config.query_timeout_s, "max_rows": svc.config.query_max_rows, "memory": svc.config.query_memory_limit},
     }
+
+
+def _root_key(svc: Any) -> dict[str, str] | None:
+    root_id = svc.trust.root_key_id
+    entry = next((e for e in svc.trust.entries if e.key_id == root_id), None)
+    return {"key_id": root_id, "public_key_pem": entry.public_key_pem} if entry is not None else None
 
 
 def _guard_installed() -> bool:

@@ -68,7 +68,9 @@ def log_tail(svc: Any, caller: Caller, *, run: str, stage: str, lines: int = 200
     run_id = resolve_run(svc.ledger, run)
     if "/" in stage or stage.startswith("."):
         raise ApplianceError(f"{stage!r} is not a stage name", "give a stage of the run, e.g. train (`appliance runs show RUN` lists them)")
-    path = svc.home.work_dir / run_id / stage / LOG
+    base = svc.home.work_dir / run_id / stage
+    # Training writes its log in the stage's folder; the other stages' jobs in <stage>/job/.
+    path = next((p for p in (base / LOG, base / "job" / LOG) if p.is_file()), base / LOG)
     lines = max(1, min(int(lines), MAX_LOG_LINES))
     try:
         with path.open("rb") as f:

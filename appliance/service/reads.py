@@ -119,7 +119,7 @@ def ledger_head(svc: Any, caller: Caller) -> dict[str, Any]:
 def artifact_list(svc: Any, caller: Caller, *, kind: str | None = None) -> list[dict[str, Any]]:
     """Recorded artifacts (of one kind), oldest first."""
     svc.authorize(caller, "artifact.list", kind or "all")
-    cols = ["digest", "kind", "name", "size_bytes", "run_id"]
+    cols = ["digest", "kind", "name", "size_bytes", "run_id", "status"]
     if kind is None:
         rows = svc.ledger.select(f"SELECT {', '.join(cols)} FROM artifacts ORDER BY seq")
     else:

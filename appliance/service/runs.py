@@ -225,12 +225,15 @@ class RunManager:
         run_id = resolve_run(self.svc.ledger, run)
         row = next(r for r in self._rows() if r["run_id"] == run_id)
         stages: dict[str, str] = {}
+        stage_ts: dict[str, str] = {}  # when each stage last changed state (its end, for a finished one)
         for e in run_events(self.svc.ledger, run_id):
             if e.kind.startswith("stage.") and e.kind != "stage.reused":
                 stages[e.data["stage"]] = e.kind.split(".", 1)[1]
+                stage_ts[e.data["stage"]] = e.ts
             elif e.kind == "stage.reused":
                 stages[e.data["stage"]] = f"reused from {e.data['from_run']}"
-        return {**row, "stages": stages}
+                stage_ts[e.data["stage"]] = e.ts
+        return {**row, "stages": stages, "stage_ts": stage_ts}
 
     def follow(self, caller: Caller, *, run: str, since: int = 0) -> Iterator[dict[str, Any]]:
         """The run's events as they happen, ending with ``run_finished``."""
