@@ -107,3 +107,24 @@ def build_stdlib_corpus(dest: Path, *, max_bytes: int = 0) -> Corpus:
         documents=docs,
         bytes=sum(p.stat().st_size for p in files),
     )
+
+
+def demo_corpus_folder(where: Path) -> Path:
+    """Where the demo corpus of the running Python goes under ``where``."""
+    return Path(where) / f"python-{sys.version.split()[0]}-stdlib-docs"
+
+
+def demo_request(where: Path) -> dict:
+    """Build the demo corpus under ``where`` (if not already there) and return the ``run.start``
+    parameters for the packaged demo recipe on it: the CLI's `appliance demo` and the console's
+    Demo button start the same run, with the corpus's provenance (Python version, digest) as
+    the run's context.
+
+    Over the socket the service reads the corpus as the caller could, so ``where`` is a folder
+    the caller writes (their working folder); in local mode, the home's corpora folder.
+    """
+    from appliance.recipe import packaged_recipe
+
+    corpus = build_stdlib_corpus(demo_corpus_folder(where))
+    context = {"corpus": {"name": "python-stdlib-docs", "python": corpus.python, "sha256": corpus.digest, "documents": corpus.documents, "bytes": corpus.bytes}}
+    return {"recipe": str(packaged_recipe("demo")), "source": str(corpus.path), "context": context}

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from keys.digest import dir_manifest, manifest_text, sha256_bytes, sha256_file
 from keys.errors import SigningError
 from keys.keystore import NodeKey, verify_signature
+from keys.tarsafe import extract_plain, unsafe_reason
 from keys.truststore import TrustStore, read_store
 from registry.canonical import canonical_json
 from registry.dsse import open_envelope, payload_json, sign_envelope
@@ -190,10 +191,9 @@ def unpack_bundle(tar_path: Path, dest: Path) -> Path:
     try:
         with tarfile.open(tar_path, "r") as tar:
             for member in tar.getmembers():
-                name = member.name
-                if name.startswith("/") or ".." in Path(name).parts or not (member.isfile() or member.isdir()):
-                    raise BundleError(f"{tar_path} holds {name!r}, which a bundle never does (a link, a device or a path outside it)", _AGAIN)
-            tar.extractall(dest, filter="data")
+                if unsafe_reason(member) is not None:
+                    raise BundleError(f"{tar_path} holds {member.name!r}, which a bundle never does (a link, a device or a path outside it)", _AGAIN)
+            extract_plain(tar, dest)
     except tarfile.TarError as exc:
         raise BundleError(f"{tar_path} is not a readable tar: {exc}", _AGAIN) from None
     return dest

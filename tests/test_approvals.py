@@ -223,3 +223,23 @@ def test_single_operator_home_has_no_two_person_rules(tmp_path: Path) -> None:
         assert not svc.policy.rules
         assert svc.ledger.events("home.initialised")[0].data["two_person"] is False
     shutil.rmtree(tmp_path / "home")
+
+
+def test_an_export_that_cannot_run_keeps_its_approval(setup: Any) -> None:
+    svc, keys, model = setup
+    alice, bob = who("alice"), who("bob")
+    rid = call(svc, alice, "approvals.request", action="model.export", subject=model[:16], reason="to site B")["id"]
+    decide(svc, bob, rid, keys["bob"])
+    # This home has no release key: the bundle cannot be signed, and the approval is not spent on it.
+    assert not svc.home.release_key_file.exists()
+    with pytest.raises(ApplianceError, match="no release key"):
+        b"".join(call(svc, alice, "bundle.export", model=model[:16], approval=rid))
+    assert call(svc, alice, "approvals.show", id=rid)["status"] == "approved"
+    assert "approval.executed" not in kinds(svc, rid)
+    (rule,) = [r for (r,) in svc.ledger.select("SELECT rule FROM decisions WHERE allowed AND action = 'model.export' AND rule LIKE ?", [f"%{rid}%"])]
+    assert "kept unused" in rule and "no release key" in rule
+    # Used for what can run, it is used once.
+    assert len(export(svc, alice, model[:16], rid)) > 10_000
+    assert kinds(svc, rid)[-1] == "approval.executed"
+    with pytest.raises(PolicyError, match="already used"):
+        export(svc, alice, model[:16], rid)

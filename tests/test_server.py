@@ -242,6 +242,24 @@ def test_sigint_stops_cleanly(served: Served) -> None:
     assert not served.socket.exists()
 
 
+def test_sigint_stops_it_when_the_reader_of_its_stderr_is_gone(short_dir: Path) -> None:
+    # Ctrl-C on `appliance serve | tee log` kills tee too: saying "stopping" then fails, and
+    # the service must stop all the same.
+    home, socket = new_home(short_dir / "home"), short_dir / "run" / "appliance.sock"
+    proc = subprocess.Popen(serve_command(home, socket), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stderr is not None
+        assert b"appliance service: home" in proc.stderr.readline()
+        proc.stderr.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=STOP_WAIT_S) == 0
+        assert not socket.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_second_service_is_refused(served: Served, short_dir: Path) -> None:
     env = {**os.environ, "APPLIANCE_PASSPHRASE": PASSPHRASE}
     # Same socket, another home: refused before anything is opened.

@@ -22,6 +22,7 @@ import pytest
 from appliance.jobs.runner import RunLock, child_pids
 from appliance.service import Caller
 from appliance.service.api import dispatch
+from appliance.service.resolve import run_events
 from pipeline.errors import TrainingError
 from policies.errors import PolicyError
 from tests.conftest import PASSPHRASE, cli, new_home, run_to_end
@@ -92,6 +93,11 @@ def test_a_killed_data_job_fails_its_stage_leaves_no_worker_and_the_run_resumes(
         dispatch(svc, me, "run.resume", {"run": run_id})
         assert svc.runs.wait(run_id, timeout=600)["status"] == "succeeded"
         assert dispatch(svc, me, "ledger.verify", {})["ok"] is True
+        # A stage's time counts from the resume, not from the failure before it.
+        shown = dispatch(svc, me, "run.show", {"run": run_id})
+        (resumed,) = [e.ts for e in run_events(svc.ledger, run_id) if e.kind == "run.resumed"]
+        assert shown["stage_began"]["curate"] == resumed > shown["stage_ts"]["ingest"]
+        assert shown["stage_began"]["ingest"] < shown["stage_ts"]["ingest"]
 
 
 def test_killing_the_service_stops_its_training_job_and_resume_ends_bit_identical(home_copy: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:

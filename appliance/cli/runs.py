@@ -197,11 +197,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build the standard-library corpus and run the packaged demo recipe on it (--finetune: then adapt its model with LoRA)."""
     if getattr(args, "finetune", False):
         return _demo_finetune(args)
-    from appliance.demo import build_stdlib_corpus
-    from appliance.recipe import packaged_recipe
+    from appliance.demo import demo_request
 
-    recipe = Path(args.recipe).resolve() if args.recipe else packaged_recipe("demo")
-    version = sys.version.split()[0]
     if local_mode(args):
         home = home_of(args)
         if home.is_empty():
@@ -210,10 +207,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         # The service reads the corpus as the caller could: build it where the caller writes.
         where = Path.cwd() / ".appliance-demo"
-    note(f"building the corpus from Python {version}'s standard-library docs…")
-    corpus = build_stdlib_corpus(where / f"python-{version}-stdlib-docs")
-    context = {"corpus": {"name": "python-stdlib-docs", "python": corpus.python, "sha256": corpus.digest, "documents": corpus.documents, "bytes": corpus.bytes}}
-    return start_and_follow(args, create=True, recipe=str(recipe), source=str(corpus.path), context=context)
+    note(f"building the corpus from Python {sys.version.split()[0]}'s standard-library docs…")
+    request = demo_request(where)
+    if args.recipe:
+        request["recipe"] = str(Path(args.recipe).resolve())
+    return start_and_follow(args, create=True, **request)
 
 
 def _demo_model(args: argparse.Namespace) -> str | None:

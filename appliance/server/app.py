@@ -421,7 +421,7 @@ def serve(
             closer()
     finally:
         claim.release()
-    print("appliance service: stopped", file=sys.stderr)
+    _say("appliance service: stopped")
     return 0
 
 
@@ -431,10 +431,12 @@ async def _serve(svc: Any, claim: SocketClaim, gid: int | None, mode: int, close
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            print("appliance service: already stopping; active runs are saving a checkpoint", file=sys.stderr)
+            _say("appliance service: already stopping; active runs are saving a checkpoint")
             return
-        print(f"appliance service: {signal.Signals(signum).name}: stopping (active runs checkpoint and stop)", file=sys.stderr)
+        # Stop first, say so second: Ctrl-C on `serve | tee` kills the reader of stderr too,
+        # and a failed write must not leave the service running.
         stop.set()
+        _say(f"appliance service: {signal.Signals(signum).name}: stopping (active runs checkpoint and stop)")
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -476,6 +478,14 @@ async def _serve(svc: Any, claim: SocketClaim, gid: int | None, mode: int, close
         await runner.cleanup()
         executor.shutdown(wait=False, cancel_futures=True)
         claim.remove(bound)
+
+
+def _say(line: str) -> None:
+    """A line on stderr, which may be a pipe whose reader is gone (then the line is dropped)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _group_name(gid: int) -> str:

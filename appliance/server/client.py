@@ -217,16 +217,26 @@ def socket_from(args_socket: str | None) -> Path | None:
 
 def unpack_export(stream: Iterator[bytes], out: Path) -> Path:
     """Client side of `model_export`: unpack the tar stream into a new folder ``out``."""
+    import shutil
     import tarfile  # here, not at the top: every command imports this module, few export
+
+    from keys.tarsafe import extract_plain
 
     out = Path(out)
     if out.exists():
         raise ApplianceError(f"export target {out} already exists", "choose a new --out folder")
     out.mkdir(parents=True)
     buffer = _StreamReader(stream)
-    with tarfile.open(fileobj=buffer, mode="r|") as tar:
-        # The data filter refuses absolute paths, .. and links: a stream cannot write outside out/.
-        tar.extractall(out, filter="data")
+    try:
+        with tarfile.open(fileobj=buffer, mode="r|") as tar:
+            # Absolute paths, .. and links are refused: a stream cannot write outside out/.
+            extract_plain(tar, out)
+    except (ValueError, tarfile.TarError) as exc:
+        shutil.rmtree(out, ignore_errors=True)
+        raise ApplianceError(f"the export stream for {out} was refused: {exc}", "export again; if it happens again, report it") from None
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 

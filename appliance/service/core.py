@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,13 +360,19 @@ class Service:
 
     # -- authorization --------------------------------------------------------------------
 
-    def authorize(self, caller: Caller, action: str, subject: str, *, approval: str | None = None, requesting: bool = False) -> None:
+    def authorize(
+        self, caller: Caller, action: str, subject: str, *, approval: str | None = None, requesting: bool = False, ready: Callable[[], None] | None = None
+    ) -> None:
         """Decide under the signed policy, record the decision (allowed or denied), and raise PolicyError if denied.
 
         An action under a two-person rule is allowed only with ``approval``, the id of a request
         by this caller for this action and subject that a second person approved and that has not
         been used: its use is recorded with the decision, in one transaction. ``requesting``: the
         caller is asking for that approval, which needs the permission itself.
+
+        ``ready`` checks, once the caller is allowed and before an approval is used, that the
+        action can run at all (the model verifies, a release key exists): if it raises, its
+        error is raised after the decision is recorded, and the approval stays unused.
         """
         from appliance.service import approvals
 
@@ -378,6 +385,7 @@ class Service:
         redeeming = allowed and decision.needs_approval and not requesting and approval is not None
         with approvals.LOCK if redeeming else contextlib.nullcontext():
             used = None
+            cannot: ApplianceError | None = None
             if allowed and requesting:
                 rule = f"{decision.rule}; asks for a second person's approval"
             elif allowed and decision.needs_approval:
@@ -396,6 +404,13 @@ class Service:
                         rule = f"two-person rule on {decision.permission}: request {approval} not usable"
                     else:
                         rule = f"{decision.rule}; two-person rule on {decision.permission}: request {approval} approved by {used['decided_by']}"
+                        try:
+                            if ready is not None:
+                                ready()
+                        except ApplianceError as exc:
+                            # Allowed, but the action cannot run: the approval is kept for when it can.
+                            cannot, used = exc, None
+                            rule += f", kept unused: {exc.message}"
             events: list[tuple[str, str, dict[str, Any]]] = [
                 (
                     "authz.decision",
@@ -424,6 +439,8 @@ class Service:
                 hint = f"ask an admin for role {' or '.join(decision.would_allow[:3])}" if decision.would_allow else "no role of the policy grants it"
                 hint += " (`appliance policy show` lists the roles)"
             raise PolicyError(reason, hint)
+        if cannot is not None:
+            raise cannot
 
 
 def _stat_of(path: Path) -> tuple[int, int, int] | None:

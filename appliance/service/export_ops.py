@@ -71,12 +71,20 @@ def _excerpt(svc: Any, digest: str) -> tuple[list[dict[str, Any]], list[dict[str
 
 def model_bundle(svc: Any, caller: Caller, *, model: str, approval: str | None = None) -> Iterator[bytes]:
     """The signed bundle of ``model`` (NAME:VERSION, NAME@TAG, NAME or a digest prefix) as a tar stream."""
-    svc.authorize(caller, "model.export", model, approval=approval)
-    row = resolve_model(svc, model)
+    found: dict[str, Any] = {}
+
+    def ready() -> None:
+        # What must hold for the export to run, checked before an approval is used up on it.
+        row = resolve_model(svc, model)
+        event = verify_stored(svc, row["digest"], svc.trusted)
+        svc.trust.require(event.key_id, "node", at=event.ts)
+        found.update(row=row, release=svc.require_release_key())
+
+    svc.authorize(caller, "model.export", model, approval=approval, ready=ready)
+    if not found:  # no approval was needed: the same checks, after the decision
+        ready()
+    row, release = found["row"], found["release"]
     digest = row["digest"]
-    event = verify_stored(svc, digest, svc.trusted)
-    svc.trust.require(event.key_id, "node", at=event.ts)
-    release = svc.require_release_key()
     statement = build_statement(
         svc.ledger, digest=digest, name=row["name"], version=int(row["version"]), node_key_id=svc.key.key_id, appliance_version=_appliance_version()
     )

@@ -47,11 +47,20 @@ def model_export(svc: Any, caller: Caller, *, model: str, approval: str | None =
     for this model (used once). The stored copy is verified (digest, signature file, ledger
     record, model-signing signature) before the first byte leaves; the export is recorded.
     """
-    svc.authorize(caller, "model.export", model, approval=approval)
-    digest = resolve_digest(svc.ledger, model, kind="model")
-    verify_stored(svc, digest, svc.trusted)
+    found: list[str] = []
+
+    def ready() -> None:
+        # What must hold for the export to run, checked before an approval is used up on it.
+        digest = resolve_digest(svc.ledger, model, kind="model")
+        verify_stored(svc, digest, svc.trusted)
+        verify_model_dir(svc.store.path_of(digest), svc.home.public_key_file)
+        found.append(digest)
+
+    svc.authorize(caller, "model.export", model, approval=approval, ready=ready)
+    if not found:  # no approval was needed: the same checks, after the decision
+        ready()
+    digest = found[0]
     src = svc.store.path_of(digest)
-    verify_model_dir(src, svc.home.public_key_file)
     svc.ledger.append("model.exported", caller.user, {"digest": digest, "destination": f"stream to {caller.user} (uid {caller.uid})", "approval": approval})
     return _tar_stream(src, svc.home.public_key_file)
 

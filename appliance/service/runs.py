@@ -226,14 +226,21 @@ class RunManager:
         row = next(r for r in self._rows() if r["run_id"] == run_id)
         stages: dict[str, str] = {}
         stage_ts: dict[str, str] = {}  # when each stage last changed state (its end, for a finished one)
+        # The ledger records a stage's end, not its start: a stage began when the one before it
+        # ended, or when the run was started or resumed, whichever came last.
+        stage_began: dict[str, str] = {}
+        mark: str | None = None
         for e in run_events(self.svc.ledger, run_id):
-            if e.kind.startswith("stage.") and e.kind != "stage.reused":
-                stages[e.data["stage"]] = e.kind.split(".", 1)[1]
-                stage_ts[e.data["stage"]] = e.ts
-            elif e.kind == "stage.reused":
-                stages[e.data["stage"]] = f"reused from {e.data['from_run']}"
-                stage_ts[e.data["stage"]] = e.ts
-        return {**row, "stages": stages, "stage_ts": stage_ts}
+            if e.kind in ("run.started", "run.resumed"):
+                mark = e.ts
+            elif e.kind.startswith("stage."):
+                name = e.data["stage"]
+                stages[name] = f"reused from {e.data['from_run']}" if e.kind == "stage.reused" else e.kind.split(".", 1)[1]
+                stage_ts[name] = e.ts
+                if mark is not None:
+                    stage_began[name] = mark
+                mark = e.ts
+        return {**row, "stages": stages, "stage_ts": stage_ts, "stage_began": stage_began}
 
     def follow(self, caller: Caller, *, run: str, since: int = 0) -> Iterator[dict[str, Any]]:
         """The run's events as they happen, ending with ``run_finished``."""
