@@ -126,13 +126,32 @@ def run_console(session: Any, steps: Callable[[Any, Any], Awaitable[None]], *, s
     return app
 
 
-async def settle(pilot: Any, app: Any, *, timeout: float = 10.0) -> None:
-    """Wait until no worker is running (service calls done), then let messages land."""
+async def until(pilot: Any, ready: Callable[[], Any], what: str, *, timeout: float = 60.0) -> None:
+    """Let the app run until ``ready()`` holds (service calls run in worker threads, runs in the
+    service's own), or fail naming ``what``; no clock in any assertion, the timeout only ends a hang."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while loop.time() < end:
         await pilot.pause(0.05)
-        busy = [w for w in app.workers if w.is_running and w.group != "follow"]
-        if not busy:
+        if ready():
+            await pilot.pause(0.05)
+            return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def settle(pilot: Any, app: Any, *, timeout: float = 10.0, quiet: float = 0.2) -> None:
+    """Wait until no worker has run for ``quiet`` seconds (service calls done, and the calls their
+    answers led to: a tab shown loads on its Show event, an answer may start the next call), then
+    let messages land. Streams (``follow``) never end and are not waited for."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    calm_since: float | None = None
+    while loop.time() < end:
+        await pilot.pause(0.05)
+        if [w for w in app.workers if not w.is_finished and w.group != "follow"]:
+            calm_since = None
+        elif calm_since is None:
+            calm_since = loop.time()
+        elif loop.time() - calm_since >= quiet:
             break
     await pilot.pause(0.1)

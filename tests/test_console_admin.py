@@ -56,9 +56,12 @@ def _cells(table: DataTable, column: int) -> list[str]:
 @pytest.fixture
 def two_people(console_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """rex (release-manager) and the admin with user keys; one service both talk to; the admin's key is the default."""
+    from appliance.cli import main
     from appliance.service import Service
 
     keys = _user_keys(console_home, tmp_path / "userkeys", ["rex", _admin()])
+    # A release key, so an approved export can run (`appliance keys release-init`, service stopped).
+    assert main(["--home", str(console_home), "keys", "release-init", "--root-key", str(console_home / "keys" / "root.key")]) == 0
     monkeypatch.setenv("APPLIANCE_USER_KEY", str(keys[_admin()]))
     monkeypatch.delenv("APPLIANCE_USER_PASSPHRASE", raising=False)
     monkeypatch.delenv("APPLIANCE_USER_PASSPHRASE_FILE", raising=False)
@@ -98,7 +101,7 @@ def test_keys_and_the_policy_in_force(console_home: Path) -> None:
 
 
 def test_an_export_requested_by_rex_is_approved_by_the_admin_through_the_modal(two_people: Any) -> None:
-    from appliance.console.admin import DecideScreen
+    from appliance.console.admin_decide import DecideScreen
 
     with open_console(two_people.home.root, user="rex", svc=two_people) as rex, open_console(two_people.home.root, svc=two_people) as admin:
         rid = rex.call("approvals.request", action="model.export", subject="tiny-test", reason="ship to site B")["id"]
@@ -125,14 +128,20 @@ def test_an_export_requested_by_rex_is_approved_by_the_admin_through_the_modal(t
             assert "is approved" in _text(app, "#admin-decide-reason")
             # The recorded decision is the admin's signature, checked again by ledger verify.
             assert admin.call("ledger.verify")["approvals_checked"] == 1
+            # rex uses it and asks again: on refresh the decided one reads as used, and the new one,
+            # waiting for the admin, comes first and is selected.
+            assert b"".join(rex.stream("bundle.export", model="tiny-test", approval=rid))[:512].strip(b"\0")  # a tar
+            again = rex.call("approvals.request", action="model.export", subject="tiny-test", reason="and site C")["id"]
+            await pilot.press("r")
+            await settle(pilot, app)
+            assert _cells(table, 0) == [again, rid] and _cells(table, 4) == ["pending", "executed"]
+            assert pane.selected == again and not app.query_one("#admin-approve").disabled
 
         run_console(admin, steps)
-        # rex may now use it, once.
-        assert rex.call("approvals.show", id=rid)["use"].startswith("appliance export")
 
 
 def test_a_wrong_passphrase_is_an_error_with_its_fix_and_a_denial_signs_with_the_env_passphrase(two_people: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from appliance.console.admin import DecideScreen
+    from appliance.console.admin_decide import DecideScreen
 
     with open_console(two_people.home.root, user="rex", svc=two_people) as rex, open_console(two_people.home.root, svc=two_people) as admin:
         rid = rex.call("approvals.request", action="model.export", subject="tiny-test")["id"]

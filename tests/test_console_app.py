@@ -100,3 +100,61 @@ def test_grants_give_the_reason_and_whom_to_ask(console_home: Path) -> None:
         assert grants.allows("ledger.query") and not grants.allows("model.export")
         reason = grants.reason("model.export")
         assert "ada (auditor) lacks model.export" in reason and "release-manager" in reason
+
+
+def test_every_style_sheet_is_a_tcss_file_the_app_loads() -> None:
+    """Styles live in styles/*.tcss, every one loaded by the app; none in a DEFAULT_CSS, whose rules lose
+    to any rule of the app's sheets whatever their selectors (the old panes' workarounds came from that)."""
+    from appliance.console import app
+
+    here, loaded = Path(app.__file__).parent, app.ConsoleApp.CSS_PATH
+    assert isinstance(loaded, list)
+    assert sorted((here / path).resolve() for path in loaded) == sorted(path.resolve() for path in (here / "styles").glob("*.tcss"))
+    for module in here.glob("*.py"):
+        assert "DEFAULT_CSS" not in module.read_text(encoding="utf-8"), f"{module.name}: put its styles in styles/<tab>.tcss"
+
+
+def _decisions(session: Any) -> int:
+    return int(session.client.svc.ledger.select("SELECT count(*) FROM decisions")[0][0])
+
+
+def test_a_hidden_dashboard_asks_the_service_nothing(console_home: Path) -> None:
+    # Every call is a decision the service signs into the ledger: a tab nobody looks at must not fill it.
+    with open_console(console_home) as session:
+
+        async def steps(app: Any, pilot: Any) -> None:
+            await settle(pilot, app)
+            dash = app.query_one("DashboardPane")
+            await pilot.press("5")
+            await settle(pilot, app)
+            before = _decisions(session)
+            dash._poll()
+            await settle(pilot, app)
+            assert _decisions(session) == before
+            await pilot.press("1")  # shown again: it loads again
+            await settle(pilot, app)
+            shown = _decisions(session)
+            assert shown > before
+            dash._poll()  # no run is active and it loaded just now: it waits for the idle interval
+            await settle(pilot, app)
+            assert _decisions(session) == shown
+
+        run_console(session, steps)
+
+
+def test_a_tab_shown_again_shows_what_changed_meanwhile(console_home: Path) -> None:
+    with open_console(console_home) as session, open_console(console_home, user="rex", svc=session.client.svc) as rex:
+
+        async def steps(app: Any, pilot: Any) -> None:
+            await pilot.press("6")
+            await settle(pilot, app)
+            table = app.query_one("#admin-approvals", DataTable)
+            assert table.row_count == 0
+            await pilot.press("1")
+            await settle(pilot, app)
+            rid = rex.call("approvals.request", action="model.export", subject="tiny-test", reason="to site B")["id"]
+            await pilot.press("6")
+            await settle(pilot, app)
+            assert table.row_count == 1 and str(table.get_row_at(0)[0]) == rid
+
+        run_console(session, steps)

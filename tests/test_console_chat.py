@@ -40,6 +40,7 @@ def test_tiny_test_answers_a_greedy_prompt(console_home: Path) -> None:
 
         async def steps(app: Any, pilot: Any) -> None:
             pane = await open_chat(app, pilot)
+            assert app.focused is app.query_one("#chat-prompt", Input)  # press 8 and type
             assert app.query_one("#chat-model", Select).value == model["digest"]
             assert "tiny-test:1" in str(app.query_one("#chat-log", RichLog).border_title)
             app.query_one("#chat-temperature", Input).value = "0"  # greedy

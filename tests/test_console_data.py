@@ -6,27 +6,13 @@ compared with what the service itself answers (``data.card``, ``data.dropped``).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from textual.widgets import DataTable, Select, Static
 
-from tests.console_fixtures import console_base, console_home, open_console, run_console  # noqa: F401
-
-
-async def until(pilot: Any, ready: Callable[[], Any], what: str, *, timeout: float = 20.0) -> None:
-    """Wait (without a clock in the assertion) until ``ready()`` holds: service calls run in worker threads."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        await pilot.pause(0.05)
-        if ready():
-            await pilot.pause(0.05)
-            return
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.console_fixtures import console_base, console_home, open_console, run_console, until  # noqa: F401
 
 
 def text(widget: Any) -> str:
@@ -88,7 +74,7 @@ def test_the_card_of_the_finished_run_shows_its_sources_and_drops_per_filter(con
 
 
 def test_the_documents_a_filter_dropped_open_with_one_key(console_home: Path) -> None:
-    from appliance.console.data import SAMPLES, DroppedScreen
+    from appliance.console.data_dropped import SAMPLES, DroppedScreen
 
     with open_console(console_home) as session:
         by_rule = session.call("data.card", run="latest")["card"]["curation"]["dropped_by_rule"]

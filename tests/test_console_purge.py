@@ -86,7 +86,7 @@ def test_the_impact_of_the_dataset_lists_what_is_erased_and_kept(console_home: P
 
 
 def test_the_confirm_dialog_refuses_a_wrong_text_and_requests_approval(console_home: Path) -> None:
-    from appliance.console.purge import ConfirmPurgeScreen
+    from appliance.console.purge_confirm import ConfirmPurgeScreen
 
     with open_console(console_home) as session:
         dataset = dataset_of(session)
@@ -125,7 +125,7 @@ def test_the_confirm_dialog_refuses_a_wrong_text_and_requests_approval(console_h
 
 
 def test_a_single_operator_purges_and_reads_the_certificate(console_home: Path) -> None:
-    from appliance.console.purge import CertificateScreen
+    from appliance.console.purge_certificate import CertificateScreen
 
     single_operator(console_home)
     with open_console(console_home) as session:
@@ -178,7 +178,7 @@ def test_a_single_operator_purges_and_reads_the_certificate(console_home: Path) 
 
 
 def test_a_role_without_data_purge_sees_purge_disabled_with_the_reason(console_home: Path) -> None:
-    from appliance.console.purge import ConfirmPurgeScreen
+    from appliance.console.purge_confirm import ConfirmPurgeScreen
 
     with open_console(console_home, user="mel") as session:
         dataset = dataset_of(session)
@@ -201,7 +201,7 @@ def test_a_role_without_data_purge_sees_purge_disabled_with_the_reason(console_h
 
 
 def test_run_targets_confirm_with_the_word_and_data_kinds_match_the_service() -> None:
-    from appliance.console.purge import DATA_KINDS, confirm_text
+    from appliance.console.purge_text import DATA_KINDS, confirm_text
     from appliance.service.datakeys import SEALED_KINDS
 
     assert DATA_KINDS == SEALED_KINDS

@@ -8,30 +8,17 @@ root-signed trust store, made as `appliance keys create` makes it, so rex can si
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from textual.widgets import DataTable, Input, Static, Tree
 
 from tests.conftest import PASSPHRASE, single_operator
-from tests.console_fixtures import caller_named, console_base, console_home, open_console, run_console  # noqa: F401
+from tests.console_fixtures import caller_named, console_base, console_home, open_console, run_console, until  # noqa: F401
 
 PASS = PASSPHRASE.encode()
-
-
-async def until(pilot: Any, ready: Callable[[], Any], what: str, *, timeout: float = 30.0) -> None:
-    """Wait (without a clock in the assertion) until ``ready()`` holds: service calls run in worker threads."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        await pilot.pause(0.05)
-        if ready():
-            await pilot.pause(0.05)
-            return
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def text(widget: Any) -> str:
@@ -157,7 +144,7 @@ def test_verify_names_what_failed_for_a_tampered_model(console_home: Path) -> No
 
 
 def test_a_tag_added_through_the_modal_appears_in_the_list(console_home: Path) -> None:
-    from appliance.console.registry import TagScreen
+    from appliance.console.registry_tag import TagScreen
 
     with open_console(console_home, user="mel") as session:
 
@@ -177,7 +164,7 @@ def test_a_tag_added_through_the_modal_appears_in_the_list(console_home: Path) -
 
 
 def test_an_auditor_sees_export_and_tag_disabled_with_the_reason(console_home: Path) -> None:
-    from appliance.console.registry import ExportScreen
+    from appliance.console.registry_export import ExportScreen
 
     with open_console(console_home, user="ada") as session:
 
@@ -237,7 +224,7 @@ def _check_bundle(path: Path, home: Path) -> dict[str, Any]:
 
 
 def test_export_after_a_second_person_approves(console_home: Path, tmp_path: Path) -> None:
-    from appliance.console.registry import ExportScreen
+    from appliance.console.registry_export import ExportScreen
 
     _release_key(console_home)
     rex_key = _user_key(console_home, "rex", tmp_path)
@@ -253,13 +240,17 @@ def test_export_after_a_second_person_approves(console_home: Path, tmp_path: Pat
             await pilot.pause(0.2)
             screen = app.screen
             assert isinstance(screen, ExportScreen)
+            # Under the two-person rule, asking comes first: the reason has the focus.
+            reason = screen.query_one("#export-reason", Input)
+            assert app.focused is reason
             screen.query_one("#export-dest", Input).value = str(dest)
             # No approval yet: refused before any call, with the way forward.
             await pilot.click("#export-go")
             await pilot.pause(0.1)
             assert "two-person" in app.errors[-1][0] and not dest.exists()
-            screen.query_one("#export-reason", Input).value = "ship to site B"
-            await pilot.click("#export-request")
+            reason.focus()
+            reason.value = "ship to site B"
+            await pilot.press("enter")  # enter in the reason asks
             await until(pilot, lambda: screen.pending, "the request")
             (req,) = screen.pending
             assert req["subject"] == "tiny-test:1" and req["reason"] == "ship to site B"
@@ -285,7 +276,7 @@ def test_export_after_a_second_person_approves(console_home: Path, tmp_path: Pat
 
 
 def test_export_under_a_single_operator_policy_needs_no_approval(console_home: Path, tmp_path: Path) -> None:
-    from appliance.console.registry import ExportScreen
+    from appliance.console.registry_export import ExportScreen
 
     single_operator(console_home)
     _release_key(console_home)

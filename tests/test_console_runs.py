@@ -3,26 +3,16 @@ every recipe problem shown at once), cancelling and resuming, and what an audito
 
 from __future__ import annotations
 
-import asyncio
+import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from textual.widgets import Button, DataTable, Input, Log, Static
 
-from tests.console_fixtures import console_base, console_home, open_console, run_console, settle  # noqa: F401
+from tests.console_fixtures import console_base, console_home, open_console, run_console, settle, until  # noqa: F401
 
 ASSETS = Path(__file__).parent / "assets"
-
-
-async def until(pilot: Any, what: Callable[[], bool], *, timeout: float = 60.0) -> None:
-    """Let the app run until ``what()`` holds (the service drives runs in its own threads)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not what():
-        assert loop.time() < end, "the console did not get there"
-        await pilot.pause(0.1)
 
 
 async def open_runs(app: Any, pilot: Any) -> Any:
@@ -46,7 +36,7 @@ def test_the_list_shows_the_finished_run_and_its_detail(console_home: Path) -> N
             assert app.focused is app.query_one("#runs-table", DataTable)
             assert table_ids(app) == [run["run_id"]]
             assert "succeeded" in str(app.query_one("#runs-table", DataTable).get_row_at(0)[2])
-            await until(pilot, lambda: pane.detail and pane.metrics and pane.times)
+            await until(pilot, lambda: pane.detail and pane.metrics and pane.times, "the run's detail, metrics and stage times")
             stages = app.query_one("#runs-stages", DataTable)
             rows = [stages.get_row_at(i) for i in range(stages.row_count)]
             assert [str(r[0]) for r in rows][:2] == ["ingest", "curate"] and "train" in [str(r[0]) for r in rows]
@@ -114,7 +104,7 @@ def test_a_broken_recipe_shows_every_problem_and_starts_nothing(console_home: Pa
             assert type(screen).__name__ == "StartRunScreen"
             screen.query_one("#start-recipe", Input).value = str(recipe)
             await pilot.click("#start-go")
-            await until(pilot, lambda: screen.last is not None)
+            await until(pilot, lambda: screen.last is not None, "the recipe check")
             await settle(pilot, app)
             assert app.screen is screen  # still open: nothing was started
             shown = str(screen.query_one("#start-problems", Static).render())
@@ -138,7 +128,7 @@ def test_a_missing_corpus_is_a_problem_too(console_home: Path, tmp_path: Path) -
             screen = app.screen
             screen.query_one("#start-recipe", Input).value = str(recipe)
             await pilot.click("#start-check")
-            await until(pilot, lambda: screen.last is not None)
+            await until(pilot, lambda: screen.last is not None, "the recipe check")
             assert any("corpus folder" in p for p in screen.last.problems)
             await pilot.press("escape")
 
@@ -157,9 +147,9 @@ def test_a_valid_recipe_starts_a_run_that_can_be_cancelled_and_resumed(console_h
             await pilot.pause(0.2)
             app.screen.query_one("#start-recipe", Input).value = tiny_recipe.name
             await pilot.press("enter")
-            await until(pilot, lambda: pane.selected not in before and pane.selected is not None)
+            await until(pilot, lambda: pane.selected not in before and pane.selected is not None, "the new run selected")
             new = pane.selected
-            await until(pilot, lambda: new in table_ids(app))
+            await until(pilot, lambda: new in table_ids(app), "the new run in the list")
             assert pane._row(new)["status"] in ("queued", "running")
             # The UI answers keys while the run streams: switch tabs away and back.
             await pilot.press("1")
@@ -174,21 +164,21 @@ def test_a_valid_recipe_starts_a_run_that_can_be_cancelled_and_resumed(console_h
             await pilot.pause(0.2)
             assert type(app.screen).__name__ == "ConfirmCancelScreen"
             await pilot.press("y")
-            await until(pilot, lambda: (pane._row(new) or {}).get("status") == "stopped")
-            await until(pilot, lambda: not app.query_one("#runs-resume", Button).disabled)
+            await until(pilot, lambda: (pane._row(new) or {}).get("status") == "stopped", "the run stopped")
+            await until(pilot, lambda: not app.query_one("#runs-resume", Button).disabled, "Resume enabled")
             assert app.query_one("#runs-cancel", Button).disabled
             assert "run is stopped" in str(app.query_one("#runs-why", Static).render())
             # Resume it, then stop it again to keep the test short.
             await pilot.press("u")
-            await until(pilot, lambda: (pane._row(new) or {}).get("status") in ("running", "queued"))
-            await until(pilot, lambda: not app.query_one("#runs-cancel", Button).disabled)
+            await until(pilot, lambda: (pane._row(new) or {}).get("status") in ("running", "queued"), "the run resumed")
+            await until(pilot, lambda: not app.query_one("#runs-cancel", Button).disabled, "Cancel enabled")
             await pilot.press("c")
             await pilot.pause(0.2)
             await pilot.click("#cancel-yes")
-            await until(pilot, lambda: (pane._row(new) or {}).get("status") == "stopped")
+            await until(pilot, lambda: (pane._row(new) or {}).get("status") == "stopped", "the run stopped")
             # The selection stays where the operator put it when the list is read again.
             await pilot.press("down")
-            await until(pilot, lambda: pane.selected != new and bool(pane.detail))
+            await until(pilot, lambda: pane.selected != new and bool(pane.detail), "another run selected")
             older = pane.selected
             await pilot.press("r")
             await settle(pilot, app)
@@ -229,7 +219,7 @@ def test_an_ml_engineer_sees_stage_times_without_ledger_query(console_home: Path
 
         async def steps(app: Any, pilot: Any) -> None:
             pane = await open_runs(app, pilot)
-            await until(pilot, lambda: bool(pane.detail))
+            await until(pilot, lambda: bool(pane.detail), "the run's detail")
             stages = app.query_one("#runs-stages", DataTable)
             # run.show carries each stage's time (run.read is enough).
             assert stages.row_count >= 8 and set(pane.times) >= {"ingest", "curate", "train"}
@@ -238,3 +228,37 @@ def test_an_ml_engineer_sees_stage_times_without_ledger_query(console_home: Path
             assert app.errors == []
 
         run_console(session, steps)
+
+
+def test_the_demo_recipe_is_one_button_away(console_home: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    # What `appliance demo` does, from the start dialog: the stdlib-docs corpus built where the
+    # caller writes, the packaged recipe, and the corpus's provenance recorded with the run.
+    from appliance.recipe import packaged_recipe
+
+    monkeypatch.chdir(tmp_path)
+    with open_console(console_home) as session:
+        before = {r["run_id"] for r in session.call("run.list")}
+
+        async def steps(app: Any, pilot: Any) -> None:
+            pane = await open_runs(app, pilot)
+            await pilot.press("s")
+            await pilot.pause(0.2)
+            screen = app.screen
+            await pilot.click("#start-demo")
+            await until(pilot, lambda: screen.demo is not None, "the demo corpus", timeout=180)
+            assert screen.query_one("#start-recipe", Input).value == str(packaged_recipe("demo"))
+            source = Path(screen.query_one("#start-source", Input).value)
+            assert source.parent == tmp_path / ".appliance-demo" and (source / "docstrings.jsonl").is_file()
+            assert app.focused is screen.query_one("#start-go", Button)
+            await pilot.press("enter")
+            await until(pilot, lambda: pane.selected not in before and pane.selected is not None, "the demo run selected")
+            # Not trained here: stopped at once (the Runs tests above show the rest).
+            session.call("run.cancel", run=pane.selected)
+
+        run_console(session, steps)
+        (new,) = {r["run_id"] for r in session.call("run.list")} - before
+        svc = session.client.svc
+        svc.runs.wait(new, timeout=300)
+        (body,) = svc.ledger.select("SELECT body FROM events WHERE kind = 'run.started' AND body ->> '$.data.run_id' = ?", [new])
+        corpus = json.loads(body[0])["data"]["context"]["corpus"]
+        assert corpus["name"] == "python-stdlib-docs" and len(corpus["sha256"]) == 64 and corpus["documents"] > 100

@@ -3,33 +3,30 @@
 Deciding a request is signed here, in the operator's own process, with their user key, as
 `appliance approve` does: the console reads the request (``approvals.show``), unlocks the
 user key (``$APPLIANCE_USER_KEY`` or ``~/.config/appliance/user.key``) with the passphrase
-typed in a modal (or ``$APPLIANCE_USER_PASSPHRASE``), signs the statement for that request
-and sends it (``approvals.decide``). The service gets the signature, never the key, and
-checks it against the root-signed trust store.
+typed in the decide dialog (`admin_decide`; or ``$APPLIANCE_USER_PASSPHRASE``), signs the
+statement for that request and sends it (``approvals.decide``). The service gets the
+signature, never the key, and checks it against the root-signed trust store.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import tomllib
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import events, on, work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.message import Message
-from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Input, Label, Static, TextArea
+from textual.widgets import Button, DataTable, Label, Static
 
 from appliance.cli.approvals import describe as describe_request
-from appliance.console.base import Gated, Loaded, ServicePane
-from appliance.console.ledger import keep_focus_out_while_hidden, reveal
+from appliance.console.admin_decide import DecideScreen, Signing, passphrase_from_env, unlock
+from appliance.console.admin_policy import PolicyTextScreen
+from appliance.console.base import Gated, Loaded, ServicePane, reveal
 from appliance.console.session import Grants, short
 
 DECIDE = "approvals.decide"
@@ -63,118 +60,6 @@ def two_person_rules(policy_text: str) -> dict[str, list[str]]:
     return {str(r.get("permission")): [str(a) for a in r.get("approvers", [])] for r in rules if isinstance(r, dict)}
 
 
-def passphrase_from_env() -> bool:
-    """Whether the user key's passphrase comes from the environment (no need to type it)."""
-    from keys.userkey import ENV_USER_PASSPHRASE, ENV_USER_PASSPHRASE_FILE
-
-    return bool(os.environ.get(ENV_USER_PASSPHRASE) or os.environ.get(ENV_USER_PASSPHRASE_FILE))
-
-
-@dataclass(frozen=True)
-class Signing:
-    """What the decide dialog returns: the user key to sign with, and its passphrase (None: from the environment)."""
-
-    key_path: Path
-    passphrase: bytes | None
-
-
-def unlock(signing: Signing) -> Any:
-    """The caller's user key, unlocked (in a worker: Argon2id takes a moment)."""
-    from keys.errors import KeyStoreError
-    from keys.keystore import load_key
-    from keys.userkey import ENV_USER_PASSPHRASE, load_user_key
-
-    if signing.passphrase is None:
-        return load_user_key(signing.key_path)
-    if not signing.key_path.exists():
-        load_user_key(signing.key_path)  # raises the one "no user key at …" error, with how to make one
-    try:
-        return load_key(signing.key_path, signing.passphrase)
-    except KeyStoreError as exc:
-        if "wrong passphrase" not in exc.message:
-            raise
-        raise KeyStoreError(exc.message, f"decide again and type the passphrase you chose at `appliance keys create` (or set {ENV_USER_PASSPHRASE})") from None
-
-
-class DecideScreen(ModalScreen[Signing | None]):
-    """Shows exactly what the decision signs, and asks for the user key's passphrase."""
-
-    DEFAULT_CSS = """
-    DecideScreen { align: center middle; }
-    DecideScreen #decide-box { width: 84; height: auto; border: round $accent; background: $panel; padding: 1 2; }
-    DecideScreen #decide-what { margin-bottom: 1; }
-    DecideScreen .field { color: $text-muted; }
-    DecideScreen #decide-buttons { height: auto; margin-top: 1; }
-    DecideScreen #decide-buttons Button { margin-right: 2; }
-    """
-    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
-        Binding("escape", "cancel", "Cancel", id="decide.cancel"),
-    ]
-
-    def __init__(self, req: dict[str, Any], decision: str, *, ask_passphrase: bool) -> None:
-        super().__init__()
-        self.req, self.decision, self.ask_passphrase = req, decision, ask_passphrase
-
-    def compose(self) -> ComposeResult:
-        from keys.userkey import ENV_USER_PASSPHRASE, default_user_key_path
-
-        verb = "Approve" if self.decision == "approve" else "Deny"
-        with Vertical(id="decide-box"):
-            yield Label(f"{verb} request {self.req['id']}, signed with your user key", classes="title")
-            yield Static(Text(describe_request(self.req)), id="decide-what")
-            yield Label("your user key", classes="field")
-            yield Input(str(default_user_key_path()), id="decide-key")
-            if self.ask_passphrase:
-                yield Label("its passphrase", classes="field")
-                yield Input(password=True, placeholder="passphrase of your user key", id="decide-passphrase")
-            else:
-                yield Label(f"passphrase: from ${ENV_USER_PASSPHRASE}", classes="field")
-            with Horizontal(id="decide-buttons"):
-                yield Button(f"{verb} (enter)", id="decide-ok", variant="success" if self.decision == "approve" else "error")
-                yield Button("Cancel (esc)", id="decide-cancel")
-
-    def on_mount(self) -> None:
-        self.query_one("#decide-passphrase" if self.ask_passphrase else "#decide-ok").focus()
-
-    @on(Input.Submitted)
-    @on(Button.Pressed, "#decide-ok")
-    def _ok(self) -> None:
-        path = Path(self.query_one("#decide-key", Input).value.strip()).expanduser()
-        passphrase: bytes | None = None
-        if self.ask_passphrase:
-            box = self.query_one("#decide-passphrase", Input)
-            passphrase = box.value.encode("utf-8")
-            box.value = ""  # not kept on screen longer than it takes to read it
-            if not passphrase:
-                self.app.notify("type the passphrase of your user key, or press esc", severity="warning")
-                box.focus()
-                return
-        self.dismiss(Signing(path, passphrase))
-
-    @on(Button.Pressed, "#decide-cancel")
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-
-class PolicyTextScreen(ModalScreen[None]):
-    """The signed policy file itself, to read every rule (two-person rules, descriptions)."""
-
-    DEFAULT_CSS = """
-    PolicyTextScreen { align: center middle; }
-    PolicyTextScreen #policy-text { width: 100; height: 90%; border: round $accent; }
-    """
-    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
-        Binding("escape,q", "dismiss", "Close", id="policy-text.close"),
-    ]
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def compose(self) -> ComposeResult:
-        yield TextArea(self.text, language="toml", read_only=True, id="policy-text")
-
-
 class Decided(Message):
     """``approvals.decide`` answered: the request as it now stands."""
 
@@ -184,26 +69,6 @@ class Decided(Message):
 
 
 class AdminPane(ServicePane):
-    DEFAULT_CSS = """
-    AdminPane #admin-keys-box { height: auto; max-height: 11; }
-    AdminPane #admin-keys { height: auto; max-height: 6; }
-    AdminPane #admin-middle { height: 1fr; }
-    AdminPane #admin-approvals-box { width: 1fr; height: 100%; }
-    AdminPane #admin-approvals { height: 1fr; }
-    AdminPane #admin-actions { height: auto; }
-    AdminPane #admin-actions Button { margin-right: 1; min-width: 14; }
-    AdminPane #admin-request-box { width: 42; height: 100%; }
-    AdminPane #admin-request-scroll { height: 1fr; }
-    AdminPane #admin-decide-reason { color: $warning; width: 1fr; }
-    AdminPane #admin-bottom { height: 1fr; }
-    AdminPane #admin-policy-box { width: 80; height: 100%; }
-    AdminPane #admin-policy { height: 1fr; }
-    AdminPane #admin-bindings-box { width: 1fr; height: 100%; }
-    AdminPane #admin-bindings-scroll { height: 1fr; }
-    AdminPane .denied { color: $warning; }
-    AdminPane .muted { color: $text-muted; }
-    """
-
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("a", "decide('approve')", "Approve", id="admin.approve"),
         Binding("d", "decide('deny')", "Deny", id="admin.deny"),
@@ -220,11 +85,10 @@ class AdminPane(ServicePane):
     ]
 
     show_all = False
-    _shown = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.requests: dict[str, dict[str, Any]] = {}
+        self.listed: dict[str, dict[str, Any]] = {}  # every request in the table, by id (not only pending ones)
         self.decided: dict[str, dict[str, Any]] = {}  # decided in this console
         self.selected: str | None = None
         self.policy: dict[str, Any] = {}
@@ -261,7 +125,7 @@ class AdminPane(ServicePane):
 
     def on_mount(self) -> None:
         self.query_one("#admin-keys", DataTable).add_columns("role", "status", "key id", "owner", "valid from", "valid until", "note")
-        self.query_one("#admin-approvals", DataTable).add_columns("request", "action", "subject", "by", "status", "yours")
+        self.query_one("#admin-approvals", DataTable).add_columns("request", "action", "subject", "by", "status", "you decide")
         for perm, label, hide in (("keys.read", "#admin-keys-reason", "#admin-keys"), ("policy.read", "#admin-policy-reason", "#admin-policy")):
             reason = self.session.grants.reason(perm)
             self.query_one(label, Label).update(Content(reason))
@@ -274,18 +138,11 @@ class AdminPane(ServicePane):
             self.query_one("#admin-bindings", Static).update(Content(self.session.grants.reason("policy.read")))
         self._update_decide()
 
-    def on_show(self) -> None:
-        # Load on first sight.
-        if not self._shown:
-            self._shown = True
-            self.refresh_data()
-
-    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
-        keep_focus_out_while_hidden(self, event)
-
     def refresh_data(self) -> None:
         calls: dict[str, tuple[str, dict[str, Any]]] = {}
         if self.allowed("approvals.read"):
+            # What this console decided left the list: read its state again (used, expired…) too.
+            calls.update({f"decided:{rid}": ("approvals.show", {"id": rid}) for rid in self.decided})
             calls["approvals"] = ("approvals.list", {"all": self.show_all})
         if self.allowed("keys.read"):
             calls["keys"] = ("keys.list", {})
@@ -297,7 +154,9 @@ class AdminPane(ServicePane):
         self.refresh_data()
 
     def on_loaded(self, message: Loaded) -> None:
-        if message.key == "approvals":
+        if message.key.startswith("decided:"):
+            self.decided[message.result["id"]] = {**message.result, "you_may_decide": False}
+        elif message.key == "approvals":
             self._approvals(message.result)
         elif message.key == "keys":
             self._keys(message.result)
@@ -374,7 +233,8 @@ class AdminPane(ServicePane):
         # keep it in sight, with its new status, until the console closes.
         listed = {r["id"] for r in rows}
         rows = rows + [r for rid, r in self.decided.items() if rid not in listed]
-        self.requests = {r["id"]: r for r in rows}
+        rows.sort(key=lambda r: not r.get("you_may_decide"))  # what waits for this caller first (stable otherwise)
+        self.listed = {r["id"]: r for r in rows}
         table = self.query_one("#admin-approvals", DataTable)
         table.clear()
         for r in rows:
@@ -384,7 +244,9 @@ class AdminPane(ServicePane):
         title = "every request" if self.show_all else "your requests and those waiting for you"
         self.query_one("#admin-approvals-title", Label).update(f"Approvals: {title} ({len(rows)})")
         self.query_one("#admin-all", Gated).label = "Mine (v)" if self.show_all else "All (v)"
-        target = self.selected if self.selected in self.requests else None
+        target = self.selected if self.selected in self.listed else None
+        if target is not None and not self.listed[target].get("you_may_decide") and any(r.get("you_may_decide") for r in rows):
+            target = None  # a request now waits for this caller: take them to it, not to one already decided
         if target is None and rows:
             # The first one waiting for this caller, else the newest.
             target = next((r["id"] for r in rows if r.get("you_may_decide")), rows[-1]["id"])
@@ -395,7 +257,7 @@ class AdminPane(ServicePane):
     @on(DataTable.RowHighlighted, "#admin-approvals")
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:
         rid = event.row_key.value
-        if rid is not None and rid in self.requests and rid != self.selected:
+        if rid is not None and rid in self.listed and rid != self.selected:
             self._select(rid)
 
     def _select(self, rid: str | None) -> None:
@@ -403,20 +265,20 @@ class AdminPane(ServicePane):
         if rid is None:
             self.query_one("#admin-request", Static).update("no requests of yours, and none waiting for you")
         else:
-            self._request(self.requests[rid])
+            self._request(self.listed[rid])
             self.load("request", "approvals.show", id=rid)  # the request as it stands now
         self._update_decide()
 
     def _request(self, req: dict[str, Any]) -> None:
         if req.get("id") != self.selected:
             return
-        self.requests[req["id"]] = {**self.requests.get(req["id"], {}), **req}
+        self.listed[req["id"]] = {**self.listed.get(req["id"], {}), **req}
         text = describe_request(req) + (f"\n\n{req['policy_text']}" if req.get("policy_text") else "")
         self.query_one("#admin-request", Static).update(Text(text))
         self._update_decide()
 
     def _update_decide(self) -> None:
-        req = self.requests.get(self.selected) if self.selected else None
+        req = self.listed.get(self.selected) if self.selected else None
         reason = decide_block(self.session.grants, req)
         for button_id in ("#admin-approve", "#admin-deny"):
             button = self.query_one(button_id, Gated)
@@ -451,7 +313,7 @@ class AdminPane(ServicePane):
         self.refresh_data()
 
     def action_decide(self, decision: str) -> None:
-        req = self.requests.get(self.selected) if self.selected else None
+        req = self.listed.get(self.selected) if self.selected else None
         reason = decide_block(self.session.grants, req)
         if reason or req is None:
             self.console.report_message(f"cannot {decision}: {reason}", "select a pending request that is not yours and that your role approves")
@@ -513,6 +375,6 @@ class AdminPane(ServicePane):
         else:
             text = f"{r['requester']['user']} is told it was {r['status']}"
         self.app.notify(f"request {r['id']} {r['status']}\n{text}", title="decided")
-        self.requests[r["id"]] = self.decided[r["id"]] = {**self.requests.get(r["id"], {}), **r, "you_may_decide": False}
+        self.listed[r["id"]] = self.decided[r["id"]] = {**self.listed.get(r["id"], {}), **r, "you_may_decide": False}
         self._request(r)
         self.refresh_data()

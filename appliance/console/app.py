@@ -1,10 +1,10 @@
 """`appliance console`: the operator's window on the appliance, a client of the service alone.
 
 One tab per part of the day (dashboard, runs, data, registry, ledger, keys and approvals,
-purge, chat), each a `ServicePane` in its own module. Keyboard first: every binding has an
-id (remap them in ``~/.config/appliance/console-keys.toml``, ``binding-id = "key"``), the
-footer shows them, ``?`` opens the help, ``ctrl+p`` the command palette with the console's
-own commands.
+purge, chat), each a `ServicePane` in its own module (its dialogs in modules of their own),
+its styles in ``styles/<tab>.tcss``. Keyboard first: every binding has an id (remap them in
+``~/.config/appliance/console-keys.toml``, ``binding-id = "key"``), the footer shows them,
+``?`` opens the help, ``ctrl+p`` the command palette with the console's own commands.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class ConsoleApp(App[None]):
     """The operator console."""
 
     TITLE = "appliance console"
-    CSS_PATH = "styles/console.tcss"
+    # The shared sheet, one per tab named by its id (the pane's dialogs with it), the help screen's.
+    CSS_PATH = ["styles/console.tcss", *[f"styles/{tab}.tcss" for tab, *_ in _panes()], "styles/help.tcss"]
     COMMANDS = App.COMMANDS | {ConsoleCommands}
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("q", "quit", "Quit", id="console.quit"),

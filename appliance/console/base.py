@@ -6,6 +6,12 @@ newer request for the same thing replaces an older one) and posts a `Loaded`
 message back, which the pane handles in ``on_loaded`` by its key; an error goes to the app's
 one error handler (`ConsoleApp.report`), which shows every error the same way, with its fix.
 
+A pane loads nothing until its tab is shown, and loads again each time it is shown
+(`ServicePane.on_show` calls ``refresh_data``): the console starts with the dashboard's calls
+only, a tab never opened costs nothing, and a tab comes back showing what is true now. Panes
+that poll do so only while `shown` (every call is a decision the service records in the
+ledger: a hidden tab must not fill it).
+
 `Gated` controls (buttons) stay visible when the caller's role does not allow their action:
 disabled, with the reason and whom to ask in their tooltip and the status line.
 """
@@ -18,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from textual import work
 from textual.message import Message
 from textual.widget import Widget
-from textual.widgets import Button
+from textual.widgets import Button, TabPane
 from textual.worker import get_current_worker
 
 from appliance.console.session import Session
@@ -52,6 +58,15 @@ class ServicePane(Widget):
     NEEDS: str | None = None
     # What takes the focus when the pane's tab is shown (a selector); else its first focusable widget.
     FOCUS: str | None = None
+
+    def on_show(self) -> None:
+        # Load on sight, every time: Textual calls this after a subclass's own on_show (handlers
+        # run along the MRO), so a pane that takes the focus when shown does so before it loads.
+        self.refresh_data()
+
+    def shown(self) -> bool:
+        """Whether the pane is on the screen the operator sees now (its tab shown, no dialog over it)."""
+        return self.is_mounted and self.screen is self.app.screen and self.is_on_screen
 
     @property
     def console(self) -> ConsoleApp:
@@ -119,6 +134,14 @@ class ServicePane(Widget):
 
     def allowed(self, permission: str) -> bool:
         return self.session.grants.allows(permission)
+
+
+def reveal(pane: ServicePane) -> None:
+    """Show the tab holding ``pane`` (a palette command may come from another tab)."""
+    for ancestor in pane.ancestors:
+        if isinstance(ancestor, TabPane) and ancestor.id:
+            pane.console.action_show_tab(ancestor.id)
+            return
 
 
 class Gated(Button):

@@ -138,6 +138,7 @@ class ChatPane(ServicePane):
     """Pick a model, set the sampling, send a prompt; base and tuned side by side where there is a fine-tune."""
 
     NEEDS = "artifact.read"  # to list the models; sending needs model.use, shown disabled without it
+    FOCUS = "#chat-prompt"  # press 8 and type: the prompt takes it (ctrl+o and ctrl+g reach the rest)
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("ctrl+s", "send", "Send", id="chat.send"),
         Binding("ctrl+t", "toggle_compare", "Compare", id="chat.compare"),
@@ -151,28 +152,6 @@ class ChatPane(ServicePane):
         ("Chat: pick a model", "the packaged models of the registry (ctrl+o, Chat tab)", "action_pick_model"),
         ("Chat: clear the conversation", "empty the logs; nothing of a chat is kept anyway (ctrl+l, Chat tab)", "action_clear"),
     ]
-    DEFAULT_CSS = """
-    /* .card's look; the shared .card is height: auto, and a pane's DEFAULT_CSS cannot override the app's sheet. */
-    ChatPane .chat-card { border: round $primary 50%; padding: 0 1; }
-    ChatPane #chat-settings { height: auto; }
-    ChatPane #chat-fields { height: auto; }
-    ChatPane #chat-fields > Vertical { height: auto; width: 15; margin-right: 1; }
-    ChatPane #chat-fields > #chat-model-box { width: 1fr; }
-    ChatPane #chat-fields Label { color: $text-muted; }
-    ChatPane #chat-problems { color: $error; height: auto; }
-    ChatPane #chat-problems.-empty { display: none; }
-    ChatPane #chat-logs { height: 1fr; }
-    ChatPane #chat-logs RichLog { width: 1fr; height: 100%; border: round $primary 50%; padding: 0 1; }
-    ChatPane #chat-log-tuned { display: none; }
-    ChatPane #chat-logs.compare #chat-log-tuned { display: block; }
-    ChatPane #chat-compose { height: 3; }
-    ChatPane #chat-prompt { width: 1fr; }
-    ChatPane #chat-compose Button { margin-left: 1; }
-    ChatPane #chat-status-row { height: auto; max-height: 2; }
-    ChatPane #chat-busy { width: 6; height: 1; display: none; }
-    ChatPane #chat-busy.busy { display: block; }
-    ChatPane #chat-status { width: 1fr; color: $text-muted; }
-    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -182,7 +161,7 @@ class ChatPane(ServicePane):
         self.busy = False
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="chat-settings", classes="chat-card"):
+        with Vertical(id="chat-settings", classes="card"):
             with Horizontal(id="chat-fields"):
                 with Vertical(id="chat-model-box"):
                     yield Label("model (ctrl+o)")
@@ -207,7 +186,6 @@ class ChatPane(ServicePane):
         self.query_one("#chat-log", RichLog).border_title = "conversation"
         self.query_one("#chat-log-tuned", RichLog).border_title = "tuned"
         self._update_controls()
-        self.refresh_data()
 
     # -- models ------------------------------------------------------------------------------
 

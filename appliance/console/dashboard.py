@@ -15,7 +15,8 @@ from textual_plotext import PlotextPlot
 from appliance.console.base import Loaded, ServicePane, Streamed
 from appliance.console.session import human_bytes, short
 
-POLL_S = 2.0
+POLL_S = 5.0  # how often the dashboard looks again while a run is active and the tab is shown
+IDLE_POLL_S = 15.0  # and while no run is active
 ACTIVE = ("running", "queued")
 
 
@@ -49,6 +50,8 @@ class DashboardPane(ServicePane):
     _charted: str | None = None
     _since: tuple[float, int] | None = None
     _stage: str | None = None
+    _polled = 0.0
+    _tokens_per_s: float | None = None
 
     def on_mount(self) -> None:
         runs = self.query_one("#dash-runs", DataTable)
@@ -56,8 +59,16 @@ class DashboardPane(ServicePane):
         events = self.query_one("#dash-events", DataTable)
         events.add_columns("seq", "time", "kind", "actor", "run")
         self._health()
-        self.refresh_data()
-        self.set_interval(POLL_S, self.refresh_data)
+        # The first load comes with the first sight (ServicePane.on_show): the dashboard is the tab shown at start.
+        self.set_interval(POLL_S, self._poll)
+
+    def _poll(self) -> None:
+        # Only while the operator looks, and seldom while nothing runs: every call is recorded.
+        if not self.shown():
+            return
+        now = time.monotonic()
+        if self.following is not None or now - self._polled >= IDLE_POLL_S:
+            self.refresh_data()
 
     def _health(self) -> None:
         info, grants = self.session.info, self.session.grants
@@ -81,6 +92,7 @@ class DashboardPane(ServicePane):
         )
 
     def refresh_data(self) -> None:
+        self._polled = time.monotonic()
         calls: dict[str, tuple[str, dict[str, Any]]] = {"runs": ("run.list", {})}
         if self.allowed("ledger.query"):
             calls["events"] = (
@@ -106,6 +118,7 @@ class DashboardPane(ServicePane):
         for r in active:
             table.add_row(*(Text(str(v)) for v in (r["run_id"], r["recipe_name"], r["status"], r["actor"], r["started_ts"][:19])), key=r["run_id"])
         if not active:
+            self.following = None
             self.query_one("#dash-rate", Label).update("no run is active; start one in Runs (2)")
             self.query_one("#dash-progress", ProgressBar).update(total=100, progress=0)
             # The chart keeps the latest run's curves, so the last training is one glance away.
@@ -127,13 +140,18 @@ class DashboardPane(ServicePane):
         if stage != self._stage:
             self._stage, self._since = stage, (now, done)
         self.query_one("#dash-progress", ProgressBar).update(total=max(total, 1), progress=done)
-        fields = event.get("fields") or {}
-        shown = "  ".join(f"{k} {v}" for k, v in fields.items())
-        self.query_one("#dash-rate", Label).update(f"{self.following}: {stage} {done}/{total}  {shown}  {eta(done, total, self._since, now)}")
+        fields = dict(event.get("fields") or {})
+        if stage == "train" and self._tokens_per_s is not None:
+            fields["tokens/s"] = f"{self._tokens_per_s:,.0f}"
+        # Two lines, the ETA on the first: a narrow card must not cut it off.
+        head = f"{stage} {done}/{total}  {eta(done, total, self._since, now)}".rstrip()
+        self.query_one("#dash-rate", Label).update(f"{self.following}: {head}\n" + "  ".join(f"{k} {v}" for k, v in fields.items()))
 
     def _metrics(self, result: dict[str, Any]) -> None:
         self._charted = result["run_id"]
         series = result.get("series", {})
+        rate = series.get("tokens_per_s") or []
+        self._tokens_per_s = float(rate[-1][1]) if rate and result["run_id"] == self.following else None
         loss = series.get("loss") or []
         plot = self.query_one("#dash-chart", PlotextPlot).plt
         plot.clear_data()

@@ -14,17 +14,15 @@ from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import ModalScreen
-from textual.widgets import DataTable, Label, LoadingIndicator, Markdown, Select, Static
+from textual.widgets import DataTable, Label, Select, Static
 
-from appliance.console.base import Loaded, ServicePane
+from appliance.console.base import Loaded, ServicePane, reveal
+from appliance.console.data_dropped import DroppedScreen
+from appliance.console.data_markdown import CardMarkdownScreen
 from appliance.console.session import describe, human_bytes, short
 
-SAMPLES = 20  # documents shown per rule: enough to judge a rule, few enough to read
-SHOWN_CHARS = 1200  # of each document; the CLI's `appliance data dropped --full` prints them whole
-SHOWN_LINES = 16
 NEEDS = "data.read"
 
 
@@ -34,94 +32,6 @@ class CardFailed(Message):
     def __init__(self, run_id: str, error: BaseException) -> None:
         super().__init__()
         self.run_id, self.error = run_id, error
-
-
-class DroppedScreen(ModalScreen[None]):
-    """The documents one filter rule dropped in a run, loaded by this screen's own worker."""
-
-    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
-        Binding("escape,q", "dismiss", "Close", id="data.dropped.close"),
-    ]
-    DEFAULT_CSS = """
-    DroppedScreen { align: center middle; }
-    DroppedScreen #dropped-box { width: 90%; height: 90%; border: round $accent; background: $panel; padding: 0 1; }
-    DroppedScreen #dropped-samples { height: 1fr; }
-    DroppedScreen .dropped-doc { border: round $primary 40%; padding: 0 1; margin: 0 0 1 0; height: auto; }
-    DroppedScreen #dropped-loading { height: 3; }
-    DroppedScreen #dropped-keys { color: $text-muted; }
-    """
-
-    def __init__(self, run_id: str, filter_name: str, rule: str | None, total: int) -> None:
-        super().__init__()
-        self.run_id, self.filter_name, self.rule, self.total = run_id, filter_name, rule, total
-        self.samples: list[dict[str, Any]] | None = None  # None until loaded (tests wait on it)
-
-    @property
-    def what(self) -> str:
-        return f"{self.filter_name}.{self.rule}" if self.rule else self.filter_name
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dropped-box"):
-            yield Label(f"Documents dropped by {self.what} in {self.run_id} ({self.total:,} in all)", classes="title")
-            yield Label("escape: close   up/down, page up/down: scroll", id="dropped-keys")
-            yield LoadingIndicator(id="dropped-loading")
-            yield VerticalScroll(id="dropped-samples")
-
-    def on_mount(self) -> None:
-        self._load()
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="dropped")
-    def _load(self) -> None:
-        try:
-            result = self.app.session.call("data.dropped", run=self.run_id, filter=self.filter_name, rule=self.rule, limit=SAMPLES)  # type: ignore[attr-defined]
-        except Exception as exc:  # shown by the app's one handler, with its fix
-            self.app.call_from_thread(self.app.report, exc)  # type: ignore[attr-defined]
-            result = {"samples": [], "error": True}
-        self.post_message(Loaded("dropped", result))
-
-    def on_loaded(self, message: Loaded) -> None:
-        self.query_one("#dropped-loading").display = False
-        rows: list[dict[str, Any]] = message.result.get("samples", [])
-        box = self.query_one("#dropped-samples", VerticalScroll)
-        if not rows and not message.result.get("error"):
-            box.mount(Static("No samples were kept for this rule (the recipe's clean.dropped_samples is 0, or it dropped nothing)."))
-        for row in rows:
-            text = _excerpt(row["text"])
-            detail = f" ({row['detail']})" if row.get("detail") else ""
-            head = f"[b]doc {row['doc_id']}[/b]  {escape(str(row['source']))}  [i]{row['filter']}.{row['rule']}{escape(detail)}[/i]"
-            box.mount(Static(f"{head}\n{escape(text)}", classes="dropped-doc"))
-        if len(rows) < self.total:
-            box.mount(Label(f"{len(rows)} of {self.total:,} shown; all of them: appliance data dropped {self.run_id} --filter {self.filter_name} --limit N"))
-        self.samples = rows
-        box.focus()
-
-
-def _excerpt(text: str) -> str:
-    """The start of a document, blank runs folded: enough to see why a rule dropped it."""
-    lines = [line.rstrip() for line in text.splitlines()]
-    folded = [line for i, line in enumerate(lines) if line or (i and lines[i - 1])]
-    out = "\n".join(folded[:SHOWN_LINES])
-    return out[:SHOWN_CHARS] + (" …" if len(out) > SHOWN_CHARS or len(folded) > SHOWN_LINES else "")
-
-
-class CardMarkdownScreen(ModalScreen[None]):
-    """The card as the run wrote it for people (the same figures as the panes' tables)."""
-
-    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
-        Binding("escape,q", "dismiss", "Close", id="data.markdown.close"),
-    ]
-    DEFAULT_CSS = """
-    CardMarkdownScreen { align: center middle; }
-    CardMarkdownScreen #card-md-box { width: 90%; height: 90%; border: round $accent; background: $panel; }
-    """
-
-    def __init__(self, markdown: str) -> None:
-        super().__init__()
-        self.markdown = markdown
-
-    def compose(self) -> ComposeResult:
-        with VerticalScroll(id="card-md-box"):
-            yield Markdown(self.markdown)
 
 
 class DataPane(ServicePane):
@@ -139,19 +49,6 @@ class DataPane(ServicePane):
         ("Data: dropped documents", "the documents the selected filter rule dropped (enter or d on the Data tab)", "palette_dropped"),
         ("Data: dataset card as Markdown", "the whole card as the run wrote it (key m on the Data tab)", "palette_markdown"),
     ]
-    DEFAULT_CSS = """
-    DataPane #data-top { height: 3; }
-    DataPane #data-run { width: 58; }
-    DataPane #data-summary { width: 1fr; padding: 1 1 0 1; }
-    DataPane #data-body { height: 1fr; }
-    DataPane #data-left { width: 1fr; height: 100%; }
-    DataPane .box { border: round $primary 50%; padding: 0 1; }
-    DataPane #data-sources-box { height: 1fr; }
-    DataPane #data-sources { height: auto; max-height: 10; }
-    DataPane #data-drops-box { width: 1fr; height: 100%; }
-    DataPane #data-drops { height: 1fr; }
-    DataPane #data-denied { margin: 1 2; }
-    """
 
     FOCUS = "#data-drops"
 
@@ -171,14 +68,14 @@ class DataPane(ServicePane):
             yield Static("", id="data-summary")
         with Horizontal(id="data-body"):
             with Vertical(id="data-left"):
-                with Vertical(id="data-sources-box", classes="box"):
+                with Vertical(id="data-sources-box", classes="card"):
                     yield Label("Sources", classes="title")
                     yield DataTable(id="data-sources", zebra_stripes=True, cursor_type="none")
                     yield Static("", id="data-formats")
                 yield Static("", id="data-tokens", classes="card")
                 yield Static("", id="data-pii", classes="card")
                 yield Static("", id="data-dedup", classes="card")
-            with Vertical(id="data-drops-box", classes="box"):
+            with Vertical(id="data-drops-box", classes="card"):
                 yield Label("Dropped during curation   enter or d: the documents", classes="title")
                 yield DataTable(id="data-drops", zebra_stripes=True, cursor_type="row")
 
@@ -187,7 +84,6 @@ class DataPane(ServicePane):
             return
         self.query_one("#data-sources", DataTable).add_columns("source", "docs", "kept", "bytes", "kept bytes")
         self.query_one("#data-drops", DataTable).add_columns("filter", "rule", "dropped docs")
-        self.refresh_data()
 
     def on_show(self) -> None:
         # Shown by its tab's key: take the focus, so this pane's keys work at once.
@@ -353,13 +249,13 @@ class DataPane(ServicePane):
 
     # The palette runs commands from any tab: show this one first.
     def palette_pick_run(self) -> None:
-        self.console.action_show_tab("data")
+        reveal(self)
         self.action_pick_run()
 
     def palette_dropped(self) -> None:
-        self.console.action_show_tab("data")
+        reveal(self)
         self.action_dropped()
 
     def palette_markdown(self) -> None:
-        self.console.action_show_tab("data")
+        reveal(self)
         self.action_markdown()

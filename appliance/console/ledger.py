@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import events, on, work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.message import Message
-from textual.widgets import DataTable, Input, Label, OptionList, Static, TabbedContent, TabPane, Tabs, TextArea
+from textual.widgets import DataTable, Input, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
-from appliance.console.base import Gated, Loaded, ServicePane
+from appliance.console.base import Gated, Loaded, ServicePane, reveal
 from appliance.console.session import describe, short
 from registry import audit_queries as q
 
@@ -91,29 +91,6 @@ def cell(value: Any) -> Text:
     return Text(text if len(text) <= CELL_CHARS else text[: CELL_CHARS - 1] + "…")
 
 
-def reveal(pane: ServicePane) -> None:
-    """Show the tab holding ``pane`` (a palette command may come from another tab)."""
-    for ancestor in pane.ancestors:
-        if isinstance(ancestor, TabPane) and ancestor.id:
-            pane.console.action_show_tab(ancestor.id)
-            return
-
-
-def keep_focus_out_while_hidden(pane: ServicePane, event: events.DescendantFocus) -> None:
-    """Called on focus landing inside ``pane``: refuse it while another tab is shown.
-
-    When a tab key hides the pane that holds the focus, Textual hands the focus to a visible
-    sibling of the focused widget (still inside the hidden pane), and TabbedContent then
-    switches back to the tab holding the focus: the number keys would bounce back here.
-    """
-    tabbed = next((a for a in pane.ancestors if isinstance(a, TabbedContent)), None)
-    tab = next((a for a in pane.ancestors if isinstance(a, TabPane)), None)
-    if tabbed is None or tab is None or tabbed.active == tab.id:
-        return
-    event.stop()  # the TabPane must not hear of it
-    tabbed.query_one(Tabs).focus()
-
-
 class QueryDone(Message):
     """A query came back: its columns and rows, and how long the service took (seconds, measured here)."""
 
@@ -137,23 +114,7 @@ class Verified(Message):
 
 
 class LedgerPane(ServicePane):
-    DEFAULT_CSS = """
-    LedgerPane #ledger-side { width: 40; height: 1fr; }
-    LedgerPane #ledger-canned-box { height: auto; }
-    LedgerPane #ledger-arg { margin: 0 0 0 0; }
-    LedgerPane #ledger-canned { height: auto; max-height: 11; border: none; padding: 0; }
-    LedgerPane #ledger-chain-box { height: 1fr; }
-    LedgerPane #ledger-chain, LedgerPane #ledger-head { height: auto; }
-    LedgerPane #ledger-verify { width: 100%; margin-top: 1; }
-    LedgerPane #ledger-main { width: 1fr; height: 1fr; }
-    LedgerPane #ledger-editor-box { height: auto; }
-    LedgerPane #ledger-sql { height: 8; }
-    LedgerPane #ledger-limits { color: $text-muted; width: 1fr; }
-    LedgerPane #ledger-status { width: 1fr; }
-    LedgerPane #ledger-status.denied { color: $warning; }
-    LedgerPane #ledger-results-box { height: 1fr; }
-    LedgerPane #ledger-results { height: 1fr; }
-    """
+    """SQL on the ledger in the audit sandbox, the canned audit questions, the chain and its signed head."""
 
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("ctrl+r,ctrl+enter", "run_query", "Run SQL", id="ledger.run", key_display="^r"),
@@ -169,7 +130,6 @@ class LedgerPane(ServicePane):
         *[(f"Audit: {c.name}" + (f" {c.arg}" if c.arg else ""), c.help, f"canned_{c.name}") for c in CANNED],
     ]
 
-    _shown = False
     _model_digest: str | None = None  # the newest model, lineage's default
     head: dict[str, Any] | None = None  # the signed head last read
 
@@ -207,15 +167,6 @@ class LedgerPane(ServicePane):
             status = self.query_one("#ledger-status", Label)
             status.update(Content(f"SQL disabled: {reason}"))
             status.add_class("denied")
-
-    def on_show(self) -> None:
-        # The tab was opened: load on first sight (verifying a long chain is not free).
-        if not self._shown:
-            self._shown = True
-            self.refresh_data()
-
-    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
-        keep_focus_out_while_hidden(self, event)
 
     def refresh_data(self) -> None:
         if self.allowed("ledger.verify"):
@@ -438,6 +389,8 @@ class LedgerPane(ServicePane):
             f"\n[b]Signed head[/b]  seq {head.get('seq')}\n"
             f"hash   {short(head.get('hash'), 24)}…\n"
             f"signer {short(head.get('key_id'), 16)}…{node}\n"
-            f"sig    {short(head.get('signature'), 24)}…\n"
-            f"at     {str(head.get('ts', ''))[:19]}"
+            f"at     {str(head.get('ts', ''))[:19]}\n"
+            # The signature's bytes tell a reader nothing (verify says whether it holds); a copy
+            # kept off the appliance is what catches rows cut off the end later.
+            "[dim]keep a copy: `appliance ledger head --out FILE`[/dim]"
         )

@@ -3,271 +3,30 @@
 Everything goes through the service (``run.list``, ``run.show``, ``run.metrics``, ``run.log``,
 ``run.events``, ``run.start``, ``run.cancel``, ``run.resume``) except one thing: a recipe the
 operator wants to start is checked here first, as `appliance recipe check` does, so every
-problem of the file shows in the start dialog at once instead of one at a time from the service.
+problem of the file shows in the start dialog (`runs_start`) at once instead of one at a time
+from the service. How a run reads (times, colours, summary, charts) is in `runs_view`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
-from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Log, Static, Tab, Tabs
 from textual_plotext import PlotextPlot
 
-from appliance.console.base import Gated, Loaded, ServicePane, Streamed
-from keys.errors import ApplianceError
+from appliance.console.base import Gated, Loaded, ServicePane, Streamed, reveal
+from appliance.console.runs_cancel import ConfirmCancelScreen
+from appliance.console.runs_start import StartRequest, StartRunScreen
+from appliance.console.runs_view import ACTIVE, CHARTS, draw_chart, run_summary, stage_times, styled, took, when
 
-POLL_S = 2.0  # how often the list is re-read while a run is queued or running (and only then)
+POLL_S = 5.0  # how often the list is re-read while a run is queued or running and the tab is shown (and only then)
 LOG_LINES = 200
-ACTIVE = ("running", "queued")
 CANCELLABLE = ACTIVE
 RESUMABLE = ("failed", "stopped", "interrupted")
-STATUS_STYLE = {
-    "succeeded": "green",
-    "finished": "green",
-    "reused": "cyan",
-    "failed": "red",
-    "running": "yellow",
-    "queued": "yellow",
-    "stopped": "magenta",
-    "interrupted": "magenta",
-}
-# (tab id, title, series drawn): loss and val_loss share a chart, they are read together.
-CHARTS = (
-    ("loss", "loss", ("loss", "val_loss")),
-    ("lr", "lr", ("lr",)),
-    ("grad_norm", "grad norm", ("grad_norm",)),
-    ("tokens_per_s", "tokens/s", ("tokens_per_s",)),
-)
-# A run id as the service makes them (`new_run_id`): the only text put into the timings query.
-
-
-# -- the recipe check, without the UI (the start dialog runs it in a worker) --------------------
-
-
-@dataclass
-class RecipeCheck:
-    """What checking a recipe file found: its absolute path, the corpus folder, every problem."""
-
-    recipe: str
-    source: str | None
-    problems: list[str] = field(default_factory=list)
-    summary: str = ""
-
-
-def check_recipe(recipe: str, source: str | None = None) -> RecipeCheck:
-    """Check ``recipe`` as `appliance recipe check` does (every table, across tables, against this
-    machine) and that its corpus folder exists; every problem is collected, none raised."""
-    from appliance.recipe import load_recipe
-    from appliance.recipe_checks import Machine, recipe_summary, summary_text
-    from pipeline.errors import ConfigError
-
-    # The service reads the file by its path, from its own working folder: send it absolute.
-    path = Path(recipe).expanduser().resolve()
-    folder = str(Path(source).expanduser().resolve()) if source else None
-    out = RecipeCheck(recipe=str(path), source=folder)
-    machine = Machine.here()
-    try:
-        loaded = load_recipe(path, machine=machine, read_base=True)
-    except ConfigError as exc:
-        out.problems = [p.line() for p in exc.problems] or [f"{exc.message}; {exc.hint}" if exc.hint else exc.message]
-        return out
-    if loaded.recipe.finetune is None:
-        try:
-            out.source = str(loaded.source_dir(Path(folder) if folder else None))
-        except ConfigError as exc:
-            out.problems.append(f"{exc.message}; {exc.hint}".replace("--source", "the source folder"))
-    try:
-        out.summary = summary_text(recipe_summary(loaded.recipe, machine, loaded.path.parent))
-    except ApplianceError as exc:
-        out.problems.append(f"{exc.message}; {exc.hint}")
-    return out
-
-
-def when(ts: str | None) -> str:
-    """A ledger time as the table shows it: date and time to the second, UTC."""
-    return (ts or "")[:19].replace("T", " ")
-
-
-def seconds_between(a: str | None, b: str | None) -> float | None:
-    if not a or not b:
-        return None
-    return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()
-
-
-def took(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, rest = divmod(int(seconds), 60)
-    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
-
-
-def stage_times(started_ts: str | None, rows: list[list[Any]]) -> dict[str, tuple[str, float | None]]:
-    """(end time, seconds) per stage from the ``stages`` view's rows (stage, status, seq, ts), in
-    ledger order. The ledger records when a stage ended, not when it began: a stage is taken to
-    begin when the one before it ended (the run's start for the first), which counts a resumed
-    run's wait in its first stage after the resume."""
-    out: dict[str, tuple[str, float | None]] = {}
-    previous = started_ts
-    for stage, _status, _seq, ts in rows:
-        out[str(stage)] = (str(ts), seconds_between(previous, str(ts)))
-        previous = str(ts)
-    return out
-
-
-def styled(status: str) -> Text:
-    return Text(status, style=STATUS_STYLE.get(status.split(" ", 1)[0], ""))
-
-
-# -- dialogs ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StartRequest:
-    recipe: str
-    source: str | None
-
-
-class StartRunScreen(ModalScreen["StartRequest | None"]):
-    """Start a run: the recipe file and an optional corpus folder, checked before anything starts."""
-
-    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
-        Binding("escape", "dismiss_none", "Close", id="runs.start.close"),
-    ]
-    DEFAULT_CSS = """
-    StartRunScreen { align: center middle; }
-    StartRunScreen #start-box { width: 96; height: auto; max-height: 90%; border: round $accent; background: $panel; padding: 0 1; }
-    StartRunScreen Input { margin: 0 0 1 0; }
-    StartRunScreen #start-problems { height: auto; max-height: 16; overflow-y: auto; }
-    StartRunScreen #start-problems.bad { color: $error; }
-    StartRunScreen #start-buttons { height: 3; align-horizontal: right; }
-    StartRunScreen #start-buttons Button { margin-left: 1; }
-    """
-
-    class Checked(Message):
-        def __init__(self, check: RecipeCheck, start: bool) -> None:
-            super().__init__()
-            self.check, self.start = check, start
-
-    def __init__(self, recipe: str = "", source: str = "") -> None:
-        super().__init__()
-        self._recipe, self._source = recipe, source
-        self.last: RecipeCheck | None = None  # the last check shown (tests read it)
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="start-box"):
-            yield Label("Start a run", classes="title")
-            yield Label("Recipe file (a path on the appliance: the service reads it)")
-            yield Input(self._recipe, placeholder="/path/to/recipe.toml", id="start-recipe")
-            yield Label("Corpus folder (optional: else the recipe's \\[recipe] source, relative to the recipe)")
-            yield Input(self._source, placeholder="/path/to/corpus", id="start-source")
-            yield Static("Check shows every problem of the recipe at once; Start checks first and starts only a clean recipe.", id="start-problems")
-            with Horizontal(id="start-buttons"):
-                yield Button("Check", id="start-check")
-                yield Button("Start", id="start-go", variant="primary")
-                yield Button("Close", id="start-close")
-
-    def on_mount(self) -> None:
-        self.query_one("#start-recipe", Input).focus()
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self._check(start=True)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        event.stop()
-        if event.button.id == "start-close":
-            self.dismiss(None)
-        else:
-            self._check(start=event.button.id == "start-go")
-
-    def action_dismiss_none(self) -> None:
-        self.dismiss(None)
-
-    def _check(self, *, start: bool) -> None:
-        recipe = self.query_one("#start-recipe", Input).value.strip()
-        if not recipe:
-            self._show(["no recipe file given; type the path of a recipe TOML file"], bad=True)
-            return
-        self._show(["checking the recipe…"], bad=False)
-        self._run_check(recipe, self.query_one("#start-source", Input).value.strip() or None, start)
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="recipe-check")
-    def _run_check(self, recipe: str, source: str | None, start: bool) -> None:
-        # Reading the file and asking nvidia-smi about this machine's GPUs may take a moment.
-        try:
-            check = check_recipe(recipe, source)
-        except Exception as exc:  # every error is shown by the one handler, with its fix
-            self.app.call_from_thread(self.app.report, exc)  # type: ignore[attr-defined]
-            return
-        self.post_message(self.Checked(check, start))
-
-    def on_start_run_screen_checked(self, message: StartRunScreen.Checked) -> None:
-        check = self.last = message.check
-        if check.problems:
-            count = f"{len(check.problems)} problem{'s' if len(check.problems) > 1 else ''}"
-            self._show([f"{check.recipe}: {count}, nothing started:", *[f"  • {p}" for p in check.problems]], bad=True)
-            return
-        if message.start:
-            self.dismiss(StartRequest(recipe=check.recipe, source=check.source))
-            return
-        self._show([f"{check.recipe}: ok", check.summary, f"corpus {check.source}" if check.source else ""], bad=False)
-
-    def _show(self, lines: list[str], *, bad: bool) -> None:
-        box = self.query_one("#start-problems", Static)
-        box.set_class(bad, "bad")
-        box.update(Text("\n".join(line for line in lines if line)))
-
-
-class ConfirmCancelScreen(ModalScreen[bool]):
-    """Are you sure: a cancelled run stops (training checkpoints first) and can be resumed."""
-
-    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
-        Binding("y", "answer(True)", "Cancel the run", id="runs.cancel.yes"),
-        Binding("n,escape", "answer(False)", "Keep it", id="runs.cancel.no"),
-    ]
-    DEFAULT_CSS = """
-    ConfirmCancelScreen { align: center middle; }
-    ConfirmCancelScreen #cancel-box { width: 72; height: auto; border: round $error; background: $panel; padding: 0 1; }
-    ConfirmCancelScreen #cancel-buttons { height: 3; align-horizontal: right; }
-    ConfirmCancelScreen #cancel-buttons Button { margin-left: 1; }
-    """
-
-    def __init__(self, run_id: str) -> None:
-        super().__init__()
-        self.run_id = run_id
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="cancel-box"):
-            yield Label(f"Cancel run {self.run_id}?", classes="title")
-            yield Static("Its current stage stops (a training job saves a checkpoint first); `resume` continues it later.")
-            with Horizontal(id="cancel-buttons"):
-                yield Button("Cancel the run (y)", id="cancel-yes", variant="error")
-                yield Button("Keep it running (n)", id="cancel-no")
-
-    def on_mount(self) -> None:
-        self.query_one("#cancel-no", Button).focus()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        event.stop()
-        self.dismiss(event.button.id == "cancel-yes")
-
-    def action_answer(self, yes: bool) -> None:
-        self.dismiss(yes)
-
-
-# -- the pane -----------------------------------------------------------------------------------
 
 
 class RunsPane(ServicePane):
@@ -290,28 +49,6 @@ class RunsPane(ServicePane):
         ("Runs: resume the selected run", "continue a failed, stopped or interrupted run (needs run.resume)", "action_resume"),
         ("Runs: filter", "filter the runs by id, recipe or status", "action_filter"),
     ]
-    # The app's `.card { height: auto }` outranks any DEFAULT_CSS rule, so boxes sized here are
-    # `runs-card`s: the same look as `.card`, with heights of their own.
-    DEFAULT_CSS = """
-    RunsPane .runs-card { border: round $primary 50%; padding: 0 1; }
-    RunsPane #runs-top { dock: top; height: auto; }
-    RunsPane #runs-bar { height: 3; }
-    RunsPane #runs-filter { width: 1fr; }
-    RunsPane #runs-bar Button { width: 14; min-width: 14; margin-left: 1; }
-    RunsPane #runs-why { height: auto; max-height: 3; color: $text-muted; padding: 0 1; }
-    RunsPane #runs-list-box { height: 10; }
-    RunsPane #runs-table { height: 1fr; }
-    RunsPane #runs-detail { height: 1fr; }
-    RunsPane #runs-left { width: 56; height: 100%; }
-    RunsPane #runs-stages-box { height: 1fr; }
-    RunsPane #runs-stages { height: 1fr; }
-    RunsPane #runs-right { width: 1fr; height: 100%; }
-    RunsPane #runs-chart-box { height: 1fr; }
-    RunsPane #runs-chart-tabs { height: 2; }
-    RunsPane #runs-chart { height: 1fr; }
-    RunsPane #runs-log-box { height: 8; }
-    RunsPane #runs-log { height: 1fr; overflow: auto auto; background: $surface; }
-    """
 
     selected: str | None = None
     log_stage: str | None = None
@@ -336,7 +73,7 @@ class RunsPane(ServicePane):
         # The run list comes first in the DOM, the bar above it is docked: a tab switch focuses
         # the first focusable widget, which must be the list (its keys are the pane's), not the
         # filter (which would take the number keys as text).
-        with Vertical(id="runs-list-box", classes="runs-card"):
+        with Vertical(id="runs-list-box", classes="card"):
             yield Label("Runs", classes="title", id="runs-count")
             yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
         with Vertical(id="runs-top"):
@@ -349,21 +86,20 @@ class RunsPane(ServicePane):
         with Horizontal(id="runs-detail"):
             with Vertical(id="runs-left"):
                 yield Static("select a run", id="runs-summary", classes="card")
-                with Vertical(id="runs-stages-box", classes="runs-card"):
+                with Vertical(id="runs-stages-box", classes="card"):
                     yield Label("Stages", classes="title")
                     yield DataTable(id="runs-stages", cursor_type="row", zebra_stripes=True)
             with Vertical(id="runs-right"):
-                with Vertical(id="runs-chart-box", classes="runs-card"):
+                with Vertical(id="runs-chart-box", classes="card"):
                     yield Tabs(*[Tab(title, id=f"chart-{key}") for key, title, _ in CHARTS], id="runs-chart-tabs")
                     yield PlotextPlot(id="runs-chart")
-                with Vertical(id="runs-log-box", classes="runs-card"):
+                with Vertical(id="runs-log-box", classes="card"):
                     yield Label("Log", classes="title", id="runs-log-title")
                     yield Log(id="runs-log", max_lines=LOG_LINES * 2)
 
     def on_mount(self) -> None:
         self.query_one("#runs-table", DataTable).add_columns("run", "recipe", "status", "started by", "started", "finished")
         self._update_actions()
-        self.refresh_data()
         self.set_interval(POLL_S, self._poll)
 
     def on_show(self) -> None:
@@ -390,8 +126,9 @@ class RunsPane(ServicePane):
             self._load_detail(self.selected)
 
     def _poll(self) -> None:
-        # Polled only while something may change: a run queued or running.
-        if any(r["status"] in ACTIVE for r in self.rows):
+        # Polled only while something may change (a run queued or running) and someone looks:
+        # every call is a decision recorded in the ledger. The run's own events stream meanwhile.
+        if self.shown() and any(r["status"] in ACTIVE for r in self.rows):
             self.refresh_data()
 
     def _load_detail(self, run_id: str) -> None:
@@ -413,8 +150,7 @@ class RunsPane(ServicePane):
             self._acted(message.key, result)
             return
         # Answers for a run no longer selected (the operator moved on) are dropped.
-        rows = result.get("rows") if message.key == "times" else None
-        run_id = rows[0][0] if rows else result.get("run_id")
+        run_id = result.get("run_id")
         if run_id is not None and run_id != self.selected:
             return
         if message.key == "show":
@@ -422,9 +158,6 @@ class RunsPane(ServicePane):
         elif message.key == "metrics":
             self.metrics = result
             self._draw_chart()
-        elif message.key == "times":
-            self.times = stage_times(self.detail.get("started_ts"), [r[1:] for r in result.get("rows", [])])
-            self._stages()
         elif message.key == "log" and result.get("stage") == self.log_stage:
             self._log(result)
 
@@ -508,7 +241,7 @@ class RunsPane(ServicePane):
         stages = detail.get("stages", {})
         # run.show gives when each stage last changed state, in the ledger's order.
         ended = sorted(detail.get("stage_ts", {}).items(), key=lambda kv: kv[1])
-        self.times = stage_times(detail.get("started_ts"), [[stage, None, None, ts] for stage, ts in ended])
+        self.times = stage_times(detail.get("started_ts"), [[stage, None, None, ts] for stage, ts in ended], detail.get("stage_began"))
         if self.log_stage is None and stages:
             # The training log is the one people read; else the last stage that ran.
             self.log_stage = "train" if "train" in stages else list(stages)[-1]
@@ -521,21 +254,7 @@ class RunsPane(ServicePane):
         self._update_actions()
 
     def _summary(self) -> None:
-        d = self.detail
-        status = d.get("status", "")
-        start, end = when(d.get("started_ts")), when(d.get("finished_ts"))
-        total = seconds_between(d.get("started_ts"), d.get("finished_ts"))
-        # The end's date only when it differs from the start's.
-        end_shown = end[11:] if end[:10] == start[:10] else end
-        text = Text.assemble((str(d.get("run_id")), "bold"), "  recipe ", (str(d.get("recipe_name")), "bold"), "\nstatus ", styled(status))
-        text.append(f"   started by {d.get('actor')}\n{start} → {end_shown or 'still going'}")
-        if total is not None:
-            text.append(f"   took {took(total)}")
-        if self.live and status in ACTIVE:
-            text.append(f"\nnow: {self.live[0]} {self.live[1]}", style="yellow")
-        if d.get("error"):
-            text.append(f"\n{d['error']}", style="red")
-        self.query_one("#runs-summary", Static).update(text)
+        self.query_one("#runs-summary", Static).update(run_summary(self.detail, self.live))
 
     def _stages(self) -> None:
         table = self.query_one("#runs-stages", DataTable)
@@ -563,23 +282,8 @@ class RunsPane(ServicePane):
             log.write_line(result.get("note") or f"the {result.get('stage')} job's log is empty: it wrote nothing")
 
     def _draw_chart(self) -> None:
-        widget = self.query_one("#runs-chart", PlotextPlot)
-        plot = widget.plt
-        plot.clear_data()
-        plot.clear_figure()
-        key, title, names = next(c for c in CHARTS if c[0] == self._chart)
-        series = self.metrics.get("series", {})
-        self.plotted = {}
-        for name in names:
-            points = series.get(name) or []
-            if points:
-                plot.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="braille")
-                self.plotted[name] = len(points)
         run_id = self.metrics.get("run_id") or self.selected or ""
-        # Short: plotext drops a title wider than the plot.
-        plot.title(f"{title} · {run_id}" if self.plotted else f"{title}: no points recorded (yet)")
-        plot.xlabel("step")
-        widget.refresh()
+        self.plotted = draw_chart(self.query_one("#runs-chart", PlotextPlot), self._chart, self.metrics, run_id)
 
     def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
         if event.tabs.id == "runs-chart-tabs" and event.tab.id:
@@ -659,7 +363,7 @@ class RunsPane(ServicePane):
 
     def _start(self, request: StartRequest | None) -> None:
         if request is not None:
-            self.load("started", "run.start", recipe=request.recipe, source=request.source)
+            self.load("started", "run.start", recipe=request.recipe, source=request.source, **({"context": request.context} if request.context else {}))
 
     def action_cancel(self) -> None:
         if self._refuse("cancel") or self.selected is None:
@@ -706,7 +410,7 @@ class RunsPane(ServicePane):
             return
         # From the palette, elsewhere: show the tab, then focus the field once the tab switch
         # has focused the list (it runs after the refresh too, and first).
-        self.console.action_show_tab("runs")
+        reveal(self)
         self.call_after_refresh(field.focus)
 
     def action_focus_list(self) -> None:

@@ -209,6 +209,14 @@ def _run_training_job(module: str, body: dict[str, Any], recipe: Any, work: Path
     follower.flush()
     finished = outcome.last("finished")
     stopped = outcome.last("stopped")
+    if stopped is None and outcome.returncode != 0 and outcome.cancelled:
+        # Cancelled before the job could stop on its own (still starting: its signal handler not
+        # yet in place): a stop on request all the same, from the last recorded checkpoint.
+        raise TrainingStopped(
+            f"{'training' if stage == 'train' else 'fine-tuning'} of run {ctx.run_id} was cancelled by {ctx.cancelled_by()} while its job started; "
+            "its last recorded checkpoint stays",
+            f"continue with `appliance resume {ctx.run_id}`",
+        )
     if stopped is None and outcome.returncode != 0:
         raise TrainingError(
             failure_message(work, job.log_file, outcome.returncode),
