@@ -19,6 +19,13 @@ sys.path.insert(0, str(DOCS.parent))
 SCREENS = {"dashboard": "1", "runs": "2", "data": "3", "registry": "4", "ledger": "5", "keys": "6", "purge": "7", "chat": "8"}
 
 
+def preserve_spaces(svg: str) -> str:
+    """The SVG with its spaces kept by rsvg-convert: Textual writes them as no-break spaces, which
+    rsvg's monospace font draws with no width ("w  who" became "wwho"); plain spaces under
+    xml:space="preserve" keep every column where the terminal has it."""
+    return svg.replace("&#160;", " ").replace("<text ", '<text xml:space="preserve" ')
+
+
 def main() -> None:
     from appliance.console.app import ConsoleApp
     from appliance.console.session import Session
@@ -44,7 +51,9 @@ def main() -> None:
                         app.save_screenshot(f"console-{name}.svg", path=str(tmp))
 
                 asyncio.run(shoot())
-                subprocess.run(["rsvg-convert", str(tmp / f"console-{name}.svg"), "-o", str(DOCS / f"console-{name}.png")], check=True)
+                svg = tmp / f"console-{name}.svg"
+                svg.write_text(preserve_spaces(svg.read_text(encoding="utf-8")), encoding="utf-8")
+                subprocess.run(["rsvg-convert", str(svg), "-o", str(DOCS / f"console-{name}.png")], check=True)
                 print(DOCS / f"console-{name}.png")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

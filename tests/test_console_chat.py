@@ -157,3 +157,77 @@ def test_settings_use_the_job_checks_and_the_service_bound() -> None:
     sample, problems = parse_sample({"temperature": "x", "top_p": "0", "top_k": "-1", "max_new_tokens": "5000", "seed": "1.5"})
     assert sample is None and set(problems) == {"temperature", "top_p", "top_k", "max_new_tokens", "seed"}
     assert "top-p: must be in (0, 1]" in problems["top_p"] and "service's bound" in problems["max_new_tokens"]
+
+
+def _adapt_the_packaged_model(svc: Any, folder: Path) -> dict[str, Any]:
+    """A real LoRA fine-tune of the home's own packaged model (as `appliance finetune` runs it)."""
+    import json
+
+    from appliance.server.client import LocalClient
+    from tests.conftest import run_to_end
+
+    (base,) = [m for m in LocalClient(svc).call("registry.list") if m["kind"] == "model"]
+    folder.mkdir()
+    lines = ["The class keeps its state in attributes.", "A module is a file of Python definitions.", "The function returns a list of names."]
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines * 3))
+    recipe = folder / "adapt.toml"
+    recipe.write_text(
+        f"""[recipe]
+name = "tiny-adapted"
+
+[finetune]
+base = "model:{base["digest"][:16]}"
+target_modules = ["q_proj", "v_proj"]
+val_fraction = 0.2
+
+[[finetune.datasets]]
+path = "train.jsonl"
+format = "completion"
+
+[train]
+steps = 2
+batch_size = 2
+seq_len = 64
+warmup_steps = 1
+checkpoint_every = 2
+"""
+    )
+    final = run_to_end(svc, recipe)
+    assert final["status"] == "succeeded", final
+    return base
+
+
+def test_compare_sends_one_prompt_to_a_real_fine_tune_and_its_base(tmp_path: Path, console_home: Path) -> None:
+    from appliance.service import Service
+    from tests.conftest import PASSPHRASE
+
+    with Service.open(console_home, PASSPHRASE.encode()) as svc:
+        base = _adapt_the_packaged_model(svc, tmp_path / "ft")
+        with open_console(console_home, svc=svc) as session:
+            (tuned,) = [m for m in session.call("registry.list") if m["kind"] == "model" and m["digest"] != base["digest"]]
+
+            async def steps(app: Any, pilot: Any) -> None:
+                pane = await open_chat(app, pilot)
+                # The newest model is picked, and it is the fine-tune: found through its run's base files.
+                assert app.query_one("#chat-model", Select).value == tuned["digest"]
+                assert pane.bases == {tuned["digest"]: base["digest"]}
+                assert not app.query_one("#chat-compare", Button).disabled
+                await pilot.press("ctrl+t")
+                await pilot.pause()
+                assert pane.compare and app.query_one("#chat-log-tuned", RichLog).display
+                assert str(app.query_one("#chat-log", RichLog).border_title) == f"base {base['name']}:{base['version']}"
+                assert str(app.query_one("#chat-log-tuned", RichLog).border_title) == f"tuned {tuned['name']}:{tuned['version']}"
+                app.query_one("#chat-temperature", Input).value = "0"
+                app.query_one("#chat-max-new-tokens", Input).value = "6"
+                await type_prompt(app, pilot, "The class")
+                await pilot.press("enter")
+                await settle(pilot, app, timeout=2 * GENERATE_S)
+                left, right = log_text(app), log_text(app, "#chat-log-tuned")
+                # Each column: the prompt once, and its own model's answer with how it was verified.
+                for text, model in ((left, base), (right, tuned)):
+                    assert text.count("you › The class") == 1, app.errors
+                    assert f"{model['name']}:{model['version']} › The class" in text and "6 new tokens" in text, app.errors
+                assert f"{tuned['name']}:" not in left and f"{base['name']}:{base['version']} ›" not in right
+                assert not pane.busy and app.errors == []
+
+            run_console(session, steps)

@@ -26,6 +26,14 @@ def table_ids(app: Any) -> list[str]:
     return [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
 
 
+async def open_start_dialog(app: Any, pilot: Any) -> tuple[Any, Any]:
+    """(the Runs pane, the start dialog), opened with its key as an operator would."""
+    pane = await open_runs(app, pilot)
+    await pilot.press("s")
+    await until(pilot, lambda: type(app.screen).__name__ == "StartRunScreen", "the start dialog")
+    return pane, app.screen
+
+
 def test_the_list_shows_the_finished_run_and_its_detail(console_home: Path) -> None:
     with open_console(console_home) as session:
         (run,) = session.call("run.list")
@@ -97,11 +105,7 @@ def test_a_broken_recipe_shows_every_problem_and_starts_nothing(console_home: Pa
         before = session.call("run.list")
 
         async def steps(app: Any, pilot: Any) -> None:
-            await open_runs(app, pilot)
-            await pilot.press("s")
-            await pilot.pause(0.2)
-            screen = app.screen
-            assert type(screen).__name__ == "StartRunScreen"
+            _, screen = await open_start_dialog(app, pilot)
             screen.query_one("#start-recipe", Input).value = str(recipe)
             await pilot.click("#start-go")
             await until(pilot, lambda: screen.last is not None, "the recipe check")
@@ -142,10 +146,8 @@ def test_a_valid_recipe_starts_a_run_that_can_be_cancelled_and_resumed(console_h
         before = {r["run_id"] for r in session.call("run.list")}
 
         async def steps(app: Any, pilot: Any) -> None:
-            pane = await open_runs(app, pilot)
-            await pilot.press("s")
-            await pilot.pause(0.2)
-            app.screen.query_one("#start-recipe", Input).value = tiny_recipe.name
+            pane, screen = await open_start_dialog(app, pilot)
+            screen.query_one("#start-recipe", Input).value = tiny_recipe.name
             await pilot.press("enter")
             await until(pilot, lambda: pane.selected not in before and pane.selected is not None, "the new run selected")
             new = pane.selected
@@ -240,10 +242,7 @@ def test_the_demo_recipe_is_one_button_away(console_home: Path, tmp_path: Path, 
         before = {r["run_id"] for r in session.call("run.list")}
 
         async def steps(app: Any, pilot: Any) -> None:
-            pane = await open_runs(app, pilot)
-            await pilot.press("s")
-            await pilot.pause(0.2)
-            screen = app.screen
+            pane, screen = await open_start_dialog(app, pilot)
             await pilot.click("#start-demo")
             await until(pilot, lambda: screen.demo is not None, "the demo corpus", timeout=180)
             assert screen.query_one("#start-recipe", Input).value == str(packaged_recipe("demo"))

@@ -79,6 +79,13 @@ def test_a_lora_run_records_base_examples_and_a_signed_adapter(tmp_path: Path, b
         assert final["status"] == "succeeded", final
         run_id = final["run_id"]
         arts = _artifacts(svc, run_id)
+        # Its base lives outside the store, so the service will not sample from the adapter: it says why and what to do.
+        from appliance.server.client import LocalClient
+        from pipeline.errors import ConfigError
+
+        with pytest.raises(ConfigError, match=r"LoRA adapter whose base \(tiny-llama\) is not a model in this appliance's store") as refused:
+            LocalClient(svc).call("model.generate", model=final["summary"]["model_digest"], prompts=["The"], sample={"max_new_tokens": 2})
+        assert "finetune.merge = true" in refused.value.diagnostics()
     stats = final["summary"]["stats"]
     assert stats["base"]["unsigned_allowed"] is True and stats["base"]["verification"] == "unsigned-allowed"
     assert stats["examples"]["train_examples"] > 0 and stats["examples"]["val_examples"] > 0

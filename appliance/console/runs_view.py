@@ -95,7 +95,7 @@ def draw_chart(widget: PlotextPlot, chart: str, metrics: dict[str, Any], run_id:
     for name in names:
         points = series.get(name) or []
         if points:
-            plot.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="braille")
+            plot.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="hd")
             plotted[name] = len(points)
     # Short: plotext drops a title wider than the plot.
     plot.title(f"{title} · {run_id}" if plotted else f"{title}: no points recorded (yet)")

@@ -13,6 +13,7 @@ Also ``op = "generate"``: sample from a model directory the service has verified
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -184,7 +185,20 @@ def _generate(spec: dict[str, Any], emit: EventWriter) -> None:
 
     cfg = SampleConfig(**spec["sample"])
     tokenizer = Path(spec["tokenizer"]) if spec.get("tokenizer") else None
-    bundle = load_for_generation(Path(spec["model_dir"]), tokenizer=tokenizer, device=resolve_device(spec.get("device", "auto")))
+    model_dir = Path(spec["model_dir"])
+    scratch = Path(spec["scratch"]) if spec.get("base_dir") else None
+    try:
+        if scratch is not None:
+            # A LoRA adapter: folded into its base (both verified by the service) as packaging with
+            # finetune.merge = true would, into scratch that is removed once the weights are loaded.
+            from pipeline.finetune.lora import merge_and_export
+
+            merge_and_export(Path(spec["base_dir"]), model_dir, scratch)
+            model_dir = scratch
+        bundle = load_for_generation(model_dir, tokenizer=tokenizer, device=resolve_device(spec.get("device", "auto")))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     start = time.perf_counter()
     results = generate_text(bundle, list(spec["prompts"]), cfg)
     emit(

@@ -383,9 +383,16 @@ class Service:
         # Only a use of an approval is serialised (check it is unused, record its use); every
         # other decision goes straight to the ledger's group commit.
         redeeming = allowed and decision.needs_approval and not requesting and approval is not None
+        cannot: ApplianceError | None = None
+        if redeeming and ready is not None:
+            # Outside the lock: ready may hash a model of many GB, and every other use of an
+            # approval would wait for it. Whether this approval is still unused is checked under it.
+            try:
+                ready()
+            except ApplianceError as exc:
+                cannot = exc
         with approvals.LOCK if redeeming else contextlib.nullcontext():
             used = None
-            cannot: ApplianceError | None = None
             if allowed and requesting:
                 rule = f"{decision.rule}; asks for a second person's approval"
             elif allowed and decision.needs_approval:
@@ -404,13 +411,10 @@ class Service:
                         rule = f"two-person rule on {decision.permission}: request {approval} not usable"
                     else:
                         rule = f"{decision.rule}; two-person rule on {decision.permission}: request {approval} approved by {used['decided_by']}"
-                        try:
-                            if ready is not None:
-                                ready()
-                        except ApplianceError as exc:
+                        if cannot is not None:
                             # Allowed, but the action cannot run: the approval is kept for when it can.
-                            cannot, used = exc, None
-                            rule += f", kept unused: {exc.message}"
+                            used = None
+                            rule += f", kept unused: {cannot.message}"
             events: list[tuple[str, str, dict[str, Any]]] = [
                 (
                     "authz.decision",

@@ -10,6 +10,7 @@ the generation job load a byte of it — in a child process, so the service neve
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tarfile
 import threading
@@ -31,6 +32,8 @@ JOB_MODULE = "appliance.jobs.stage_job"
 MAX_PROMPTS = 64
 MAX_NEW_TOKENS = 4096
 EXPORT_CHUNK = 1 << 20
+ADAPTER_CONFIG = "adapter_config.json"
+_STORED_BASE = re.compile(r"base:([0-9a-f]{64})/")
 
 
 def model_list(svc: Any, caller: Caller) -> list[dict[str, Any]]:
@@ -102,6 +105,8 @@ def generate(
 ) -> dict[str, Any]:
     """Continue prompts with a stored model (digest), a signed model directory, or a recorded checkpoint.
 
+    A stored LoRA adapter whose base is a stored model (fine-tuned with ``base = "model:…"``)
+    is sampled as base + adapter: both are verified, and the job folds one into the other.
     The prompts are not recorded (the ledger cannot be purged, prompts may be private); the
     decision to generate, and from which model, is.
     """
@@ -111,11 +116,25 @@ def generate(
     if not 1 <= int(sample.get("max_new_tokens", 1)) <= MAX_NEW_TOKENS:
         raise ConfigError(f"--max-new-tokens must be 1 to {MAX_NEW_TOKENS}, got {sample.get('max_new_tokens')}", f"pass a value up to {MAX_NEW_TOKENS}")
     model_dir, digest, what = _verified_model_dir(svc, caller, model)
+    base_dir = None
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        base_dir = _verified_adapter_base(svc, model_dir, digest)
+        what += f"; its base, stored model {base_dir.name[:16]}…, the same"
     tok = None
     if tokenizer:
         tok = caller.require_readable(Path(tokenizer), what="tokenizer")
-    spec = {"op": "generate", "model_dir": str(model_dir), "tokenizer": str(tok) if tok else None, "prompts": prompts, "sample": sample, "device": device}
     work = svc.home.work_dir / "generate" / f"{caller.uid}-{os.getpid()}-{threading.get_ident()}"
+    spec = {
+        "op": "generate",
+        "model_dir": str(model_dir),
+        # A LoRA adapter is folded into its verified base in the job's scratch folder, then sampled.
+        "base_dir": str(base_dir) if base_dir else None,
+        "scratch": str(work / "merged"),
+        "tokenizer": str(tok) if tok else None,
+        "prompts": prompts,
+        "sample": sample,
+        "device": device,
+    }
     job = Job(JOB_MODULE, spec, work)
     try:
         outcome = job.run(lambda event: None)
@@ -157,6 +176,34 @@ def _verified_model_dir(svc: Any, caller: Caller, model: str) -> tuple[Path, str
     path = svc.store.path_of(digest)
     verify_model_dir(path, svc.home.public_key_file)
     return path, digest, "stored model: digest, signature file, ledger record and model.sig"
+
+
+def _verified_adapter_base(svc: Any, adapter_dir: Path, digest: str | None) -> Path:
+    """The stored, verified base a packaged LoRA adapter was trained on, found through the ledger:
+    its run's base stage recorded the base's files as ``base:<store dir>/<file>``."""
+    if digest is None:
+        raise ConfigError(
+            f"{adapter_dir} is a LoRA adapter: sampling needs its base, which only its ledger record names",
+            "generate from the adapter's digest (`appliance model list`), or fine-tune with finetune.merge = true for a whole model",
+        )
+    rows = svc.ledger.select(
+        "SELECT DISTINCT b.name FROM artifacts m JOIN artifacts b ON b.run_id = m.run_id WHERE m.digest = ? AND b.kind = 'base-model-file'",
+        [digest],
+    )
+    found = {m.group(1) for (name,) in rows if (m := _STORED_BASE.match(str(name)))}
+    stored = [d for d in sorted(found) if svc.ledger.select("SELECT 1 FROM artifacts WHERE digest = ? AND kind = 'model'", [d])]
+    if len(stored) != 1:
+        names = sorted({str(name).split("/", 1)[0].removeprefix("base:") for (name,) in rows}) or ["none recorded"]
+        raise ConfigError(
+            f"model {digest[:16]}… is a LoRA adapter whose base ({', '.join(names)}) is not a model in this appliance's store,"
+            " and only stored, verified models are sampled",
+            "fine-tune with finetune.merge = true to package the whole model, or load the adapter with peft on its base",
+        )
+    base = stored[0]
+    verify_stored(svc, base, svc.trusted)
+    path = svc.store.path_of(base)
+    verify_model_dir(path, svc.home.public_key_file)
+    return path
 
 
 def _checkpoint_record(svc: Any, digest: str) -> int | None:
