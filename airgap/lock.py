@@ -31,10 +31,11 @@ from airgap.errors import AirgapError
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ROOT / "locks"
 DEFAULT_TARGET = "cpu-py311-manylinux_x86_64"
-# What a head node runs: the appliance with fine-tuning and the console (deepspeed is left out: it publishes no
-# wheel, and CPU head nodes do not use it), plus pip itself, so a bundle's install needs no pip
-# of the host's and every distribution in the environment comes from the bundle.
-EXTRAS = ("finetune", "console")
+# What a head node runs: the appliance with fine-tuning, the console and Ray for data stages on a
+# cluster (deepspeed is left out: it publishes no wheel, and CPU head nodes do not use it), plus pip
+# itself, so a bundle's install needs no pip of the host's and every distribution in the
+# environment comes from the bundle.
+EXTRAS = ("finetune", "console", "ray")
 INSTALLER = ("pip",)
 LOCK_HINT = "regenerate it on a connected machine of the target's kind: `appliance airgap lock` (needs pip >= 25.1)"
 

@@ -17,6 +17,7 @@ from pipeline.config import check, collect
 from pipeline.errors import ConfigError
 from pipeline.filters import FiltersConfig
 from pipeline.pii import PiiConfig
+from pipeline.settings.cluster import ClusterConfig
 from pipeline.settings.dedup import DedupConfig
 from pipeline.settings.evaluate import EvalConfig
 from pipeline.settings.finetune import FinetuneConfig
@@ -52,6 +53,8 @@ class Recipe:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    # What runs the data stages' batches: local worker processes, or a running Ray cluster.
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistConfig = field(default_factory=DistConfig)

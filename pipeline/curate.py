@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from pipeline.clean import CleanConfig, clean_text
 from pipeline.config import to_mapping
+from pipeline.dedup_disk import BYTES_PER_MB, ClusterSummary, DiskDedup, summarise_clusters
 from pipeline.errors import DataError
 from pipeline.filters import FilterChain, FiltersConfig
 from pipeline.minhash import DedupConfig, MinHasher, exact_key, find_clusters
@@ -61,6 +62,11 @@ BATCH_DOCS = 256
 # A sample longer than this is cut: the point is to recognise the kind of document.
 SAMPLE_CHARS = 20_000
 _HINT = "point at the ingest stage's raw.parquet (re-run ingest if it is damaged)"
+# Scratch folder of the disk-backed dedup ([dedup] memory_mb > 0), inside the output folder
+# so it is on the same disk as the dataset and goes away with a failed stage.
+SPILL_DIR = "dedup-spill"
+# Settings that cannot change the output, so the report (and its digest) leaves them out.
+_RUNTIME_KEYS = ("workers", "memory_mb")
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,11 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
     # Pass 1 (parallel): per-document work; survivors go to a temporary file with their keys.
     stage1 = out_dir / "curate-stage1.parquet"
     stage_pf: Any = None
+    spill: DiskDedup | None = None
     try:
+        if settings.dedup.memory_mb:
+            # Keys go to sorted files as they come, so dedup's memory is the budget, not the corpus.
+            spill = DiskDedup(out_dir / SPILL_DIR, settings.dedup, settings.dedup.memory_mb * BYTES_PER_MB)
         with ParquetSink(stage1, _STAGE1_SCHEMA) as sink:
             for res in ordered_map(_run_batch, _batches(pf, raw_parquet), workers=workers, initializer=_init_worker, initargs=(settings,)):
                 for group, (docs, size) in res.sources_in.items():
@@ -229,17 +239,27 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
                 lines_removed += res.lines_removed
                 for doc_id, source, text in zip(res.ids, res.sources, res.texts):
                     sink.add(doc_id=doc_id, source=source, text=text)
-                exact_parts.append(res.exact)
-                if res.bands is not None and res.has_bands is not None:
-                    band_parts.append(res.bands)
-                    has_parts.append(res.has_bands)
+                if spill is not None:
+                    spill.add(res.ids, res.exact, res.bands, res.has_bands)
+                else:
+                    exact_parts.append(res.exact)
+                    if res.bands is not None and res.has_bands is not None:
+                        band_parts.append(res.bands)
+                        has_parts.append(res.has_bands)
                 done += res.documents
                 survivors += len(res.ids)
                 progress(done, total, {"kept": survivors})
         pf.close()
 
         # Pass 2: which survivors are duplicates, and of which kept document.
-        duplicate_of, kind, clusters = _dedup(exact_parts, band_parts, has_parts, survivors, settings.dedup)
+        clusters: ClusterSummary
+        if spill is not None:
+            found = spill.run()
+            duplicate_of, kind, clusters = found.duplicate_of, found.kind, found.clusters
+        else:
+            duplicate_of, kind, all_clusters = _dedup(exact_parts, band_parts, has_parts, survivors, settings.dedup)
+            clusters = summarise_clusters(all_clusters)
+            del all_clusters
 
         # Pass 3: write the dataset (and the dedup samples) from the temporary file.
         out = out_dir / "dataset.parquet"
@@ -253,7 +273,8 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
         with ParquetSink(out, DATASET_SCHEMA) as sink:
             for rows in iter_rows(stage_pf, ["doc_id", "source", "text"]):
                 for doc_id, source, text in zip(rows["doc_id"], rows["source"], rows["text"]):
-                    ids_all.append(doc_id)
+                    if spill is None:
+                        ids_all.append(doc_id)
                     if duplicate_of[row] >= 0:
                         rule = "exact" if kind[row] == 0 else "near"
                         dedup_counts[rule] += 1
@@ -275,19 +296,29 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
                     f"no documents left after curating {raw_parquet}: {total} in; dropped: {_top_drops(drops, dedup_counts)}",
                     _empty_hint(_top_drops(drops, dedup_counts)),
                 )
+        if spill is not None:
+            # The doc_ids the samples and the cluster report name: a few, read from disk.
+            named = {kept_row for _, _, _, kept_row, _ in dedup_samples}
+            named.update(row for rep, _, members in clusters.top for row in (rep, *members))
+            doc_of: dict[int, int] | array[int] = spill.doc_ids(named)
+            spill.close()
+        else:
+            doc_of = ids_all
     except BaseException:
         # A failed stage leaves nothing behind (the sinks remove their partial files).
         pf.close()
         if stage_pf is not None:
             stage_pf.close()
         stage1.unlink(missing_ok=True)
+        if spill is not None:
+            spill.close()
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
     stage_pf.close()
     stage1.unlink(missing_ok=True)
     # Dedup samples name the kept document by doc_id, known for every row only after pass 3.
-    samples += [(d, s, "dedup", r, f"duplicate of doc_id {ids_all[kept_row]}", t) for d, s, r, kept_row, t in dedup_samples]
+    samples += [(d, s, "dedup", r, f"duplicate of doc_id {doc_of[kept_row]}", t) for d, s, r, kept_row, t in dedup_samples]
     for rule, count in dedup_counts.items():
         drops[("dedup", rule)] = count
 
@@ -296,7 +327,7 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
         for d, s, f, r, det, t in sorted(samples, key=lambda x: (x[2], x[3], x[0])):
             dsink.add(doc_id=d, source=s, filter=f, rule=r, detail=det, text=t)
 
-    cluster_report = [{"kept_doc_id": ids_all[rep], "size": len(members) + 1, "members": [ids_all[m] for m in members[:10]]} for rep, members in clusters[:20]]
+    cluster_report = [{"kept_doc_id": doc_of[rep], "size": size, "members": [doc_of[m] for m in members]} for rep, size, members in clusters.top]
     by_filter: Counter[str] = Counter()
     for (flt, _), count in drops.items():
         by_filter[flt] += count
@@ -313,14 +344,14 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
         "dedup": {
             "exact_dropped": dedup_counts["exact"],
             "near_dropped": dedup_counts["near"],
-            "near_clusters": len(clusters),
+            "near_clusters": clusters.count,
             "largest_clusters": cluster_report,
             "bands": settings.dedup.bands,
             "rows": settings.dedup.rows,
             "ngram": settings.dedup.ngram,
         },
-        # The worker count is left out: it cannot change the output, and the report must not either.
-        "config": {name: _without_workers(to_mapping(getattr(settings, name))) for name in ("clean", "filters", "pii", "dedup")},
+        # Workers and dedup's memory are left out: they cannot change the output, and the report must not either.
+        "config": {name: _without_runtime(to_mapping(getattr(settings, name))) for name in ("clean", "filters", "pii", "dedup")},
     }
     report_path = write_json(out_dir / "curation.json", report)
     stats = {
@@ -331,7 +362,7 @@ def run_curate(raw_parquet: Path, out_dir: Path, settings: CurateSettings, progr
         "chars_out": chars_out,
         "dropped": report["dropped_by_rule"],
         "pii": report["pii"]["matches"],
-        "near_dup_clusters": len(clusters),
+        "near_dup_clusters": clusters.count,
         "workers": workers,
     }
     return StageResult(outputs={"dataset": out, "curation": report_path, "dropped": dropped_path}, stats=stats)
@@ -381,8 +412,8 @@ def _top_drops(drops: Counter[tuple[str, str]], dedup: Counter[str]) -> str:
     return ", ".join(f"{name} {count}" for name, count in merged.most_common(5)) or "nothing"
 
 
-def _without_workers(mapping: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in mapping.items() if k != "workers"}
+def _without_runtime(mapping: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if k not in _RUNTIME_KEYS}
 
 
 # Rules that drop a document for its length: a whole book or log export read as one document.

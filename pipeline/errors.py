@@ -53,6 +53,11 @@ class DataError(ApplianceError):
     """Input data cannot be used (bad encoding, binary file, malformed line, no files)."""
 
 
+class ClusterError(DataError):
+    """The cluster named to run a data stage's batches (``[cluster]``) cannot be used:
+    not reachable, Ray not installed, or a worker lost."""
+
+
 class ShardIntegrityError(DataError):
     """A token shard does not match the digest in its manifest or has a bad header."""
 

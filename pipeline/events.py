@@ -24,6 +24,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "result": ("outputs", "stats"),  # a data stage's StageResult (+ metrics, inputs, skipped)
     "error": ("message",),  # the job failed; message is what a person reads
     "stopped": (),  # the job stopped on request (SIGTERM) and left a resumable state
+    "tasks": ("computed", "reused"),  # a data stage's batches: computed now, read back from its task journal
     # training (rank 0)
     "started": (),
     "metrics": ("points",),

@@ -9,9 +9,9 @@ published FineWeb pipeline (datatrove 0.10.1: ``GopherRepetitionFilter``,
   the text is split at whitespace, then leading and trailing punctuation is split off and
   a few infixes are split (hyphens and ``:<>=/`` between letters, commas between letters,
   ``..``), so ``utf-8``, ``3.5``, ``sizeof(struct`` and ``--flag`` stay one word as they do
-  in spaCy. Plain alphanumeric words take a fast path. On the benchmark corpus it agrees
-  with spaCy on the Gopher alpha-ratio verdict for ~95 % of documents (a single regex
-  agreed for ~91 %). The text is split once and shared by the filters that need words.
+  in spaCy (``pipeline.filters_words``). On the benchmark corpus it agrees with spaCy on the
+  Gopher alpha-ratio verdict for ~95 % of documents (a single regex agreed for ~91 %). The
+  text is split once and shared by the filters that need words.
 * Everything English-specific (stop words, policy phrases) is a recipe setting, and every
   filter can be switched off.
 
@@ -35,10 +35,15 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import accumulate, compress
-from operator import itemgetter, ne
+from itertools import compress
+from operator import itemgetter, methodcaller
 
 from pipeline.config import check
+
+# PUNCTUATION and split_words were defined here before the word rules got their own module.
+from pipeline.filters_words import PUNCTUATION as PUNCTUATION
+from pipeline.filters_words import TERMINAL_PUNCTUATION, TextWords, count_words
+from pipeline.filters_words import split_words as split_words
 
 FILTER_NAMES: tuple[str, ...] = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
 
@@ -74,37 +79,14 @@ RULES: dict[str, tuple[str, ...]] = {
     "fineweb": ("empty", "line_punct_ratio", "short_line_ratio", "char_dup_ratio", "list_ratio"),
 }
 
-# datatrove's PUNCTUATION (utils/text.py) plus the C0/C1 controls it appends.
-_PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»" + "".join(
-    map(chr, (*range(0, 9), 11, 12, *range(13, 32), *range(127, 160)))
-)
-# datatrove's TERMINAL_PUNCTUATION: sentence-final marks of many scripts, one character each.
-TERMINAL_PUNCTUATION: frozenset[str] = frozenset(
-    "!.?։؝؞؟۔܀܁܂߹࠷࠹࠽࠾।॥၊။።፧፨᙮᜵᜶។៕៖៙៚᠃᠉᥄᥅᪨᪩᪪᪫᭚᭛᭞᭟᭽᭾᰻᰼᱾᱿‼‽⁇⁈⁉⸮⸼⹓⹔。꓿꘎꘏꛳꛷꡶꡷꣎꣏꤯꧈꧉꩝꩞꩟꫰꫱꯫﹒﹖﹗！．？｡"
-    "𐩖𐩗𐽕𐽖𐽗𐽘𐽙𐾆𐾇𐾈𐾉𑁇𑁈𑂾𑂿𑃀𑃁𑅁𑅂𑅃𑇅𑇆𑇍𑇞𑇟𑈸𑈹𑈻𑈼𑊩𑑋𑑌𑗂𑗃𑗉𑗊𑗋𑗌𑗍𑗎𑗏𑗐𑗑𑗒𑗓𑗔𑗕𑗖𑗗𑙁𑙂𑜼𑜽𑜾𑥄𑥆𑩂𑩃𑪛𑪜𑱁𑱂𑻷𑻸\U00011f43\U00011f44"
-    "𖩮𖩯𖫵𖬷𖬸𖭄𖺘𛲟𝪈"
-)
-PUNCTUATION: frozenset[str] = frozenset(_PUNCTUATION) | TERMINAL_PUNCTUATION
-
-# spaCy-like prefix, suffix and infix rules (a subset of spaCy's English punctuation rules).
-_PREFIX = re.compile(r"""^(?:\.\.\.+|…|[§%=—–+'"“”‘’`(\[{<*$£€¥#&~¿¡«»‹›„‚])""")
-_SUFFIX = re.compile(r"""(?:\.\.\.+|…|'s|'S|’s|’S|n't|N'T|[)\]}>"'“”‘’`*!?,:;%‰°»›]|(?<=[0-9])\+|(?<=[\w)\]"'%])\.)$""")
-_INFIX = re.compile(
-    r"""\.\.+|…|(?<=[0-9])[+\-*^](?=[0-9-])|(?<=[a-z)\]"'`])\.(?=[A-Z"'`])|(?<=[A-Za-z]),(?=[A-Za-z])"""
-    r"""|(?<=[A-Za-z0-9])(?:---|--|-|–|—|~)(?=[A-Za-z])|(?<=[A-Za-z0-9])[:<>=/](?=[A-Za-z])"""
-)
 _SENTENCE_BREAK = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+(?=\S)")
 _PARAGRAPH_BREAK = re.compile(r"\n{2,}")
-_LINE_BREAK = re.compile(r"\n+")
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 _C4_END_PUNCTUATION = (".", "?", "!", '"', "'")
 _BULLETS = ("•", "-")
 _ELLIPSES = ("...", "…")
-
-_ALPHA, _NON_SYMBOL = 1, 2
-# Per-token classification, shared across documents: most tokens are common words.
-_FLAGS: dict[str, int] = {}
-_FLAGS_MAX = 1 << 20
+_starts_with_bullet = methodcaller("startswith", _BULLETS)
+_ends_with_ellipsis = methodcaller("endswith", _ELLIPSES)
 
 
 @dataclass(kw_only=True)
@@ -284,39 +266,6 @@ class Verdict:
     lines_removed: int = 0
 
 
-def split_words(text: str) -> list[str]:
-    """The words of ``text`` as the filters count them (see the module docstring)."""
-    out: list[str] = []
-    add = out.append
-    for chunk in text.split():
-        if chunk.isalnum():
-            add(chunk)  # most words of prose: nothing to split off
-            continue
-        suffixes: list[str] = []
-        while chunk:
-            m = _PREFIX.match(chunk)
-            if m and m.end() < len(chunk):
-                add(m.group())
-                chunk = chunk[m.end() :]
-                continue
-            m = _SUFFIX.search(chunk)
-            if m and m.start() > 0:
-                suffixes.append(m.group())
-                chunk = chunk[: m.start()]
-                continue
-            break
-        start = 0
-        for m in _INFIX.finditer(chunk):
-            if m.start() > start:
-                add(chunk[start : m.start()])
-            add(m.group())
-            start = m.end()
-        if start < len(chunk):
-            add(chunk[start:])
-        out.extend(reversed(suffixes))
-    return out
-
-
 def count_sentences(line: str) -> int:
     """Sentences in one stripped line; never less than 1, as spaCy's span count in datatrove."""
     return len(_SENTENCE_BREAK.findall(line)) + 1
@@ -330,73 +279,18 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return len(items) - len(counts), sum(len(k) * (c - 1) for k, c in counts.items() if c > 1)
 
 
-def _word_flags(word: str) -> int:
-    flags = _FLAGS.get(word)
-    if flags is None:
-        flags = (_ALPHA if any(map(str.isalpha, word)) else 0) | (0 if all(map(PUNCTUATION.__contains__, word)) else _NON_SYMBOL)
-        if len(_FLAGS) >= _FLAGS_MAX:
-            _FLAGS.clear()
-        _FLAGS[word] = flags
-    return flags
-
-
-def _repeated_ngram_chars(cat: str, cum: list[int], n: int, size: int, frac: float) -> int:
-    """datatrove's find_all_duplicate on the words concatenated (no separator) in ``cat``.
-
-    datatrove walks the n-grams left to right: one seen before (at a walked position) adds its
-    length and the walk jumps n words ahead; otherwise it is remembered and the walk moves one
-    word on. Here only the positions whose n-gram occurred earlier at all ("candidates") are
-    visited in Python; every other position is new by construction, remembered unless a jump
-    skipped it. ``cum`` holds the word offsets in ``cat``. Returns as soon as the total alone
-    exceeds ``frac`` of ``size`` (the caller's test, so the verdict is the same).
-    """
-    keys = list(map(cat.__getitem__, map(slice, cum, cum[n:])))
-    m = len(keys)
-    first = dict(zip(reversed(keys), range(m - 1, -1, -1)))
-    if len(first) == m:
-        return 0
-    firsts = list(map(first.__getitem__, keys))
-    candidates = compress(range(m), map(ne, firsts, range(m)))
-    # Keys whose first occurrence a jump skipped, and keys remembered at a candidate position.
-    skipped_first: set[str] = set()
-    remembered: set[str] = set()
-    repeated = 0
-    walk_from = 0
-    for pos in candidates:
-        if pos < walk_from:
-            continue
-        key = keys[pos]
-        if key in remembered or key not in skipped_first:
-            repeated += len(key)
-            if repeated / size > frac:
-                return repeated
-            walk_from = pos + n
-            for skipped in range(pos + 1, min(walk_from, m)):
-                if firsts[skipped] == skipped:
-                    skipped_first.add(keys[skipped])
-        else:
-            remembered.add(key)
-    return repeated
-
-
-class _Words:
-    """The words of one text, split on first use and shared by the filters that read it."""
-
-    __slots__ = ("text", "_words")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self._words: list[str] | None = None
-
-    def get(self) -> list[str]:
-        if self._words is None:
-            self._words = split_words(self.text)
-        return self._words
+def _split_newline_runs(text: str) -> list[str]:
+    """``re.split(r"\n+", text)`` by str.split (several times faster): the runs of newlines
+    inside become empty parts, which are dropped; the first and last part stay even when empty."""
+    parts = text.split("\n")
+    if len(parts) <= 2:
+        return parts
+    return [parts[0], *filter(None, parts[1:-1]), parts[-1]]
 
 
 def _gopher_repetition(
     text: str,
-    words: _Words,
+    words: TextWords,
     cfg: GopherRepetitionConfig,
     top: tuple[tuple[int, float], ...],
     dup: tuple[tuple[int, float], ...],
@@ -404,13 +298,16 @@ def _gopher_repetition(
     if not text:
         return "empty"
     size = len(text)
-    paragraphs = _PARAGRAPH_BREAK.split(text.strip())
-    n_dup, dup_chars = _duplicates(paragraphs)
-    if cfg.dup_para_frac and n_dup / len(paragraphs) > cfg.dup_para_frac:
-        return "dup_para_frac"
-    if cfg.dup_para_char_frac and dup_chars / size > cfg.dup_para_char_frac:
-        return "dup_para_char_frac"
-    lines = _LINE_BREAK.split(text)
+    stripped = text.strip()
+    # One paragraph repeats nothing (both ratios are 0, never above a threshold): skip the split.
+    if "\n\n" in stripped:
+        paragraphs = _PARAGRAPH_BREAK.split(stripped)
+        n_dup, dup_chars = _duplicates(paragraphs)
+        if cfg.dup_para_frac and n_dup / len(paragraphs) > cfg.dup_para_frac:
+            return "dup_para_frac"
+        if cfg.dup_para_char_frac and dup_chars / size > cfg.dup_para_char_frac:
+            return "dup_para_char_frac"
+    lines = _split_newline_runs(text)
     n_dup, dup_chars = _duplicates(lines)
     if cfg.dup_line_frac and n_dup / len(lines) > cfg.dup_line_frac:
         return "dup_line_frac"
@@ -418,41 +315,23 @@ def _gopher_repetition(
         return "dup_line_char_frac"
     if not (top or dup):
         return None
-    w = words.get()
-    if top:
-        for n, frac in top:
-            if len(w) < n:
-                continue
-            # Words hold no whitespace, so equal word tuples are exactly equal " ".join n-grams;
-            # most_common keeps the first-seen n-gram among ties, as datatrove's does.
-            ngram, count = Counter(zip(*(w[i:] for i in range(n)))).most_common(1)[0]
-            if (sum(map(len, ngram)) + n - 1) * count / size > frac:
-                return f"top_{n}_gram"
-    if dup:
-        # Word i spans cum[i]:cum[i+1] of the concatenation, so each n-gram is one slice.
-        cum = list(accumulate(map(len, w), initial=0))
-        cat = "".join(w)
+    index = words.ngrams(tuple(n for n, _ in dup))
+    n_words = words.count()
+    for n, frac in top:
+        if n_words >= n and index.top_ngram_chars(n, size, frac) / size > frac:
+            return f"top_{n}_gram"
+    if dup and n_words > _DUP_N[0]:  # fewer words hold no two 5-grams, let alone longer ones
         for n, frac in dup:
-            if _repeated_ngram_chars(cat, cum, n, size, frac) / size > frac:
+            if index.repeated_ngram_chars(n, size, frac) / size > frac:
                 return f"dup_{n}_gram"
     return None
 
 
-def _gopher_quality(text: str, words: _Words, cfg: GopherQualityConfig, stop_words: frozenset[str]) -> str | None:
-    w = words.get()
-    n_words = len(w)
-    # Symbol-only words are a subset of all words: too few words settles it without counting.
-    if cfg.min_doc_words and n_words < cfg.min_doc_words:
-        return "short_doc"
-    counts = Counter(w)
-    n_non_symbol = non_symbol_chars = n_alpha = 0
-    for word, count in counts.items():
-        flags = _word_flags(word)
-        if flags & _NON_SYMBOL:
-            n_non_symbol += count
-            non_symbol_chars += count * len(word)
-        if flags & _ALPHA:
-            n_alpha += count
+def _gopher_quality(text: str, words: TextWords, cfg: GopherQualityConfig, stop_words: frozenset[str]) -> str | None:
+    stats = words.stats()
+    n_words = stats.words
+    n_non_symbol = stats.non_symbol
+    # Symbol-only words are a subset of all words, so n_non_symbol < min_doc_words covers n_words too.
     if cfg.min_doc_words and n_non_symbol < cfg.min_doc_words:
         return "short_doc"
     if cfg.max_doc_words and n_non_symbol > cfg.max_doc_words:
@@ -461,7 +340,7 @@ def _gopher_quality(text: str, words: _Words, cfg: GopherQualityConfig, stop_wor
         return "empty"
     # Without any non-symbol word datatrove's mean is NaN and both comparisons are false.
     if n_non_symbol:
-        avg = non_symbol_chars / n_non_symbol
+        avg = stats.non_symbol_chars / n_non_symbol
         if cfg.min_avg_word_length and avg < cfg.min_avg_word_length:
             return "below_avg_word_length"
         if cfg.max_avg_word_length and avg > cfg.max_avg_word_length:
@@ -474,22 +353,29 @@ def _gopher_quality(text: str, words: _Words, cfg: GopherQualityConfig, stop_wor
     if cfg.max_bullet_lines_ratio or cfg.max_ellipsis_lines_ratio:
         lines = text.splitlines()
         bullets = cfg.max_bullet_lines_ratio
-        if bullets and sum(1 for line in lines if line.lstrip().startswith(_BULLETS)) / len(lines) > bullets:
+        if bullets and sum(map(_starts_with_bullet, map(str.lstrip, lines))) / len(lines) > bullets:
             return "too_many_bullets"
         ellipses = cfg.max_ellipsis_lines_ratio
-        if ellipses and sum(1 for line in lines if line.rstrip().endswith(_ELLIPSES)) / len(lines) > ellipses:
+        if ellipses and sum(map(_ends_with_ellipsis, map(str.rstrip, lines))) / len(lines) > ellipses:
             return "too_many_end_ellipsis"
-    if cfg.min_alpha_words_ratio and n_alpha / n_words < cfg.min_alpha_words_ratio:
+    if cfg.min_alpha_words_ratio and stats.alpha / n_words < cfg.min_alpha_words_ratio:
         return "below_alpha_words_ratio"
-    if cfg.min_stop_words and len(stop_words.intersection(counts)) < cfg.min_stop_words:
+    if cfg.min_stop_words and words.distinct_of(stop_words) < cfg.min_stop_words:
         return "too_few_stop_words"
     return None
 
 
-def _c4(text: str, cfg: C4Config, policy: re.Pattern[str] | None) -> tuple[str | None, str, int]:
-    """(rule that dropped the page or None, kept text, lines removed)."""
+def _c4(text: str, cfg: C4Config, policy: re.Pattern[str] | None) -> tuple[str | None, str, int, list[str], list[str]]:
+    """(rule that dropped the page or None, kept text, lines removed, chunks lost, chunks gained).
+
+    The whitespace-separated chunks of the kept text are those of the text less the chunks
+    lost (removed lines, lines before their citations went) plus those gained (the same
+    lines after), so FineWeb can count the kept words without splitting the kept text again.
+    """
     lines = text.splitlines()
     kept: list[str] = []
+    lost: list[str] = []
+    gained: list[str] = []
     sentences = 0
     max_len = cfg.max_word_length
     for line in lines:
@@ -497,33 +383,43 @@ def _c4(text: str, cfg: C4Config, policy: re.Pattern[str] | None) -> tuple[str |
         words = line.split()
         # A line no longer than the limit cannot hold a longer word.
         if max_len and len(line) > max_len and any(len(word) > max_len for word in words):
+            lost += words
             continue
+        cited = line
         if cfg.remove_citations and "[" in line:
             line = _CITATION.sub("", line)
         if cfg.filter_no_terminal_punct and (not line.endswith(_C4_END_PUNCTUATION) or line.endswith("...")):
+            lost += words
             continue
         if len(words) < cfg.min_words_per_line:
+            lost += words
             continue
         lower = line.lower()
         if cfg.filter_lorem_ipsum and "lorem ipsum" in lower:
-            return "lorem_ipsum", "", 0
+            return "lorem_ipsum", "", 0, [], []
         if cfg.filter_javascript_lines and "javascript" in lower:
+            lost += words
             continue
         if cfg.filter_curly_bracket and "{" in line:
-            return "curly_bracket", "", 0
+            return "curly_bracket", "", 0, [], []
         if policy is not None and policy.search(lower):
+            lost += words
             continue
         # Only "at least min_num_sentences" matters, so counting stops once it is reached.
         if sentences < cfg.min_num_sentences:
             sentences += count_sentences(line)
+        if line is not cited:
+            lost += words
+            gained += line.split()
         kept.append(line)
     if sentences < cfg.min_num_sentences:
-        return "too_few_sentences", "", 0
-    return None, "\n".join(kept).strip(), len(lines) - len(kept)
+        return "too_few_sentences", "", 0, [], []
+    return None, "\n".join(kept).strip(), len(lines) - len(kept), lost, gained
 
 
-def _fineweb(text: str, words: _Words, cfg: FineWebConfig) -> str | None:
-    lines = [line for line in text.split("\n") if line.strip()]
+def _fineweb(text: str, n_words: int, cfg: FineWebConfig) -> str | None:
+    parts = text.split("\n")
+    lines = list(compress(parts, map(str.strip, parts)))
     if not lines:
         return "empty"
     n = len(lines)
@@ -537,7 +433,7 @@ def _fineweb(text: str, words: _Words, cfg: FineWebConfig) -> str | None:
     if _duplicates(lines)[1] / (len(text) - newlines) > cfg.char_duplicates_ratio:
         return "char_dup_ratio"
     # A non-blank line always yields a word, so the count is never 0 here.
-    if newlines / len(words.get()) > cfg.new_line_ratio:
+    if newlines / n_words > cfg.new_line_ratio:
         return "list_ratio"
     return None
 
@@ -565,7 +461,7 @@ class FilterChain:
     def apply(self, text: str) -> Verdict:
         """Run the enabled filters on one document; the first rule that fires drops it."""
         cfg = self.cfg
-        words = _Words(text)
+        words = TextWords(text)
         if cfg.gopher_repetition.enabled:
             rule = _gopher_repetition(text, words, cfg.gopher_repetition, self._top, self._dup)
             if rule:
@@ -575,14 +471,16 @@ class FilterChain:
             if rule:
                 return Verdict(text=None, filter="gopher_quality", rule=rule)
         removed = 0
+        lost: list[str] = []
+        gained: list[str] = []
         if cfg.c4.enabled:
-            rule, kept, removed = _c4(text, cfg.c4, self._policy)
+            rule, kept, removed, lost, gained = _c4(text, cfg.c4, self._policy)
             if rule:
                 return Verdict(text=None, filter="c4", rule=rule)
-            if kept != text:
-                text, words = kept, _Words(kept)
+            text = kept
         if cfg.fineweb.enabled:
-            rule = _fineweb(text, words, cfg.fineweb)
+            n_words = words.count() - count_words(lost) + count_words(gained)
+            rule = _fineweb(text, n_words, cfg.fineweb)
             if rule:
                 return Verdict(text=None, filter="fineweb", rule=rule)
         return Verdict(text=text, filter=None, rule=None, lines_removed=removed)

@@ -158,8 +158,14 @@ def _seal_outputs(work: Path, seal: dict[str, str]) -> None:
             sealed.seal_path(work / rel, key_id)
 
 
+# The stage's task journal (`pipeline.task_journal`), in its work dir: kept when the job is
+# killed, stopped or fails, so a relaunch recomputes only unfinished batches; removed on success.
+JOURNAL = "task-journal"
+
+
 def _run_stage(spec: dict[str, Any], emit: EventWriter) -> None:
     from appliance.recipe import parse_recipe
+    from pipeline.parallel import stage_tasks
 
     recipe = parse_recipe(spec["recipe_text"], source=spec["recipe_source"])
     fn = FUNCTIONS[spec["stage"]]
@@ -167,7 +173,10 @@ def _run_stage(spec: dict[str, Any], emit: EventWriter) -> None:
     work.mkdir(parents=True, exist_ok=True)
     _seal_outputs(work, spec.get("seal") or {})
     artifacts = {k: Path(v) for k, v in spec["artifacts"].items()}
-    result = fn(recipe, artifacts, Path(spec["source"]), work, _progress(emit), spec.get("provenance") or {})
+    with stage_tasks(cluster=recipe.cluster, journal=work / JOURNAL, inputs=list(artifacts.values())) as tasks:
+        result = fn(recipe, artifacts, Path(spec["source"]), work, _progress(emit), spec.get("provenance") or {})
+    if tasks.batches:
+        emit({"event": "tasks", **tasks.as_dict()})
     emit(
         {
             "event": "result",

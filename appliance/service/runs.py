@@ -47,6 +47,7 @@ from appliance.service.resolve import (
 )
 from appliance.service.stage_table import DATA_STAGES, Stage, stages_for
 from appliance.service.training import StageContext, TrainingStopped, finetune_stage, precheck, train_stage
+from keys import sealed
 from keys.errors import ApplianceError
 from pipeline.config import to_mapping
 from pipeline.errors import TrainingError
@@ -83,6 +84,11 @@ class RunManager:
         self._lock = threading.Lock()
         self._closing = False
         self.purging: str | None = None  # the purge in progress (no run starts meanwhile)
+        # (run, stage) -> the scratch key of its last attempt that did not finish. Held in memory
+        # only, so the relaunch reads the task journal that attempt sealed (`pipeline.task_journal`)
+        # and recomputes only unfinished batches; a service restart or a purge forgets it, and
+        # the journal is noise the relaunch recomputes.
+        self._scratch: dict[tuple[str, str], str] = {}
         self._workers = [threading.Thread(target=self._work, name=f"run-worker-{i}", daemon=True) for i in range(svc.config.max_jobs)]
         for w in self._workers:
             w.start()
@@ -103,6 +109,10 @@ class RunManager:
                     "wait for them to finish, or cancel them with `appliance cancel RUN`, then purge",
                 )
             self.purging = purge_id
+            # A journal of an unfinished stage holds text derived from what may be purged.
+            for key_id in self._scratch.values():
+                self.svc.datakeys.discard(key_id)
+            self._scratch.clear()
 
     def end_purge(self) -> None:
         self.purging = None
@@ -493,10 +503,14 @@ class RunManager:
             feed.push({"event": "progress", "stage": stage.name, "done": done, "total": total, "fields": jsonable(fields)})
 
         # Each text- or token-holding output gets its own data key; the rest of the stage's
-        # scratch files one more, forgotten when the stage ends (so they become noise).
+        # scratch files one more, forgotten when the stage finishes (so they become noise); an
+        # attempt that did not finish leaves it to its relaunch, in memory (`_scratch`).
         seal = {name: svc.datakeys.new() for name in stage.kinds if name in SEALED_OUTPUTS}
         if seal:
-            seal["*"] = svc.datakeys.new()
+            with self._lock:
+                held = self._scratch.pop((run.run_id, stage.name), None)
+            seal["*"] = held if held is not None and sealed.has_key(held) else svc.datakeys.new()
+        finished = False
         try:
             if stage.name in ("train", "finetune"):
                 # Training jobs are followed as they run: checkpoints recorded as they appear.
@@ -508,6 +522,7 @@ class RunManager:
                 result = self._job_stage(active, stage, work, progress, lock, seal)
             clock = time.perf_counter()
             events = self.recorder.stage_events(run, stage, result, seal=seal)
+            finished = True
         except BaseException as exc:
             message = failure_text(exc)
             # A stop on request (with a checkpoint to resume from) is not a failure: say which it was.
@@ -516,7 +531,11 @@ class RunManager:
             feed.push({"event": "stage_failed", "stage": stage.name, "message": message, "stopped": kind == "stage.stopped"})
             raise
         finally:
-            for key_id in seal.values():
+            for name, key_id in seal.items():
+                if name == "*" and not finished:
+                    with self._lock:
+                        self._scratch[(run.run_id, stage.name)] = key_id  # for the relaunch's task journal
+                    continue
                 svc.datakeys.discard(key_id)  # the bound ones stay
         svc.ledger.append_many(events)
         run.provenance_s += time.perf_counter() - clock
