@@ -93,6 +93,16 @@ def _probe(address: str) -> tuple[str, int]:
     return host, port
 
 
+def require_cluster(cluster: ClusterConfig) -> None:
+    """Before a run starts: Ray is installed here and its cluster answers at ``ray_address``
+    (a recipe naming a cluster that is not there fails now, not after the stages before curate)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ClusterError('[cluster] executor = "ray", but Ray is not installed here', INSTALL_HINT)
+    _probe(cluster.ray_address.strip())
+
+
 def _import_ray() -> Any:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     try:

@@ -86,6 +86,21 @@ def test_an_unreachable_cluster_says_how_to_start_one(tmp_path: Path) -> None:
     assert address in str(err.value) and "ray start --head" in err.value.diagnostics()
 
 
+@needs_ray
+def test_a_run_naming_an_unreachable_cluster_is_refused_before_it_starts(tmp_path: Path, tiny_recipe: Path) -> None:
+    from tests.conftest import new_home, run_to_end
+
+    with socket_port() as port:
+        address = f"127.0.0.1:{port}"
+    recipe = tiny_recipe.with_name("ray.toml")
+    recipe.write_text(tiny_recipe.read_text() + f'\n[cluster]\nexecutor = "ray"\nray_address = "{address}"\n')
+    with new_home(tmp_path / "home") as svc:
+        with pytest.raises(ClusterError, match="cannot be reached") as err:
+            run_to_end(svc, recipe)
+        assert "ray start --head" in err.value.diagnostics()
+        assert svc.ledger.select("SELECT count(*) FROM events WHERE kind = 'run.started'") == [(0,)]
+
+
 class socket_port:
     """A loopback port nothing listens on (bound, then closed)."""
 

@@ -99,14 +99,18 @@ def _deepspeed_config(recipe: Any, ctx: StageContext) -> dict[str, Any] | None:
 
 
 def precheck(recipe: Any, recipe_dir: Path, launch: LaunchOptions) -> None:
-    """Fail before a run starts on a DeepSpeed config that training would refuse hours later, or
-    on an adapter fine-tune asked to run on several processes."""
+    """Fail before a run starts on a DeepSpeed config that training would refuse hours later, on
+    an adapter fine-tune asked to run on several processes, or on a Ray cluster that is not there."""
     if getattr(recipe, "finetune", None) is not None:
         from pipeline.finetune.spec import require_one_process
 
         require_one_process(recipe.finetune.method, recipe.distributed, launch.world)
     if recipe.distributed.engine == "deepspeed":
         _deepspeed_config(recipe, StageContext(run_id="", provenance={}, recipe_dir=recipe_dir, launch=launch))
+    if getattr(recipe, "cluster", None) is not None and recipe.cluster.executor == "ray":
+        from pipeline.ray_executor import require_cluster
+
+        require_cluster(recipe.cluster)
 
 
 def _cuda() -> bool:
