@@ -15,11 +15,11 @@ from keys.digest import sha256_bytes
 from pipeline.clean import CleanConfig
 from pipeline.config import check, collect
 from pipeline.errors import ConfigError
-from pipeline.filters import FiltersConfig
 from pipeline.pii import PiiConfig
 from pipeline.settings.cluster import ClusterConfig
 from pipeline.settings.dedup import DedupConfig
 from pipeline.settings.evaluate import EvalConfig
+from pipeline.settings.filters import FiltersConfig
 from pipeline.settings.finetune import FinetuneConfig
 from pipeline.settings.ingest import IngestConfig
 from pipeline.settings.model import ModelConfig
