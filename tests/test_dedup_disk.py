@@ -79,7 +79,10 @@ def test_scratch_folder_is_removed_on_failure(tmp_path: Path) -> None:
 def test_bad_memory_mb_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"dedup\.memory_mb") as err:
         from_mapping(DedupConfig, {"memory_mb": -5}, source="r.toml", prefix="dedup")
-    assert "memory_mb must be >= 0" in str(err.value)
+    assert "memory_mb must be 0 to 1048576 (1 TB), got -5" in str(err.value)
+    # Ten orders of magnitude too large: refused when the recipe is read, not mid-stage.
+    with pytest.raises(ConfigError, match=r"dedup\.memory_mb must be 0 to 1048576 \(1 TB\), got 10000000000"):
+        from_mapping(DedupConfig, {"memory_mb": 10**10}, source="r.toml", prefix="dedup")
     with pytest.raises(ConfigError, match=r"dedup\.memory_mb"):
         from_mapping(DedupConfig, {"memory_mb": "1GB"}, source="r.toml", prefix="dedup")
     assert from_mapping(DedupConfig, {"memory_mb": 512}, source="r.toml", prefix="dedup").memory_mb == 512

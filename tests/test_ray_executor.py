@@ -43,6 +43,7 @@ RAY_RECIPE = f'[cluster]\nexecutor = "ray"\nray_address = "{ADDRESS}"\n'
         ('executor = "ray"', "cluster.ray_address"),
         ('executor = "ray"\nray_address = "head-node"', "cluster.ray_address"),
         ("window = -1", "cluster.window"),
+        ("window = 10000000000", "cluster.window"),
         ("workers = 4", "cluster.workers"),
     ],
 )

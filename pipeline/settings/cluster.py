@@ -14,6 +14,7 @@ from typing import Literal
 
 from pipeline.config import check
 
+MAX_WINDOW = 65536
 START_HINT = "ray start --head --node-ip-address=IP --port=6379 --disable-usage-stats --include-dashboard=false"
 
 
@@ -37,7 +38,8 @@ class ClusterConfig:
     window: int = 0
 
     def __post_init__(self) -> None:
-        check(self.window >= 0, "window must be >= 0 (0 = twice the cluster's CPUs)")
+        # In-flight batches are held by the driver: a window past any cluster's size only grows its memory.
+        check(0 <= self.window <= MAX_WINDOW, f"window must be 0 to {MAX_WINDOW} (0 = twice the cluster's CPUs), got {self.window}")
         if self.executor == "ray":
             check(
                 bool(self.ray_address.strip()),

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from pipeline.config import check
 
+# A budget past any machine's memory is a typo; its buffers would fail to allocate mid-stage.
+MAX_MEMORY_MB = 1 << 20
+
 
 @dataclass(kw_only=True)
 class DedupConfig:
@@ -40,7 +43,7 @@ class DedupConfig:
         check(self.rows >= 1, f"rows must be >= 1, got {self.rows}")
         check(0 <= self.seed < 1 << 64, f"seed must be between 0 and 2**64 - 1, got {self.seed}")
         check(
-            self.memory_mb >= 0,
-            f"memory_mb must be >= 0, got {self.memory_mb}",
+            0 <= self.memory_mb <= MAX_MEMORY_MB,
+            f"memory_mb must be 0 to {MAX_MEMORY_MB} (1 TB), got {self.memory_mb}",
             fix="set dedup.memory_mb = 0 to keep dedup in memory, or to the MB it may use (e.g. 1024)",
         )
