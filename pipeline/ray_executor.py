@@ -13,6 +13,11 @@ task's ``runtime_env`` sets only ``PYTHONPATH`` and the telemetry switch), so ev
 have the appliance installed at the same path. Usage stats stay off (``RAY_USAGE_STATS_ENABLED
 =0``), and the dashboard is the cluster's choice (``ray start --include-dashboard=false``).
 
+The cluster must demand a token, and the stage joins it with the service user's own
+(`pipeline.ray_auth`): an open cluster, another token or a token file others can read is
+refused before a batch is sent, both before the run starts (`require_cluster`) and when the
+stage connects.
+
 The stage's initializer (compiled filters, a loaded tokenizer) runs once per Ray worker
 process, not once per batch: `_run_task` remembers, per initializer, the digest of the
 arguments it last ran with, and runs it again only when they change (a worker that serves
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ClusterError
+from pipeline.ray_auth import driver_env, require_token_auth
 from pipeline.settings.cluster import START_HINT, ClusterConfig, split_address
 
 # Seconds to wait for the head's port before saying it cannot be reached.
@@ -46,12 +52,13 @@ INSTALL_HINT = "install it with `pip install 'sovereign-appliance[ray]'` (ray==2
 _INITIALISED: dict[str, str] = {}
 
 
-def _run_task(fn: Callable[[Any], Any], initializer: Callable[..., None] | None, init_key: str, initargs: tuple[Any, ...], item: Any) -> Any:
-    """One batch on a Ray worker: the stage's initializer first, if this process has not run it with these arguments."""
+def _run_task(fn: Callable[[Any], Any], initializer: Callable[..., None] | None, init_key: str, initargs: bytes, item: Any) -> Any:
+    """One batch on a Ray worker: the stage's initializer first, if this process has not run it with
+    these arguments (``initargs`` pickled, unpickled only then; ``init_key`` is their sha256)."""
     if initializer is not None:
         name = f"{initializer.__module__}.{initializer.__qualname__}"
         if _INITIALISED.get(name) != init_key:
-            initializer(*initargs)
+            initializer(*pickle.loads(initargs))
             _INITIALISED[name] = init_key
     return fn(item)
 
@@ -96,15 +103,23 @@ def _probe(address: str) -> tuple[str, int]:
 def require_cluster(cluster: ClusterConfig) -> None:
     """Before a run starts: Ray is installed here and its cluster answers at ``ray_address``
     (a recipe naming a cluster that is not there fails now, not after the stages before curate)."""
+    _require_installed()
+    _probe(cluster.ray_address.strip())
+    require_token_auth(cluster.ray_address.strip())
+
+
+def _require_installed() -> None:
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
         raise ClusterError('[cluster] executor = "ray", but Ray is not installed here', INSTALL_HINT)
-    _probe(cluster.ray_address.strip())
 
 
-def _import_ray() -> Any:
+def _import_ray(token: Path) -> Any:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Set before Ray reads its configuration (at import and init): join with exactly the checked token file.
+    os.environ.update(driver_env(token))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
     try:
         import ray
     except ImportError:
@@ -117,8 +132,10 @@ class RayBackend:
 
     def __init__(self, fn: Callable[[Any], Any], cluster: ClusterConfig, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
         self.fn, self.initializer, self.address = fn, initializer, cluster.ray_address.strip()
-        self.ray = ray = _import_ray()
+        _require_installed()
         host, port = _probe(self.address)
+        # Checked again here, not only before the run: the cluster may have been restarted since.
+        self.ray = ray = _import_ray(require_token_auth(self.address))
         self.owns_connection = not ray.is_initialized()
         if self.owns_connection:
             env = {
@@ -141,8 +158,10 @@ class RayBackend:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # Twice the cluster's CPUs keeps every worker busy while the driver writes results in order.
         self.window = cluster.window or max(2, 2 * cpus)
-        self.init_key = hashlib.sha256(pickle.dumps(initargs, protocol=pickle.HIGHEST_PROTOCOL)).hexdigest()
-        self.initargs_ref = ray.put(initargs)
+        # Pickled once: the digest names them, the bytes travel (compiled filters, a tokenizer's model).
+        pickled = pickle.dumps(initargs, protocol=pickle.HIGHEST_PROTOCOL)
+        self.init_key = hashlib.sha256(pickled).hexdigest()
+        self.initargs_ref = ray.put(pickled)
         self.task = ray.remote(num_cpus=1)(_run_task)
 
     def submit(self, item: Any) -> Any:

@@ -6,12 +6,18 @@ whatever drives it, run in a namespace of their own: a holder process keeps it, 
 enters it with ``nsenter`` (the prefix `loopback_cluster` yields). At the end every process in
 that namespace is killed by PID (``ray stop`` would stop every Ray process of the machine).
 Used by the Ray tests and by ``bench/bench_scale.py``.
+
+The cluster demands a token (``RAY_AUTH_MODE=token``), as the stages require: a fresh one in
+a file of mode 600 in the cluster's temp dir, whose path the yielded prefix carries in the
+environment (``RAY_AUTH_TOKEN_PATH``), as the service's own environment would. ``token=False``
+starts an open cluster, the kind the stages refuse.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -61,8 +67,9 @@ def _kill_namespace(ns: str, holder: subprocess.Popen[bytes]) -> list[int]:
 
 
 @contextlib.contextmanager
-def loopback_cluster(root: Path, *, num_cpus: int = 2) -> Iterator[list[str]]:
-    """A head and a worker node (``num_cpus`` each) on 127.0.0.1; yields the prefix that enters their namespace.
+def loopback_cluster(root: Path, *, num_cpus: int = 2, token: bool = True) -> Iterator[list[str]]:
+    """A head and a worker node (``num_cpus`` each) on 127.0.0.1; yields the prefix that enters their
+    namespace (``nsenter --net=… --`` and, with ``token``, ``env RAY_AUTH_TOKEN_PATH=…``).
 
     Raises ClusterUnavailable where the machine cannot run it; RuntimeError if ``ray start``
     fails or a process of the cluster outlives the end.
@@ -79,13 +86,21 @@ def loopback_cluster(root: Path, *, num_cpus: int = 2) -> Iterator[list[str]]:
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     ray = str(Path(sys.executable).with_name("ray"))
     common = ["--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp}"]
+    env = {k: v for k, v in ray_env(root).items() if not k.startswith("RAY_AUTH_")}
+    if token:
+        token_file = temp / "auth_token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(secrets.token_hex(32))
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"  # whatever ~/.ray/auth_token this user has
     try:
         subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True)
         for args in (["--head", "--port=6379", "--include-dashboard=false"], [f"--address={ADDRESS}"]):
-            done = subprocess.run([*ns, ray, "start", *args, *common], env=ray_env(root), capture_output=True, text=True, timeout=180)
+            done = subprocess.run([*ns, ray, "start", *args, *common], env=env, capture_output=True, text=True, timeout=180)
             if done.returncode != 0:
                 raise RuntimeError(f"ray start {' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
-        yield ns
+        yield [*ns, "env", f"RAY_AUTH_TOKEN_PATH={token_file}"] if token else ns
     finally:
         left = _kill_namespace(netns, holder)
         shutil.rmtree(temp, ignore_errors=True)

@@ -10,10 +10,15 @@ in that namespace is killed by PID (``ray stop`` would stop every Ray process of
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import pickle
+import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +27,12 @@ import pytest
 
 from appliance.recipe import parse_recipe
 from pipeline.errors import ClusterError, ConfigError
-from pipeline.ray_executor import _run_task, initialisations
+from pipeline.ray_auth import read_token, token_path
+from pipeline.ray_executor import _run_task, initialisations, require_cluster
 from pipeline.settings.cluster import ClusterConfig
 from tests.ray_cluster import ADDRESS, ClusterUnavailable, loopback_cluster, netns_members
-from tests.stage_jobs import ROOT, digests, job_env, kill_mid_stage, raw_corpus, run_job, write_spec
+from tests.stage_jobs import ROOT, digests, events, job_command, job_env, kill_mid_stage, raw_corpus, run_job, write_spec
+from tests.unix_users import User, unix_people
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'sovereign-appliance[ray]')")
@@ -70,9 +77,9 @@ INITS: list[str] = []
 def test_the_initializer_runs_once_per_worker_process_not_per_batch() -> None:
     INITS.clear()
     for item in range(3):
-        assert _run_task(abs, _count_init, "k1", ("a",), -item) == item
+        assert _run_task(abs, _count_init, "k1", pickle.dumps(("a",)), -item) == item
     assert INITS == ["a"]
-    _run_task(abs, _count_init, "k2", ("b",), 1)  # another map's arguments in the same worker
+    _run_task(abs, _count_init, "k2", pickle.dumps(("b",)), 1)  # another map's arguments in the same worker
     assert INITS == ["a", "b"] and initialisations()[f"{__name__}._count_init"] == "k2"
 
 
@@ -116,6 +123,93 @@ class socket_port:
         self.sock.close()
 
 
+# -- the cluster's token (pipeline/ray_auth.py; no cluster needed) ----------------------------
+
+
+def write_token(path: Path) -> Path:
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32))
+    return path
+
+
+@pytest.fixture
+def token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "auth_token"))
+    return write_token(tmp_path / "auth_token")
+
+
+def test_the_token_must_be_the_users_alone(token_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert read_token() == (token_file.read_text(), token_file)
+    token_file.chmod(0o640)
+    with pytest.raises(ClusterError, match="can be read or changed by other users") as err:
+        read_token()
+    assert f"chmod 600 {token_file}" in err.value.diagnostics()
+    token_file.chmod(0o600)
+    token_file.write_text(" \n")
+    with pytest.raises(ClusterError, match="is empty"):
+        read_token()
+    token_file.unlink()
+    with pytest.raises(ClusterError, match=f"no Ray token at {token_file}") as err:
+        read_token()
+    assert "ray get-auth-token --generate" in err.value.diagnostics() and "RAY_AUTH_MODE=token" in err.value.diagnostics()
+    # Without RAY_AUTH_TOKEN_PATH: Ray's default place, in the home of the user running the stage.
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("HOME", str(token_file.parent))
+    assert token_path() == token_file.parent / ".ray" / "auth_token"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_token_of_another_user_is_refused(token_file: Path) -> None:
+    os.chown(token_file, 65534, 65534)
+    with pytest.raises(ClusterError, match="belongs to uid 65534"):
+        read_token()
+
+
+def test_the_service_passes_the_token_path_to_its_jobs_not_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.jobs.launch import LaunchOptions
+    from appliance.jobs.runner import job_env as service_job_env
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/srv/appliance/.ray/auth_token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a-secret")
+    env = service_job_env(LaunchOptions())
+    assert env["RAY_AUTH_TOKEN_PATH"] == "/srv/appliance/.ray/auth_token" and "RAY_AUTH_TOKEN" not in env
+
+
+class closing_listener:
+    """A loopback port that accepts and hangs up: something listens there, but not a Ray head."""
+
+    def __enter__(self) -> str:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+@needs_ray
+def test_before_a_run_the_token_and_the_head_are_checked(token_file: Path) -> None:
+    with closing_listener() as address:
+        cluster = ClusterConfig(executor="ray", ray_address=address)
+        with pytest.raises(ClusterError, match="did not answer as a Ray head") as err:
+            require_cluster(cluster)
+        assert address in str(err.value)
+        token_file.chmod(0o644)
+        with pytest.raises(ClusterError, match="can be read or changed by other users"):
+            require_cluster(cluster)
+
+
 # -- a two-node cluster in a network namespace (tests/ray_cluster.py) --------------------------
 
 
@@ -152,7 +246,7 @@ def test_curation_on_two_ray_nodes_is_byte_identical(ray_netns: list[str], corpu
             f"import ray; ray.init(address='{ADDRESS}', _node_ip_address='127.0.0.1'); print(sum(n['Alive'] for n in ray.nodes()))",
         ],
         cwd=ROOT,
-        env=job_env(),
+        env={**job_env(), "RAY_AUTH_MODE": "token"},
         capture_output=True,
         text=True,
         timeout=120,
@@ -198,3 +292,100 @@ def test_a_ray_worker_killed_mid_stage_is_retried(ray_netns: list[str], corpus: 
     assert proc.wait(timeout=300) == 0
     assert killed, "no Ray worker was seen running a batch"
     assert digests(tmp_path / "ray") == expected
+
+
+# -- who may use the cluster: the token, against a second account on the node -----------------
+
+
+def token_of(prefix: list[str]) -> str:
+    return next(a for a in prefix if a.startswith("RAY_AUTH_TOKEN_PATH=")).partition("=")[2]
+
+
+PROBE = """
+import json, pathlib, sys
+from pipeline.ray_auth import gcs_answer
+seen = {{"without a token": gcs_answer({address!r}, None)[0], "with a guessed token": gcs_answer({address!r}, "0" * 64)[0]}}
+try:
+    pathlib.Path({token!r}).read_text()
+    seen["reading the token file"] = "read"
+except OSError as exc:
+    seen["reading the token file"] = type(exc).__name__
+print(json.dumps(seen))
+"""
+
+
+def answers_as(user: User, prefix: list[str], token: str) -> dict[str, str]:
+    """What ``user`` (another account on the node) gets from the cluster's head, by a raw gRPC call, and from its token file."""
+    from tests.test_server_users import python_for
+
+    python = python_for(user)
+    if python is None:
+        pytest.skip(f"no Python that {user.name} can run with this project importable")
+    argv, env = python
+    done = subprocess.run(
+        [*prefix[:3], "setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--", *argv, "-c", PROBE.format(address=ADDRESS, token=token)],
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/", "LANG": "C.UTF-8", **env},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture
+def other_account() -> Iterator[User]:
+    name = f"aplt_{secrets.token_hex(3)}"
+    with unix_people([], [(name, [])]) as made:
+        yield made[name]
+
+
+@needs_ray
+def test_another_account_on_the_node_cannot_use_the_cluster(ray_netns: list[str], other_account: User) -> None:
+    seen = answers_as(other_account, ray_netns, token_of(ray_netns))
+    assert seen == {"without a token": "refused", "with a guessed token": "refused", "reading the token file": "PermissionError"}
+    # The stage's own token is taken (the curation tests above ran with it).
+    mine = subprocess.run(
+        [*ray_netns, sys.executable, "-c", f"from pipeline.ray_auth import gcs_answer, read_token; print(gcs_answer({ADDRESS!r}, read_token()[0])[0])"],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert mine.stdout.strip() == "ok", mine.stderr[-2000:]
+
+
+@needs_ray
+def test_a_cluster_started_with_another_token_is_named(ray_netns: list[str], corpus: tuple[Path, dict[str, str], float], tmp_path: Path) -> None:
+    raw, _, _ = corpus
+    other = write_token(tmp_path / "other_token")
+    spec = write_spec(tmp_path, "ray", raw, RAY_RECIPE)
+    # `env` takes the last assignment: the job holds a token the cluster was not started with.
+    done = subprocess.run(job_command(spec, [*ray_netns, f"RAY_AUTH_TOKEN_PATH={other}"]), cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    error = next(e for e in events(spec) if e["event"] == "error")["message"]
+    assert f"refuses the token in {other}" in error, error
+    assert not (tmp_path / "ray" / "dataset.parquet").exists()
+
+
+@needs_ray
+def test_an_open_cluster_is_refused_before_a_batch_is_sent(corpus: tuple[Path, dict[str, str], float], other_account: User, tmp_path: Path) -> None:
+    raw, _, _ = corpus
+    token = write_token(tmp_path / "auth_token")
+    spec = write_spec(tmp_path, "ray", raw, RAY_RECIPE)
+    try:
+        with loopback_cluster(ROOT, num_cpus=1, token=False) as ns:
+            # What an open cluster gives any account on the node: its head answers without a token.
+            seen = answers_as(other_account, ns, str(token))
+            done = subprocess.run(
+                job_command(spec, [*ns, "env", f"RAY_AUTH_TOKEN_PATH={token}"]), cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300
+            )
+    except ClusterUnavailable as exc:
+        pytest.skip(str(exc))
+    assert seen["without a token"] == "ok"
+    assert done.returncode != 0
+    error = next(e for e in events(spec) if e["event"] == "error")["message"]
+    assert "accepts clients without a token" in error and "RAY_AUTH_MODE=token" in error, error
+    assert not (tmp_path / "ray" / "dataset.parquet").exists()

@@ -15,7 +15,7 @@ from typing import Literal
 from pipeline.config import check
 
 MAX_WINDOW = 65536
-START_HINT = "ray start --head --node-ip-address=IP --port=6379 --disable-usage-stats --include-dashboard=false"
+START_HINT = "RAY_AUTH_MODE=token ray start --head --node-ip-address=IP --port=6379 --disable-usage-stats --include-dashboard=false"
 
 
 def split_address(address: str) -> tuple[str, int] | None:
