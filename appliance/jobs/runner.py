@@ -46,7 +46,22 @@ LOG = "job.log"
 
 # What a job inherits from the service's environment: the machine's settings, nothing of a
 # person's (the passphrase above all). Prefixes cover GPU, thread-pool and collective tuning.
-_ENV_NAMES = {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME", "USER", "LOGNAME", "VIRTUAL_ENV", "PYTHONHASHSEED", "SOURCE_DATE_EPOCH", "RAY_AUTH_TOKEN_PATH"}
+# RAY_AUTH_TOKEN_PATH names the Ray cluster's token file (`pipeline.ray_auth`), never the token.
+_ENV_NAMES = {
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "VIRTUAL_ENV",
+    "PYTHONHASHSEED",
+    "SOURCE_DATE_EPOCH",
+    "RAY_AUTH_TOKEN_PATH",
+}
 _ENV_PREFIXES = ("CUDA_", "NVIDIA_", "NCCL_", "GLOO_", "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "DS_", "ROCR_", "HIP_")
 
 
