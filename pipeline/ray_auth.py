@@ -32,6 +32,8 @@ ENV_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
 # A call every Ray client makes first; it reads nothing but the cluster's id.
 PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
 PROBE_TIMEOUT_S = 10.0
+# Ray's own tokens are 64 hex characters; a file far larger is not a token (and is not read whole).
+MAX_TOKEN_BYTES = 4096
 MAKE_TOKEN = "ray get-auth-token --generate && chmod 600 ~/.ray/auth_token"
 
 
@@ -67,6 +69,11 @@ def read_token(path: Path | None = None) -> tuple[str, Path]:
         raise ClusterError(
             f"the Ray token {path} can be read or changed by other users (mode {stat.S_IMODE(st.st_mode):04o}): whoever reads it can run code on the cluster",
             f"`chmod 600 {path}`, and the same for its copy on every node",
+        )
+    if st.st_size > MAX_TOKEN_BYTES:
+        raise ClusterError(
+            f"the Ray token {path} is {st.st_size:,} bytes, not a token (at most {MAX_TOKEN_BYTES:,})",
+            f"point {ENV_TOKEN_PATH} at the token file, or recreate it with `{MAKE_TOKEN}`",
         )
     try:
         token = path.read_text(encoding="utf-8").strip()

@@ -87,14 +87,14 @@ def loopback_cluster(root: Path, *, num_cpus: int = 2, token: bool = True) -> It
     ray = str(Path(sys.executable).with_name("ray"))
     common = ["--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp}"]
     env = {k: v for k, v in ray_env(root).items() if not k.startswith("RAY_AUTH_")}
-    if token:
-        token_file = temp / "auth_token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(secrets.token_hex(32))
-        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
-    else:
-        env["RAY_AUTH_MODE"] = "disabled"  # whatever ~/.ray/auth_token this user has
+    token_file = temp / "auth_token"
     try:
+        if token:
+            token_file.touch(mode=0o600)
+            token_file.write_text(secrets.token_hex(32))
+            env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        else:
+            env["RAY_AUTH_MODE"] = "disabled"  # whatever ~/.ray/auth_token this user has
         subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True)
         for args in (["--head", "--port=6379", "--include-dashboard=false"], [f"--address={ADDRESS}"]):
             done = subprocess.run([*ns, ray, "start", *args, *common], env=env, capture_output=True, text=True, timeout=180)

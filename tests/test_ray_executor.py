@@ -145,6 +145,10 @@ def test_the_token_must_be_the_users_alone(token_file: Path, monkeypatch: pytest
         read_token()
     assert f"chmod 600 {token_file}" in err.value.diagnostics()
     token_file.chmod(0o600)
+    with token_file.open("r+b") as f:
+        f.truncate(10 * 2**30)  # ten gigabytes, sparse: refused without being read
+    with pytest.raises(ClusterError, match="not a token"):
+        read_token()
     token_file.write_text(" \n")
     with pytest.raises(ClusterError, match="is empty"):
         read_token()
