@@ -49,7 +49,9 @@ def read_token(path: Path | None = None) -> tuple[str, Path]:
     path = path or token_path()
     where = f"{ENV_TOKEN_PATH}" if os.environ.get(ENV_TOKEN_PATH, "").strip() else "the default place, ~/.ray/auth_token"
     try:
-        st = os.stat(path)
+        # Opened once, and every check made on the open file (fstat), so the file read is the file
+        # checked, not one swapped in between; O_NONBLOCK so a FIFO put there cannot hang the stage.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ClusterError(
             f"no Ray token at {path} ({where}): the stage joins only a Ray cluster that demands a token",
@@ -58,6 +60,22 @@ def read_token(path: Path | None = None) -> tuple[str, Path]:
         ) from None
     except OSError as exc:
         raise ClusterError(f"cannot read the Ray token {path}: {exc.strerror or exc}", f"make {path} readable by the user the service runs as") from None
+    try:
+        raw = _checked_read(fd, path)
+    finally:
+        os.close(fd)
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ClusterError(f"cannot read the Ray token {path}: {exc}", f"recreate it with `{MAKE_TOKEN}`") from None
+    if not token:
+        raise ClusterError(f"the Ray token {path} is empty", f"recreate it with `{MAKE_TOKEN}`, and restart the cluster with it")
+    return token, path
+
+
+def _checked_read(fd: int, path: Path) -> bytes:
+    """The bytes of the open token file, once it is a regular file of this user's alone and token-sized."""
+    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise ClusterError(f"the Ray token {path} is not a regular file", f"point {ENV_TOKEN_PATH} at the token file, or create it with `{MAKE_TOKEN}`")
     if st.st_uid != os.geteuid():
@@ -76,12 +94,13 @@ def read_token(path: Path | None = None) -> tuple[str, Path]:
             f"point {ENV_TOKEN_PATH} at the token file, or recreate it with `{MAKE_TOKEN}`",
         )
     try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClusterError(f"cannot read the Ray token {path}: {exc}", f"recreate it with `{MAKE_TOKEN}`") from None
-    if not token:
-        raise ClusterError(f"the Ray token {path} is empty", f"recreate it with `{MAKE_TOKEN}`, and restart the cluster with it")
-    return token, path
+        # One byte more than allowed: a file that grew since fstat is refused, not cut.
+        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise ClusterError(f"cannot read the Ray token {path}: {exc.strerror or exc}", f"recreate it with `{MAKE_TOKEN}`") from None
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise ClusterError(f"the Ray token {path} grew past {MAX_TOKEN_BYTES:,} bytes while it was read", f"recreate it with `{MAKE_TOKEN}`")
+    return raw
 
 
 def gcs_answer(address: str, token: str | None, timeout: float = PROBE_TIMEOUT_S) -> tuple[str, str]:

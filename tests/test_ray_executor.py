@@ -162,6 +162,19 @@ def test_the_token_must_be_the_users_alone(token_file: Path, monkeypatch: pytest
     assert token_path() == token_file.parent / ".ray" / "auth_token"
 
 
+def test_a_fifo_or_a_folder_in_the_tokens_place_is_refused_without_waiting(token_file: Path) -> None:
+    # A FIFO opened for reading blocks until a writer comes; the token is opened non-blocking and
+    # checked on the open file, so the stage is told at once instead of hanging.
+    token_file.unlink()
+    os.mkfifo(token_file, 0o600)
+    with pytest.raises(ClusterError, match="is not a regular file"):
+        read_token()
+    token_file.unlink()
+    token_file.mkdir(mode=0o700)
+    with pytest.raises(ClusterError, match="is not a regular file"):
+        read_token()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
 def test_a_token_of_another_user_is_refused(token_file: Path) -> None:
     os.chown(token_file, 65534, 65534)
