@@ -39,12 +39,18 @@ sys.path.insert(0, str(ROOT))
 OUTPUTS = ("dataset.parquet", "dropped.parquet", "curation.json")
 
 
+def _proc_field(name: str, key: str) -> int | None:
+    """The number after ``key:`` in ``/proc/self/<name>`` (kB in status, bytes in io)."""
+    for line in Path("/proc/self", name).read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    return None
+
+
 def _peak_mb() -> float:
     # VmHWM, not ru_maxrss: ru_maxrss is carried over from the parent through fork and exec.
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    kb = _proc_field("status", "VmHWM")
+    return float("nan") if kb is None else kb / 1024
 
 
 class _AnonPeak:
@@ -62,9 +68,7 @@ class _AnonPeak:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            self.peak_kb = max(self.peak_kb, _proc_field("status", "RssAnon") or 0)
 
     def stop(self) -> float:
         self._stop.set()
@@ -74,10 +78,8 @@ class _AnonPeak:
 
 def _written_mb() -> float:
     # Bytes this process sent to storage: outputs, dedup spill, and the task journal when on.
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("write_bytes:"):
-            return int(line.split()[1]) / 1e6
-    return float("nan")
+    written = _proc_field("io", "write_bytes")
+    return float("nan") if written is None else written / 1e6
 
 
 def child_curate(raw: Path, out: Path, workers: int, memory_mb: int, ray_address: str, journal: bool = False) -> dict[str, Any]:
